@@ -1,0 +1,167 @@
+"""Unit vocabulary and on-disk dataset conventions shared by data_tools, training and evals.
+
+Torch-free on purpose (ARCHITECTURE.md: data_tools may import only these constants from megaslm).
+
+Token id layout (the model's vocabulary)::
+
+    0            pad
+    1            bos
+    2            eod                      (end of document: a story / utterance boundary)
+    3..          one tag per language     (only when ``lang_tags`` is on; off by default, as in the paper)
+    next         sentence separator       (only when ``sentence_sep`` is on; off by default)
+    offset..     units 0..codebook_size-1 (id = offset + unit)
+
+Language side channel: every token carries a language id (uint8): 0 = none (special tokens),
+1.. = ``languages[i-1]``. It is stored as a second indexed dataset aligned token-for-token with the
+unit stream (same document lengths): ``<prefix>.bin/.idx`` and ``<prefix>.lang.bin/.idx``; the
+manifest is ``<prefix>.manifest.json``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Dict, List, Sequence, Tuple
+
+PAD_ID = 0
+BOS_ID = 1
+EOD_ID = 2
+NUM_BASE_SPECIALS = 3
+
+LANG_NONE = 0  # language id of special tokens in the side channel
+
+LANG_SUFFIX = ".lang"          # <prefix>.lang.bin / .idx : the language side channel
+MANIFEST_SUFFIX = ".manifest.json"
+MANIFEST_VERSION = 1
+
+# Frame rates (units per second) of the usual unit sources, for hour accounting.
+FRAME_RATES = {"mimi": 12.5, "hubert25": 25.0, "hubert50": 50.0}
+
+
+class VocabError(ValueError):
+    """A vocabulary description or a unit id that does not fit it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitVocab:
+    codebook_size: int = 2048
+    languages: Tuple[str, ...] = ("en", "fr")
+    lang_tags: bool = False
+    sentence_sep: bool = False
+    dedup: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.codebook_size, int) or self.codebook_size <= 0:
+            raise VocabError(f"vocab.codebook_size: expected a positive integer, got {self.codebook_size!r}")
+        langs = tuple(self.languages)
+        object.__setattr__(self, "languages", langs)
+        if len(set(langs)) != len(langs) or not all(isinstance(l, str) and l for l in langs):
+            raise VocabError(f"vocab.languages: expected distinct non-empty names, got {list(langs)!r}")
+        if len(langs) > 254:
+            raise VocabError("vocab.languages: at most 254 languages fit the uint8 side channel")
+
+    # ---- layout -------------------------------------------------------------------------
+    @property
+    def pad_id(self) -> int:
+        return PAD_ID
+
+    @property
+    def bos_id(self) -> int:
+        return BOS_ID
+
+    @property
+    def eod_id(self) -> int:
+        return EOD_ID
+
+    def lang_tag_id(self, lang: str) -> int:
+        if not self.lang_tags:
+            raise VocabError("language tags are off in this vocabulary (vocab.lang_tags=false)")
+        return NUM_BASE_SPECIALS + self.languages.index(lang)
+
+    @property
+    def sep_id(self) -> int:
+        if not self.sentence_sep:
+            raise VocabError("the sentence separator is off in this vocabulary (vocab.sentence_sep=false)")
+        return NUM_BASE_SPECIALS + (len(self.languages) if self.lang_tags else 0)
+
+    @property
+    def offset(self) -> int:
+        return NUM_BASE_SPECIALS + (len(self.languages) if self.lang_tags else 0) + (1 if self.sentence_sep else 0)
+
+    @property
+    def size(self) -> int:
+        """Number of real token ids (before any padding for tensor parallelism)."""
+        return self.offset + self.codebook_size
+
+    def lang_id(self, lang: str) -> int:
+        """Side-channel id of a language (1-based; 0 is 'none')."""
+        try:
+            return 1 + self.languages.index(lang)
+        except ValueError:
+            raise VocabError(f"unknown language {lang!r}; this vocabulary has {list(self.languages)}") from None
+
+    @property
+    def num_lang_ids(self) -> int:
+        return 1 + len(self.languages)
+
+    # ---- mapping ------------------------------------------------------------------------
+    def encode_units(self, units: Sequence[int]) -> List[int]:
+        """Units -> token ids (dedup of consecutive repeats when the vocabulary says so)."""
+        out: List[int] = []
+        prev = None
+        for u in units:
+            if self.dedup and u == prev:
+                continue
+            prev = u
+            out.append(self.offset + int(u))
+        return out
+
+    def decode_ids(self, ids: Sequence[int]) -> List[int]:
+        """Token ids -> units; special tokens are dropped."""
+        off = self.offset
+        return [int(i) - off for i in ids if off <= int(i) < off + self.codebook_size]
+
+    # ---- persistence --------------------------------------------------------------------
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["languages"] = list(self.languages)
+        d.update(offset=self.offset, size=self.size, pad_id=PAD_ID, bos_id=BOS_ID, eod_id=EOD_ID)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any], where: str = "vocab") -> "UnitVocab":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        derived = {"offset", "size", "pad_id", "bos_id", "eod_id"}
+        unknown = set(d) - fields - derived
+        if unknown:
+            raise VocabError(f"{where}: unknown field(s) {sorted(unknown)}; expected {sorted(fields)}")
+        v = cls(**{k: (tuple(d[k]) if k == "languages" else d[k]) for k in fields if k in d})
+        for k in derived & set(d):
+            if d[k] != v.to_dict()[k]:
+                raise VocabError(f"{where}.{k}: recorded {d[k]!r} but the layout gives {v.to_dict()[k]!r}")
+        return v
+
+
+def manifest_path(prefix: str) -> str:
+    return prefix + MANIFEST_SUFFIX
+
+
+def lang_prefix(prefix: str) -> str:
+    return prefix + LANG_SUFFIX
+
+
+def read_manifest(prefix: str) -> Dict[str, Any]:
+    path = manifest_path(prefix)
+    try:
+        with open(path) as f:
+            m = json.load(f)
+    except FileNotFoundError:
+        raise VocabError(f"{path}: dataset manifest not found (build the dataset with data_tools)") from None
+    except json.JSONDecodeError as e:
+        raise VocabError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
+    if "vocab" not in m:
+        raise VocabError(f"{path}: field 'vocab' missing")
+    return m
+
+
+def vocab_from_manifest(prefix: str) -> UnitVocab:
+    return UnitVocab.from_dict(read_manifest(prefix)["vocab"], where=manifest_path(prefix) + ":vocab")
