@@ -1,0 +1,464 @@
+"""One typed config tree for a run, loaded strictly from YAML.
+
+Torch-free on purpose: a config can be loaded, validated and printed anywhere, before any process
+group or tensor exists. Every error is a ``ConfigError`` whose message names the field (and the file)
+and what was expected, so launchers can print one line and exit non-zero.
+
+    cfg = load_config("configs/tiny.yaml", ["parallel.tensor=2", "optimizer.lr=1e-3"])
+    cfg.validate(world_size=2)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import yaml
+
+from megaslm.vocab import UnitVocab
+
+
+class ConfigError(ValueError):
+    """A config value that is missing, unknown, of the wrong type or inconsistent with another."""
+
+
+# ------------------------------------------------------------------------------------------------
+# The tree
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: int = 176
+    num_attention_heads: int = 4
+    num_query_groups: int = 2          # grouped-query attention: KV heads
+    kv_channels: Optional[int] = None  # head dim; default hidden_size / num_attention_heads
+    seq_length: int = 128              # training context
+    max_position_embeddings: Optional[int] = None  # default seq_length
+    rotary_base: int = 10000
+    rope_scaling: bool = False         # Llama-3.x long-context RoPE frequency scaling
+    rope_scaling_factor: float = 8.0
+    norm_epsilon: float = 1e-5
+    add_qkv_bias: bool = False         # Qwen2 shape: True
+    tie_embeddings: bool = True
+    init_method_std: float = 0.02
+    make_vocab_size_divisible_by: int = 128  # vocab padded to a multiple of this times TP
+    attention_backend: str = "auto"    # auto | triton | reference : document-masked core attention
+    embedding_backend: str = "auto"    # auto | triton | reference | megatron
+    document_mask: bool = True         # never attend across eod boundaries in packed sequences
+    language_embedding: bool = False   # add a learned per-language embedding (side channel)
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+    virtual_pipeline: Optional[int] = None  # interleaved 1F1B: model chunks per pipeline rank
+    data: Optional[int] = None              # None: world_size / (tensor * pipeline)
+    zero_stage: int = 1
+
+
+@dataclass
+class DataSource:
+    path: str = ""           # indexed dataset prefix (<path>.bin/.idx, <path>.manifest.json)
+    weight: float = 1.0
+
+
+@dataclass
+class StageConfig:
+    name: str = "main"
+    train_steps: Optional[int] = None   # exactly one of train_steps / train_tokens
+    train_tokens: Optional[int] = None
+    data: List[DataSource] = field(default_factory=list)
+
+
+@dataclass
+class DataConfig:
+    demo: bool = False            # build the synthetic demo corpus in the run directory and train on it
+    demo_stories: int = 600
+    mask_eod_loss: bool = True
+    num_workers: int = 0
+    seed: int = 1234
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 5e-4
+    min_lr: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_grad: float = 1.0
+
+
+@dataclass
+class ScheduleConfig:
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    warmup_fraction: float = 0.05
+    warmup_steps: Optional[int] = None   # overrides warmup_fraction
+    decay: str = "linear"                # linear | cosine | constant
+    stages: List[StageConfig] = field(default_factory=lambda: [StageConfig(train_steps=100)])
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0        # steps between saves; 0: only at the end
+    keep_last: int = 3
+    save: bool = True
+    load: Optional[str] = None  # directory to resume from; default: the run's own checkpoints
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 1
+    tensorboard: bool = False
+    jsonl: bool = True
+
+
+@dataclass
+class RunConfig:
+    name: str = "tiny"
+    output_dir: str = "runs/tiny"
+    seed: int = 1234
+    precision: str = "auto"   # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    model: ModelConfig = field(default_factory=ModelConfig)
+    vocab: UnitVocab = field(default_factory=UnitVocab)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    # ---- derived quantities ---------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        m = self.model
+        return m.kv_channels or m.hidden_size // m.num_attention_heads
+
+    def padded_vocab_size(self) -> int:
+        mult = self.model.make_vocab_size_divisible_by * self.parallel.tensor
+        return -(-self.vocab.size // mult) * mult
+
+    def data_parallel_size(self, world_size: Optional[int] = None) -> int:
+        if self.parallel.data is not None:
+            return self.parallel.data
+        mp = self.parallel.tensor * self.parallel.pipeline
+        if world_size is None:
+            return 1
+        return world_size // mp
+
+    def num_micro_batches(self, world_size: Optional[int] = None) -> int:
+        s = self.schedule
+        return s.global_batch_size // (s.micro_batch_size * self.data_parallel_size(world_size))
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.schedule.global_batch_size * self.model.seq_length
+
+    def stage_steps(self) -> List[int]:
+        out = []
+        for st in self.schedule.stages:
+            out.append(st.train_steps if st.train_steps is not None else -(-st.train_tokens // self.tokens_per_step))
+        return out
+
+    def total_steps(self) -> int:
+        return sum(self.stage_steps())
+
+    def num_parameters(self) -> int:
+        """Exact parameter count of the model this config builds (one copy, all shards)."""
+        m = self.model
+        h, f, L, v = m.hidden_size, m.ffn_hidden_size, m.num_layers, self.padded_vocab_size()
+        kv = self.head_dim * m.num_query_groups
+        q = self.head_dim * m.num_attention_heads
+        attn = h * (q + 2 * kv) + q * h + ((q + 2 * kv) if m.add_qkv_bias else 0)
+        mlp = h * 2 * f + f * h                 # SwiGLU: gate+up fused, then down
+        norms = 2 * h
+        per_layer = attn + mlp + norms
+        emb = v * h * (1 if m.tie_embeddings else 2)
+        lang = (self.vocab.num_lang_ids * h) if m.language_embedding else 0
+        return L * per_layer + h + emb + lang    # + final norm
+
+    # ---- validation -----------------------------------------------------------------------
+    def validate(self, world_size: Optional[int] = None, cuda: Optional[bool] = None) -> "RunConfig":
+        """Cross-field rules. ``world_size`` (when known) is checked against TP x PP x DP."""
+        m, p, s, o = self.model, self.parallel, self.schedule, self.optimizer
+
+        def need(cond, fld, expected, got):
+            if not cond:
+                raise ConfigError(f"{fld}: expected {expected}, got {got!r}")
+
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                     "num_query_groups", "seq_length"):
+            need(getattr(m, name) > 0, f"model.{name}", "a positive integer", getattr(m, name))
+        if m.kv_channels is None:
+            need(m.hidden_size % m.num_attention_heads == 0, "model.hidden_size",
+                 f"a multiple of model.num_attention_heads={m.num_attention_heads} (or set model.kv_channels)",
+                 m.hidden_size)
+        need(m.num_attention_heads % m.num_query_groups == 0, "model.num_query_groups",
+             f"a divisor of model.num_attention_heads={m.num_attention_heads}", m.num_query_groups)
+        need(m.attention_backend in ("auto", "triton", "reference"), "model.attention_backend",
+             "one of auto, triton, reference", m.attention_backend)
+        need(m.embedding_backend in ("auto", "triton", "reference", "megatron"), "model.embedding_backend",
+             "one of auto, triton, reference, megatron", m.embedding_backend)
+        if m.max_position_embeddings is not None:
+            need(m.max_position_embeddings >= m.seq_length, "model.max_position_embeddings",
+                 f">= model.seq_length={m.seq_length}", m.max_position_embeddings)
+
+        need(p.tensor >= 1, "parallel.tensor", "an integer >= 1", p.tensor)
+        need(p.pipeline >= 1, "parallel.pipeline", "an integer >= 1", p.pipeline)
+        need(m.num_attention_heads % p.tensor == 0, "parallel.tensor",
+             f"a divisor of model.num_attention_heads={m.num_attention_heads}", p.tensor)
+        need(m.num_query_groups % p.tensor == 0, "parallel.tensor",
+             f"a divisor of model.num_query_groups={m.num_query_groups}", p.tensor)
+        need(m.ffn_hidden_size % p.tensor == 0, "parallel.tensor",
+             f"a divisor of model.ffn_hidden_size={m.ffn_hidden_size}", p.tensor)
+        layers_per_chunk = p.pipeline * (p.virtual_pipeline or 1)
+        need(m.num_layers % layers_per_chunk == 0, "model.num_layers",
+             f"a multiple of parallel.pipeline x virtual_pipeline = {layers_per_chunk}", m.num_layers)
+        if p.virtual_pipeline is not None:
+            need(p.pipeline > 1 and p.virtual_pipeline >= 1, "parallel.virtual_pipeline",
+                 "null, or >= 1 with parallel.pipeline > 1", p.virtual_pipeline)
+        need(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", "0, 1, 2 or 3", p.zero_stage)
+        if p.pipeline > 1:
+            need(p.zero_stage in (0, 1), "parallel.zero_stage",
+                 "0 or 1 with parallel.pipeline > 1 (megatron-core's pipeline schedules drive backward; "
+                 "ZeRO-2/3 gradient and parameter partitioning do not compose with them, see README)",
+                 p.zero_stage)
+        mp = p.tensor * p.pipeline
+        if p.data is not None:
+            need(p.data >= 1, "parallel.data", "an integer >= 1", p.data)
+        if world_size is not None:
+            dp = p.data if p.data is not None else world_size // mp
+            need(world_size == mp * dp and dp >= 1, "parallel",
+                 f"world size {world_size} = tensor({p.tensor}) x pipeline({p.pipeline}) x data"
+                 + (f"({p.data})" if p.data is not None else ""), world_size)
+        dp = self.data_parallel_size(world_size)
+
+        need(s.micro_batch_size >= 1, "schedule.micro_batch_size", "an integer >= 1", s.micro_batch_size)
+        need(s.global_batch_size % (s.micro_batch_size * dp) == 0, "schedule.global_batch_size",
+             f"a multiple of micro_batch_size x data-parallel size = {s.micro_batch_size} x {dp}",
+             s.global_batch_size)
+        need(s.decay in ("linear", "cosine", "constant"), "schedule.decay", "linear, cosine or constant", s.decay)
+        need(0.0 <= s.warmup_fraction < 1.0, "schedule.warmup_fraction", "a number in [0, 1)", s.warmup_fraction)
+        need(len(s.stages) >= 1, "schedule.stages", "at least one stage", s.stages)
+        seen = set()
+        for i, st in enumerate(s.stages):
+            where = f"schedule.stages[{i}]"
+            need(st.name not in seen, f"{where}.name", "a unique stage name", st.name)
+            seen.add(st.name)
+            need((st.train_steps is None) != (st.train_tokens is None), where,
+                 "exactly one of train_steps / train_tokens", f"train_steps={st.train_steps}, train_tokens={st.train_tokens}")
+            if st.train_steps is not None:
+                need(st.train_steps >= 1, f"{where}.train_steps", "an integer >= 1", st.train_steps)
+            if st.train_tokens is not None:
+                need(st.train_tokens >= 1, f"{where}.train_tokens", "an integer >= 1", st.train_tokens)
+            for j, src in enumerate(st.data):
+                need(bool(src.path), f"{where}.data[{j}].path", "a dataset prefix", src.path)
+                need(src.weight > 0, f"{where}.data[{j}].weight", "a positive number", src.weight)
+            if not self.data.demo:
+                need(len(st.data) >= 1, f"{where}.data", "at least one dataset (or data.demo=true)", st.data)
+
+        need(o.lr > 0, "optimizer.lr", "a positive number", o.lr)
+        need(0 <= o.min_lr <= o.lr, "optimizer.min_lr", f"a number in [0, optimizer.lr={o.lr}]", o.min_lr)
+        need(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optimizer.beta1/beta2", "numbers in [0, 1)", (o.beta1, o.beta2))
+        need(o.weight_decay >= 0, "optimizer.weight_decay", "a number >= 0", o.weight_decay)
+        need(o.clip_grad >= 0, "optimizer.clip_grad", "a number >= 0 (0 disables clipping)", o.clip_grad)
+        need(self.precision in ("auto", "fp32", "bf16", "fp16"), "precision", "auto, fp32, bf16 or fp16", self.precision)
+        if cuda is False:
+            need(self.precision in ("auto", "fp32"), "precision", "auto or fp32 without a GPU", self.precision)
+        need(self.checkpoint.keep_last >= 1, "checkpoint.keep_last", "an integer >= 1", self.checkpoint.keep_last)
+        need(self.checkpoint.interval >= 0, "checkpoint.interval", "an integer >= 0", self.checkpoint.interval)
+        need(self.logging.interval >= 1, "logging.interval", "an integer >= 1", self.logging.interval)
+        return self
+
+    def resolved_precision(self, cuda: bool) -> str:
+        if self.precision == "auto":
+            return "bf16" if cuda else "fp32"
+        return self.precision
+
+    # ---- serialisation --------------------------------------------------------------------
+    def to_dict(self) -> Dict[str, Any]:
+        return _to_plain(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str) -> None:
+        """Write the resolved config atomically (temporary name, then rename)."""
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(self.to_yaml())
+        os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Strict loading
+# ------------------------------------------------------------------------------------------------
+def _to_plain(obj):
+    if isinstance(obj, UnitVocab):
+        d = dataclasses.asdict(obj)
+        d["languages"] = list(obj.languages)
+        return d
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(x) for x in obj]
+    return obj
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value, tp, where: str):
+    """Check/convert a YAML value to the annotated type; raise ConfigError naming the field."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin in (list, List, tuple, Tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        item = args[0] if args else Any
+        out = [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin in (tuple, Tuple) else out
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")
+
+
+def _build(cls, data, where: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        k = unknown[0]
+        raise ConfigError(f"{(where + '.') if where else ''}{k}: unknown key; expected one of {', '.join(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{(where + '.') if where else ''}{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as e:  # e.g. VocabError from UnitVocab.__post_init__
+        raise ConfigError(str(e)) from None
+
+
+def _parse_scalar(text: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _apply_override(tree: Dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected the form a.b.c=value")
+    key, _, raw = item.partition("=")
+    parts = key.strip().split(".")
+    node = tree
+    for i, p in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            try:
+                node = node[int(p)]
+            except (ValueError, IndexError):
+                raise ConfigError(f"override {key}: {'.'.join(parts[:i + 1])} is not a valid list index") from None
+            continue
+        if p not in node or node[p] is None:
+            node[p] = {}
+        node = node[p]
+    last = parts[-1]
+    value = _parse_scalar(raw)
+    if isinstance(node, list):
+        try:
+            node[int(last)] = value
+        except (ValueError, IndexError):
+            raise ConfigError(f"override {key}: {last} is not a valid list index") from None
+    else:
+        node[last] = value
+
+
+def _defaults_tree() -> Dict[str, Any]:
+    return RunConfig().to_dict()
+
+
+def _merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Load ``path`` (YAML; every key must exist in the tree), apply ``a.b.c=value`` overrides."""
+    tree: Dict[str, Any] = {}
+    src = path or "<defaults>"
+    if path is not None:
+        try:
+            with open(path) as f:
+                loaded = yaml.safe_load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        tree = loaded
+    # Overrides apply on top of the file's values merged over the defaults, so that e.g.
+    # `schedule.stages.0.train_steps=5` works even when the file omits `schedule`.
+    tree = _merge(_defaults_tree(), tree) if overrides else tree
+    for item in overrides:
+        _apply_override(tree, item)
+    try:
+        return _build(RunConfig, tree, "")
+    except ConfigError as e:
+        raise ConfigError(f"{src}: {e}") from None
+
+
+def config_from_dict(d: Dict[str, Any]) -> RunConfig:
+    return _build(RunConfig, d, "")
+
+
+def config_digest(cfg: RunConfig) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,130 @@
+"""Runtime data: the data tools' indexed datasets read through megatron-core's GPTDataset / blends.
+
+A stage's blend (prefixes and weights) goes to ``BlendedMegatronDatasetBuilder``; the global batch
+of step ``t`` is samples ``[t*G, (t+1)*G)`` of the stage's dataset, split contiguously across
+data-parallel ranks and then into micro-batches, so the sample order depends only on the seed and
+the step — the same for every parallel layout and across a resume.
+
+Document-aware packing: samples span documents (each ends with eod); the position ids, segment ids
+(for the document-masked attention) and the loss mask are derived from the eod tokens by the fused
+kernel in ``kernels.doc_mask``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from megaslm.config import ConfigError, RunConfig, StageConfig
+from megaslm.vocab import UnitVocab, VocabError, manifest_path, read_manifest
+
+
+class UnitTokenizer:
+    """The little a megatron-core GPTDataset needs of a tokenizer (ids are already units)."""
+
+    def __init__(self, vocab: UnitVocab, padded_size: int):
+        self.vocab = vocab
+        self.vocab_size = padded_size
+        self.eod = vocab.eod_id
+        self.pad = vocab.pad_id
+        self.bos = vocab.bos_id
+        self.unique_identifiers = {"class": "UnitTokenizer", **{k: str(v) for k, v in vocab.to_dict().items()}}
+
+
+def check_manifest(prefix: str, vocab: UnitVocab) -> Dict:
+    """The dataset at ``prefix`` must map units exactly as this run's vocabulary does."""
+    for ext in (".bin", ".idx"):
+        if not os.path.exists(prefix + ext):
+            raise ConfigError(f"dataset {prefix}: {prefix + ext} not found (build it with `python -m data_tools build`)")
+    try:
+        m = read_manifest(prefix)
+    except VocabError as e:
+        raise ConfigError(str(e)) from None
+    mv = UnitVocab.from_dict(m["vocab"], where=manifest_path(prefix) + ":vocab")
+    if mv != vocab:
+        diffs = [f"{k}: dataset {getattr(mv, k)!r} vs config {getattr(vocab, k)!r}"
+                 for k in ("codebook_size", "languages", "lang_tags", "sentence_sep", "dedup")
+                 if getattr(mv, k) != getattr(vocab, k)]
+        raise ConfigError(f"{manifest_path(prefix)}: vocabulary does not match the run's `vocab` ({'; '.join(diffs)})")
+    return m
+
+
+def build_stage_dataset(cfg: RunConfig, stage: StageConfig, num_samples: int, seed_offset: int = 0):
+    """A megatron-core dataset (GPTDataset, or BlendedDataset over several) with ``num_samples`` samples."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    for src in stage.data:
+        check_manifest(src.path, cfg.vocab)
+    prefixes = [s.path for s in stage.data]
+    weights = [float(s.weight) for s in stage.data]
+    dcfg = GPTDatasetConfig(
+        random_seed=cfg.data.seed + seed_offset,
+        sequence_length=cfg.model.seq_length,
+        blend=(prefixes, weights if len(prefixes) > 1 else None),
+        split="100,0,0",
+        tokenizer=UnitTokenizer(cfg.vocab, cfg.padded_vocab_size()),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+        path_to_cache=cfg.data.cache_dir,
+        mmap_bin_files=True,
+    )
+    builder = BlendedMegatronDatasetBuilder(GPTDataset, [num_samples, 0, 0], lambda: True, dcfg)
+    train, _, _ = builder.build()
+    return train
+
+
+@dataclasses.dataclass
+class Batch:
+    tokens: torch.Tensor       # [b, s] int64
+    labels: torch.Tensor       # [b, s] int64
+    loss_mask: torch.Tensor    # [b, s] float32
+    position_ids: torch.Tensor  # [b, s] int64
+    segment_ids: torch.Tensor  # [b, s] int32
+
+    def to(self, device) -> "Batch":
+        return Batch(*(getattr(self, f.name).to(device, non_blocking=True) for f in dataclasses.fields(self)))
+
+    def split(self, n: int) -> List["Batch"]:
+        parts = [torch.chunk(getattr(self, f.name), n, dim=0) for f in dataclasses.fields(self)]
+        return [Batch(*p) for p in zip(*parts)]
+
+    @property
+    def num_sequences(self) -> int:
+        return self.tokens.shape[0]
+
+
+def make_batch(tokens: torch.Tensor, labels: torch.Tensor, loss_mask: Optional[torch.Tensor],
+               vocab: UnitVocab, mask_eod_loss: bool = True, document_mask: bool = True) -> Batch:
+    """Positions, segments and loss mask from the eod tokens (one fused pass on GPU)."""
+    from kernels.doc_mask import doc_positions_and_masks
+
+    pos, seg, lm = doc_positions_and_masks(tokens, vocab.eod_id, pad_id=None, mask_eod_loss=mask_eod_loss)
+    if loss_mask is not None:
+        lm = lm * loss_mask.to(lm.dtype)
+    if not document_mask:
+        seg = torch.zeros_like(seg)
+    return Batch(tokens.long(), labels.long(), lm.float(), pos.long(), seg)
+
+
+def collate(samples: Sequence[Dict[str, torch.Tensor]], cfg: RunConfig) -> Batch:
+    tokens = torch.stack([s["tokens"] for s in samples])
+    labels = torch.stack([s["labels"] for s in samples])
+    lm = torch.stack([s["loss_mask"] for s in samples])
+    return make_batch(tokens, labels, lm, cfg.vocab, cfg.data.mask_eod_loss, cfg.model.document_mask)
+
+
+def step_sample_range(step_in_stage: int, global_batch: int, dp_rank: int, dp_size: int) -> Tuple[int, int]:
+    """This DP rank's contiguous slice of the stage's sample indices for one optimizer step."""
+    per_rank = global_batch // dp_size
+    start = step_in_stage * global_batch + dp_rank * per_rank
+    return start, start + per_rank
+
+
+def load_step(dataset, cfg: RunConfig, step_in_stage: int, dp_rank: int, dp_size: int) -> Batch:
+    a, b = step_sample_range(step_in_stage, cfg.schedule.global_batch_size, dp_rank, dp_size)
+    return collate([dataset[i] for i in range(a, b)], cfg)

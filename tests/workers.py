@@ -1,0 +1,52 @@
+"""Functions run inside spawned ranks by the multi-process tests (importable by module path)."""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Sequence
+
+import torch
+
+
+def fixed_batch(cfg, seed: int = 0):
+    """A deterministic global batch with random documents (eod ~3% of tokens)."""
+    from megaslm.data import make_batch
+
+    g = torch.Generator().manual_seed(seed)
+    G, S = cfg.schedule.global_batch_size, cfg.model.seq_length
+    toks = torch.randint(cfg.vocab.offset, cfg.vocab.size, (G, S + 1), generator=g)
+    toks[torch.rand(G, S + 1, generator=g) < 0.03] = cfg.vocab.eod_id
+    return make_batch(toks[:, :-1], toks[:, 1:], None, cfg.vocab)
+
+
+def rank_slice(batch, dp_rank: int, dp_size: int):
+    from megaslm.data import Batch, step_sample_range
+
+    a, b = step_sample_range(0, batch.num_sequences, dp_rank, dp_size)
+    return Batch(batch.tokens[a:b], batch.labels[a:b], batch.loss_mask[a:b], batch.position_ids[a:b], batch.segment_ids[a:b])
+
+
+def losses_for_layouts(config_path: str, layouts: Sequence[Sequence[str]], steps: int = 3, out_dir: str = "") -> List[Dict]:
+    """Train ``steps`` optimizer steps on a fixed batch under each layout (list of overrides), in turn."""
+    import torch.distributed as dist
+
+    from megaslm import parallel
+    from megaslm.config import load_config
+    from megaslm.train import Trainer
+
+    results = []
+    for overrides in layouts:
+        cfg = load_config(config_path, list(overrides) + [f"output_dir={out_dir or '/tmp/megaslm-test'}"])
+        trainer = Trainer(cfg, log=lambda *_: None)
+        batch = fixed_batch(cfg)
+        losses, norms = [], []
+        for _ in range(steps):
+            out = trainer.train_step(rank_slice(batch, trainer.dp_rank, trainer.dp_size))
+            losses.append(out["loss"])
+            norms.append(out["grad_norm"])
+        results.append({"layout": list(overrides), "losses": losses, "grad_norms": norms})
+        from megatron.core import parallel_state as ps
+
+        ps.destroy_model_parallel()
+        del trainer
+    parallel.destroy()
+    return results
