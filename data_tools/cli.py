@@ -1,0 +1,173 @@
+"""Command line: ``python -m data_tools {build,bpe-train,bpe-encode,budget,inspect,demo}``.
+
+Bad input: one line ``error: FILE:LINE: field 'F': what`` on stderr and exit code 2 (no traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List, Optional
+
+from megaslm.vocab import VocabError
+
+from data_tools.errors import DataError
+
+EXIT_BAD_INPUT = 2
+
+
+def _vocab_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("vocabulary (recorded in the manifest)")
+    g.add_argument("--codebook-size", type=int, default=2048,
+                   help="units per source codebook: 2048 Mimi (default), 500/1000 HuBERT k-means")
+    g.add_argument("--languages", default="en,fr", help="comma-separated language names (default en,fr)")
+    g.add_argument("--lang-tags", action="store_true", help="insert a language tag before each language change")
+    g.add_argument("--sentence-sep", action="store_true", help="insert a separator token between sentences")
+    g.add_argument("--dedup", action="store_true", help="collapse repeated consecutive units (HuBERT practice)")
+
+
+def _vocab(a):
+    from megaslm.vocab import UnitVocab, VocabError
+    try:
+        return UnitVocab(codebook_size=a.codebook_size, languages=tuple(a.languages.split(",")),
+                         lang_tags=a.lang_tags, sentence_sep=a.sentence_sep, dedup=a.dedup)
+    except VocabError as e:
+        raise DataError(str(e)) from None
+
+
+def make_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m data_tools", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    b = sub.add_parser("build", help="inputs (JSONL utterances/stories, .npy/.npz) -> .bin/.idx dataset",
+                       description="Build <output>.bin/.idx, <output>.lang.bin/.idx and <output>.manifest.json.")
+    b.add_argument("--input", "-i", action="append", required=True, metavar="[NAME=]PATH",
+                   help="input file (repeatable): .jsonl (utterances or stories), .npy (+ .bounds.jsonl) or .npz; "
+                        "NAME is the source name for per-source counts (default: file stem)")
+    b.add_argument("--output", "-o", required=True, metavar="PREFIX", help="output prefix")
+    b.add_argument("--mode", choices=["mono", "random", "alternate"], default="mono",
+                   help="mono: one language; random: per-sentence language draw; alternate: strict alternation")
+    b.add_argument("--lang", default=None, help="mono: the language (taken from stories; default for utterances)")
+    b.add_argument("--pair", default=None, help="the aligned language pair of stories, e.g. en,fr "
+                                                "(default: the first two --languages)")
+    b.add_argument("--p", type=float, default=0.5, help="random: probability of the pair's second language")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--target-length", type=int, default=2048,
+                   help="split stories at sentence boundaries into documents of at most this many tokens (0: never)")
+    b.add_argument("--bos", action="store_true", help="start every document with bos")
+    b.add_argument("--source-type", default="mimi", help="frame-rate key: mimi (12.5 Hz), hubert25, hubert50")
+    b.add_argument("--frame-rate", type=float, default=None, help="units per second (overrides --source-type)")
+    b.add_argument("--bpe-model", default=None, help="encode units with this unit-BPE model (bpe-train)")
+    b.add_argument("--workers", type=int, default=1)
+    b.add_argument("--chunk-size", type=int, default=256, help="records per worker task / shard")
+    b.add_argument("--skip-bad", action="store_true",
+                   help="quarantine bad records (<output>.quarantine.jsonl, counted in the manifest) instead of failing")
+    b.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    _vocab_args(b)
+
+    t = sub.add_parser("bpe-train", help="train a sentencepiece BPE model over unit sequences",
+                       description="Units map to characters chr(0x4E00+u); writes <model-prefix>.model/.vocab.")
+    t.add_argument("--input", "-i", action="append", required=True, metavar="PATH")
+    t.add_argument("--model-prefix", required=True)
+    t.add_argument("--vocab-size", type=int, required=True, help="BPE pieces (> codebook size)")
+    t.add_argument("--pair", default=None, help="languages of stories to train on (default: the first two)")
+    t.add_argument("--max-sentences", type=int, default=2_000_000)
+    t.add_argument("--seed", type=int, default=0)
+    _vocab_args(t)
+
+    e = sub.add_parser("bpe-encode", help="re-encode a built unit dataset with a BPE model",
+                       description="Runs of one language between special tokens are encoded separately.")
+    e.add_argument("--input-prefix", required=True)
+    e.add_argument("--output-prefix", required=True)
+    e.add_argument("--model", required=True)
+
+    g = sub.add_parser("budget", help="steps and per-source epochs of a staged token-budget recipe",
+                       description="Recipe: YAML/JSON with sources, and runs of stages {name, tokens, mixture}.")
+    g.add_argument("recipe", help="e.g. data_tools/recipes/paper_1b.yaml")
+    g.add_argument("--source", action="append", default=[], metavar="NAME=COUNT|PREFIX",
+                   help="source size in tokens, or a dataset prefix (its manifest's token total)")
+    g.add_argument("--tokens-per-step", type=int, default=None, help="default 614400 (or the recipe's)")
+    g.add_argument("--repeat-warning", type=float, default=None, help="warn above this many epochs (default 4)")
+    g.add_argument("--run", action="append", default=None, help="only these runs of the recipe")
+    g.add_argument("--json", action="store_true", help="print JSON")
+
+    s = sub.add_parser("inspect", help="statistics of a built dataset (+ length histogram PNG)")
+    s.add_argument("prefix")
+    s.add_argument("--histogram", default=None, metavar="PNG", help="default <prefix>.lengths.png")
+    s.add_argument("--verify", action="store_true", help="recompute the content hash")
+    s.add_argument("--json", action="store_true")
+
+    d = sub.add_parser("demo", help="write a synthetic EN-FR story corpus and build en / fr / enfr_interleaved",
+                       description="Learnable synthetic data (sparse Markov chains, aligned FR = mapped EN).")
+    d.add_argument("out_dir")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--num-stories", type=int, default=600)
+    d.add_argument("--codebook-size", type=int, default=128)
+    d.add_argument("--p", type=float, default=0.5)
+    d.add_argument("--workers", type=int, default=1)
+    return ap
+
+
+def _kv_list(items: List[str], flag: str):
+    out = {}
+    for it in items:
+        k, sep, v = it.partition("=")
+        if not sep or not k:
+            raise DataError(f"{flag}: expected NAME=VALUE, got {it!r}")
+        out[k] = v
+    return out
+
+
+def run(argv: Optional[List[str]] = None) -> int:
+    a = make_parser().parse_args(argv)
+    if a.cmd == "build":
+        from data_tools.build import build_dataset
+        from data_tools.streams import BuildOptions
+        vocab = _vocab(a)
+        opts = BuildOptions(vocab=vocab, mode=a.mode, p=a.p, seed=a.seed, target_length=a.target_length,
+                            lang=a.lang, story_langs=tuple(a.pair.split(",")) if a.pair else None,
+                            add_bos=a.bos, source_type=a.source_type, frame_rate=a.frame_rate,
+                            bpe_model=a.bpe_model, skip_bad=a.skip_bad, workers=a.workers,
+                            chunk_size=a.chunk_size, progress=not a.quiet)
+        m = build_dataset(a.input, a.output, opts)
+        t = m["tokens"]
+        print(f"wrote {a.output}.bin/.idx (+ .lang, manifest): {m['documents']:,} documents, {t['total']:,} tokens "
+              f"({', '.join(f'{k} {v:,}' for k, v in t['per_language'].items())})"
+              + (f"; {m['quarantine']['count']} bad records -> {m['quarantine']['report']}"
+                 if m["quarantine"]["count"] else ""))
+    elif a.cmd == "bpe-train":
+        from data_tools.bpe import iter_training_sequences, train_bpe
+        vocab = _vocab(a)
+        pair = tuple(a.pair.split(",")) if a.pair else tuple(vocab.languages[:2])
+        seqs = iter_training_sequences(a.input, vocab.codebook_size, vocab.languages, pair, dedup=vocab.dedup)
+        path = train_bpe(seqs, a.model_prefix, a.vocab_size, vocab.codebook_size, a.max_sentences, a.seed)
+        print(f"wrote {path}")
+    elif a.cmd == "bpe-encode":
+        from data_tools.bpe import encode_dataset
+        m = encode_dataset(a.input_prefix, a.output_prefix, a.model)
+        print(f"wrote {a.output_prefix}: {m['tokens']['total']:,} tokens ({m['bpe']['pieces']} pieces)")
+    elif a.cmd == "budget":
+        from data_tools.budget import format_plan, load_recipe, plan
+        p = plan(load_recipe(a.recipe), _kv_list(a.source, "--source"), a.tokens_per_step, a.repeat_warning, a.run)
+        print(json.dumps(p, indent=2) if a.json else format_plan(p))
+    elif a.cmd == "inspect":
+        from data_tools.stats import dataset_stats, format_stats
+        s = dataset_stats(a.prefix, a.histogram or a.prefix + ".lengths.png", verify_hash=a.verify)
+        print(json.dumps(s, indent=2) if a.json else format_stats(s))
+    elif a.cmd == "demo":
+        from data_tools.synthetic import write_demo_corpus
+        p = write_demo_corpus(a.out_dir, seed=a.seed, num_stories=a.num_stories,
+                              codebook_size=a.codebook_size, p=a.p, workers=a.workers)
+        print(json.dumps(p, indent=2))
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    try:
+        return run(argv)
+    except (DataError, VocabError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted (no partial dataset left)", file=sys.stderr)
+        return 130
