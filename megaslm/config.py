@@ -50,6 +50,8 @@ class ModelConfig:
     embedding_backend: str = "auto"    # auto | triton | reference | megatron
     document_mask: bool = True         # never attend across eod boundaries in packed sequences
     language_embedding: bool = False   # add a learned per-language embedding (side channel)
+    init_from: Optional[str] = None    # Hugging Face Llama/Qwen2 directory to start from (TWIST; docs/interop.md)
+    init_new_rows: str = "normal"      # unit-vocabulary rows on init_from: normal | mean | keep
 
 
 @dataclass
@@ -115,10 +117,34 @@ class CheckpointConfig:
 
 
 @dataclass
+class FaultsConfig:
+    nan_policy: str = "stop"     # stop: raise, save nothing | skip: drop the step's update, carry on
+    max_skipped_steps: int = 10  # with nan_policy=skip: stop after this many skipped steps in a run
+
+
+@dataclass
 class LoggingConfig:
     interval: int = 1
     tensorboard: bool = False
     jsonl: bool = True
+
+
+@dataclass
+class EvalConfig:
+    """Benchmarks scored by evals/ (launchers/eval.py, and every ``interval`` steps during training)."""
+    interval: int = 0                  # optimizer steps between evaluations during training; 0: off
+    benchmarks: List[str] = field(default_factory=list)  # benchmark folders / .jsonl files (docs/evals.md)
+    scoring: str = "mean"              # mean (per-token mean over the utterance) | sum_continuation
+    add_bos: bool = False              # prefix utterances with bos (only if the training data had it)
+    batch_size: int = 16               # sequences per forward (length-bucketed)
+    max_items: int = 0                 # per task; 0: all
+
+    def __post_init__(self):
+        if self.scoring not in ("mean", "sum_continuation"):
+            raise ConfigError(f"eval.scoring: expected mean or sum_continuation, got {self.scoring!r}")
+        if self.interval < 0 or self.batch_size < 1 or self.max_items < 0:
+            raise ConfigError("eval: expected interval >= 0, batch_size >= 1, max_items >= 0, got "
+                              f"{self.interval}, {self.batch_size}, {self.max_items}")
 
 
 @dataclass
@@ -135,6 +161,8 @@ class RunConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     # ---- derived quantities ---------------------------------------------------------------
     @property
@@ -276,6 +304,9 @@ class RunConfig:
         need(self.checkpoint.keep_last >= 1, "checkpoint.keep_last", "an integer >= 1", self.checkpoint.keep_last)
         need(self.checkpoint.interval >= 0, "checkpoint.interval", "an integer >= 0", self.checkpoint.interval)
         need(self.logging.interval >= 1, "logging.interval", "an integer >= 1", self.logging.interval)
+        need(self.faults.nan_policy in ("stop", "skip"), "faults.nan_policy", "stop or skip", self.faults.nan_policy)
+        need(self.faults.max_skipped_steps >= 0, "faults.max_skipped_steps", "an integer >= 0",
+             self.faults.max_skipped_steps)
         return self
 
     def resolved_precision(self, cuda: bool) -> str:
@@ -346,6 +377,12 @@ def _coerce(value, tp, where: str):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return int(value)
     if tp is float:
+        if isinstance(value, str):
+            # PyYAML (YAML 1.1) reads `1e-3` (no dot) as a string; accept numeric strings for floats
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
@@ -424,25 +461,39 @@ def _merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
+def _read_tree(path: str, chain: Tuple[str, ...]) -> Dict[str, Any]:
+    """One YAML file as a tree; a top-level ``base: other.yaml`` (relative to this file) is loaded
+    first and this file's keys merged over it (mappings merge, lists and scalars replace)."""
+    try:
+        with open(path) as f:
+            loaded = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{chain[-1] + ': base ' if chain else ''}{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    base = loaded.pop("base", None)
+    if base is None:
+        return loaded
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: expected a path to a YAML config, got {base!r}")
+    base_path = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), base))
+    if base_path in chain or base_path == os.path.abspath(path):
+        raise ConfigError(f"{path}: base: circular include of {base_path}")
+    return _merge(_read_tree(base_path, chain + (os.path.abspath(path),)), loaded)
+
+
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> RunConfig:
     """Load ``path`` (YAML; every key must exist in the tree), apply ``a.b.c=value`` overrides."""
     tree: Dict[str, Any] = {}
     src = path or "<defaults>"
     if path is not None:
-        try:
-            with open(path) as f:
-                loaded = yaml.safe_load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-        tree = loaded
+        tree = _read_tree(path, ())
     # Overrides apply on top of the file's values merged over the defaults, so that e.g.
     # `schedule.stages.0.train_steps=5` works even when the file omits `schedule`.
     tree = _merge(_defaults_tree(), tree) if overrides else tree

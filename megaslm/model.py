@@ -124,6 +124,9 @@ def build_model(cfg: RunConfig, init: bool = True) -> List[torch.nn.Module]:
         chunks.append(model)
     if init:
         init_weights(chunks, cfg)
+        if cfg.model.init_from:
+            from megaslm.interop.hf import load_hf_into_chunks
+            load_hf_into_chunks(chunks, cfg, cfg.model.init_from)
     return chunks
 
 

@@ -11,7 +11,7 @@ import multiprocessing as mp
 import os
 import socket
 import traceback
-from typing import Any, Callable, List
+from typing import Any, List, Optional
 
 
 def free_port() -> int:
@@ -20,7 +20,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child(rank: int, world: int, port: int, target: str, args: tuple, queue) -> None:
+def _child(rank: int, world: int, port: int, target: str, args: tuple, queue, env: dict) -> None:
+    # The kernel tests' conftest sets TRITON_INTERPRET=1 for the whole pytest process; ranks run the
+    # torch reference path unless a test asks for the interpreter explicitly.
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.update(env)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
@@ -31,12 +35,15 @@ def _child(rank: int, world: int, port: int, target: str, args: tuple, queue) ->
         queue.put((rank, "error", traceback.format_exc()))
 
 
-def run_ranks(world: int, target: str, *args: Any, timeout: float = 600.0) -> List[Any]:
-    """Run ``module:function(*args)`` on ``world`` ranks; return the per-rank results in rank order."""
+def run_ranks(world: int, target: str, *args: Any, timeout: float = 600.0, env: Optional[dict] = None) -> List[Any]:
+    """Run ``module:function(*args)`` on ``world`` ranks; return the per-rank results in rank order.
+
+    ``env``: extra environment variables for the ranks (e.g. ``{"TRITON_INTERPRET": "1"}``).
+    """
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_child, args=(r, world, port, target, args, queue)) for r in range(world)]
+    procs = [ctx.Process(target=_child, args=(r, world, port, target, args, queue, dict(env or {}))) for r in range(world)]
     for p in procs:
         p.start()
     results: dict = {}

@@ -50,3 +50,15 @@ def losses_for_layouts(config_path: str, layouts: Sequence[Sequence[str]], steps
         del trainer
     parallel.destroy()
     return results
+
+
+def count_parameters(config_path: str) -> int:
+    from megaslm import parallel
+    from megaslm.config import load_config
+    from megaslm.model import build_model, num_parameters
+
+    cfg = load_config(config_path)
+    parallel.initialize(cfg)
+    n = num_parameters(build_model(cfg))
+    parallel.destroy()
+    return n

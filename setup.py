@@ -1,0 +1,36 @@
+"""megaslm: multilingual spoken language models over discrete speech units, at scale.
+
+Install order matters on a CPU machine: install torch==2.13.0 first (the CPU wheel), then this
+package; a bare `pip install deepspeed` into an empty environment pulls CUDA torch (several GB).
+The pins below admit the GPU machine's Python 3.12 image (torch 2.11, triton 3.6) and CI's
+Python 3.11 CPU stack (torch 2.13, triton 3.9); megatron-core stays at 0.16.x on both (0.17
+needs Python >= 3.12).
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="megaslm",
+    version="0.1.0",
+    description="Cross-lingual speech-unit language models with megatron-core and DeepSpeed",
+    python_requires=">=3.11",
+    packages=find_packages(include=["megaslm", "megaslm.*", "kernels", "kernels.*", "data_tools", "data_tools.*",
+                                    "evals", "evals.*"]),
+    package_data={"data_tools": ["recipes/*.yaml"]},
+    install_requires=[
+        "torch>=2.11,<2.14",
+        "deepspeed==0.19.8",
+        "megatron-core>=0.16.1,<0.17",
+        "triton>=3.6,<3.10",
+        "sentencepiece>=0.2.0,<0.3",
+        "numpy>=1.26,<2.5",
+        "nvidia-ml-py>=12,<14",
+        "pyyaml>=6",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
+        "safetensors>=0.4",
+        "tensorboard>=2.15",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "transformers>=4.45"],
+    },
+)

@@ -1,0 +1,94 @@
+"""Config: strict YAML, overrides, validation before any process group, presets' sizes."""
+import os
+
+import pytest
+import yaml
+
+from megaslm.config import ConfigError, RunConfig, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CFG = os.path.join(ROOT, "configs")
+
+
+@pytest.mark.parametrize("name,target", [("qwen2-360m", 360e6), ("llama3.2-1b", 1.0e9)])
+def test_paper_model_sizes(name, target):
+    cfg = load_config(os.path.join(CFG, f"{name}.yaml"))
+    assert cfg.vocab.codebook_size == 2048
+    n = cfg.num_parameters()
+    assert abs(n - target) / target <= 0.03, f"{name}: {n:,} parameters, expected within 3% of {target:,.0f}"
+
+
+def test_parameter_count_matches_built_model(tmp_path):
+    """The analytic count is the real one: build the tiny model (TP=1) and count."""
+    from tests.distributed import run_ranks
+
+    [n_built] = run_ranks(1, "tests.workers:count_parameters", os.path.join(CFG, "tiny.yaml"))
+    assert n_built == load_config(os.path.join(CFG, "tiny.yaml")).num_parameters()
+
+
+def test_presets_validate():
+    for name in ("tiny", "qwen2-360m", "llama3.2-1b"):
+        load_config(os.path.join(CFG, f"{name}.yaml")).validate(world_size=1)
+
+
+def test_overrides_typed_and_nested():
+    cfg = load_config(os.path.join(CFG, "tiny.yaml"),
+                      ["parallel.tensor=2", "optimizer.lr=1e-3", "schedule.stages.0.train_steps=7", "vocab.dedup=true"])
+    assert cfg.parallel.tensor == 2 and cfg.optimizer.lr == 1e-3
+    assert cfg.schedule.stages[0].train_steps == 7 and cfg.vocab.dedup is True
+
+
+@pytest.mark.parametrize("overrides,field", [
+    (["model.foo=1"], "model.foo: unknown key"),
+    (["parallel.tensor=3"], "parallel.tensor: expected a divisor of model.num_attention_heads=4"),
+    (["model.num_layers=3", "parallel.pipeline=2"], "model.num_layers: expected a multiple of"),
+    (["model.hidden_size=abc"], "model.hidden_size: expected an integer"),
+    (["schedule.global_batch_size=12"], "schedule.global_batch_size"),
+    (["parallel.pipeline=2", "parallel.zero_stage=3"], "parallel.zero_stage"),
+    (["schedule.decay=exp"], "schedule.decay"),
+    (["vocab.languages=[en,en]"], "vocab.languages"),
+])
+def test_bad_values_name_the_field(overrides, field):
+    with pytest.raises(ConfigError) as e:
+        load_config(os.path.join(CFG, "tiny.yaml"), overrides).validate(world_size=None)
+    assert field in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_world_size_must_match_layout():
+    cfg = load_config(os.path.join(CFG, "tiny.yaml"), ["parallel.tensor=2", "parallel.data=2"])
+    cfg.validate(world_size=4)
+    with pytest.raises(ConfigError, match=r"parallel: expected world size 3 = tensor\(2\) x pipeline\(1\) x data\(2\)"):
+        cfg.validate(world_size=3)
+
+
+def test_unknown_key_in_file_names_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("model:\n  num_layers: 2\n  hiden_size: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: model.hiden_size: unknown key"):
+        load_config(str(p))
+
+
+def test_invalid_yaml_names_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("model:\n  num_layers: [2\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:\d+: invalid YAML"):
+        load_config(str(p))
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(os.path.join(CFG, "tiny.yaml"), ["optimizer.lr=0.002"])
+    out = tmp_path / "run" / "config.yaml"
+    cfg.save(str(out))
+    again = load_config(str(out))
+    assert again.to_dict() == cfg.to_dict()
+    assert not [f for f in os.listdir(out.parent) if ".tmp" in f]
+
+
+def test_config_module_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys; import megaslm.config; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
