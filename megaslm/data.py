@@ -125,6 +125,71 @@ def step_sample_range(step_in_stage: int, global_batch: int, dp_rank: int, dp_si
     return start, start + per_rank
 
 
-def load_step(dataset, cfg: RunConfig, step_in_stage: int, dp_rank: int, dp_size: int) -> Batch:
+def load_step(dataset, cfg: RunConfig, step_in_stage: int, dp_rank: int, dp_size: int,
+              step_tokens: Optional[int] = None) -> Batch:
+    """This rank's share of the step's global batch. ``step_tokens`` < G x S (a stage's partial last
+    step): only the first ``step_tokens`` input positions of the global batch, in sample order, are
+    trained on; the loss of every later position is masked (see ``row_token_counts``)."""
     a, b = step_sample_range(step_in_stage, cfg.schedule.global_batch_size, dp_rank, dp_size)
-    return collate([dataset[i] for i in range(a, b)], cfg)
+    batch = collate([dataset[i] for i in range(a, b)], cfg)
+    if step_tokens is not None and step_tokens < cfg.tokens_per_step:
+        S = cfg.model.seq_length
+        first = a - step_in_stage * cfg.schedule.global_batch_size   # row of the global batch
+        keep = torch.tensor(row_token_counts(step_tokens, cfg.schedule.global_batch_size, S)[first:first + (b - a)])
+        pos = torch.arange(S).unsqueeze(0)
+        batch.loss_mask = batch.loss_mask * (pos < keep.unsqueeze(1)).to(batch.loss_mask.dtype)
+    return batch
+
+
+# ------------------------------------------------------------------------------------------------
+# Exact token budgets and per-source accounting
+# ------------------------------------------------------------------------------------------------
+def row_token_counts(step_tokens: int, global_batch: int, seq_length: int) -> List[int]:
+    """Input positions counted for each sequence of a step's global batch (a prefix in sample order)."""
+    return [max(0, min(seq_length, step_tokens - j * seq_length)) for j in range(global_batch)]
+
+
+@dataclasses.dataclass(frozen=True)
+class StagePlan:
+    name: str
+    steps: int               # optimizer steps, the partial last one included
+    tokens: int              # the budget: exactly this many input positions are trained on
+    last_step_tokens: int    # tokens of the last step (== tokens_per_step unless partial)
+
+    def step_tokens(self, step_in_stage: int, tokens_per_step: int) -> int:
+        return self.last_step_tokens if step_in_stage == self.steps - 1 else tokens_per_step
+
+
+def stage_plans(cfg: RunConfig) -> List[StagePlan]:
+    """Rule for a ``train_tokens`` budget that is not a multiple of G x S: the stage runs
+    ceil(budget / (G x S)) steps; the last step keeps the full batch shape (same micro-batches on
+    every rank and pipeline stage) but trains only on its first ``budget mod (G x S)`` input positions
+    in sample order (whole sequences, then a cut sequence), masking the loss of the rest. Tokens
+    counted = input positions trained on, so a stage ends at exactly its budget."""
+    tps = cfg.tokens_per_step
+    out = []
+    for st, steps in zip(cfg.schedule.stages, cfg.stage_steps()):
+        tokens = st.train_tokens if st.train_tokens is not None else steps * tps
+        last = tokens - (steps - 1) * tps
+        out.append(StagePlan(st.name, steps, tokens, last))
+    return out
+
+
+def step_source_tokens(dataset, cfg: RunConfig, stage: StageConfig, step_in_stage: int, step_tokens: int) -> Dict[str, int]:
+    """Tokens of one global step per source prefix (every rank computes the same, no communication)."""
+    import numpy as np
+
+    G = cfg.schedule.global_batch_size
+    counts = row_token_counts(step_tokens, G, cfg.model.seq_length)
+    a = step_in_stage * G
+    index = getattr(dataset, "dataset_index", None)
+    if index is None and getattr(dataset, "path_to_dataset_index", None):
+        index = np.load(dataset.path_to_dataset_index, allow_pickle=True, mmap_mode="r")
+    if index is None or len(stage.data) == 1:
+        return {stage.data[0].path: int(sum(counts))} if stage.data else {}
+    ids = np.asarray(index[a:a + G])
+    out = {s.path: 0 for s in stage.data}
+    for j, c in enumerate(counts):
+        if c:
+            out[stage.data[int(ids[j])].path] += c
+    return out

@@ -18,8 +18,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
+import signal
 import sys
+import threading
 import time
 from functools import partial
 from typing import Dict, List, Optional
@@ -27,10 +28,14 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from megaslm import parallel
-from megaslm.config import RunConfig
-from megaslm.data import Batch, build_stage_dataset, load_step
+from megaslm import checkpoint, parallel, telemetry
+from megaslm.config import RunConfig, config_digest
+from megaslm.data import Batch, build_stage_dataset, load_step, stage_plans, step_source_tokens
 from megaslm.model import build_model, num_parameters
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN/Inf loss or gradient under ``faults.nan_policy: stop`` (nothing is saved)."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -130,12 +135,23 @@ class Trainer:
         )
         if self.pp > 1:
             self._setup_pipeline_hooks()
-        self.step = 0                      # optimizer steps done
-        self.tokens_seen = 0               # loss-bearing + context tokens consumed (global)
+        if cfg.parallel.zero_stage == 0:
+            self._keep_zero0_grad_norm()
+        self.plans = stage_plans(cfg)
+        self.step = 0                      # optimizer steps done (skipped ones included)
+        self.tokens_seen = 0               # input positions trained on (global), exact per stage budget
         self.stage_index = 0
         self.stage_step = 0
+        self.stage_tokens: Dict[str, int] = {p.name: 0 for p in self.plans}
+        self.source_tokens: Dict[str, Dict[str, int]] = {
+            st.name: {d.path: 0 for d in st.data} for st in cfg.schedule.stages}
+        self.steps_skipped = 0
         self.history: List[Dict] = []
         self._datasets: Dict[int, object] = {}
+        self._last_saved: Optional[int] = None
+        self.stop_requested = False        # set by the SIGTERM handler
+        self.preempted = False
+        self.gpu = telemetry.GpuMonitor()
 
     # ---- logging ------------------------------------------------------------------------
     def is_logger(self) -> bool:
@@ -144,6 +160,23 @@ class Trainer:
     def log(self, msg: str) -> None:
         if self.is_logger():
             self._log(msg)
+
+    def _keep_zero0_grad_norm(self) -> None:
+        """Without ZeRO, DeepSpeed clips fp32 gradients but drops the norm it computed; keep it.
+
+        (ZeRO optimizers record ``_global_grad_norm`` themselves.) Same function, same arguments
+        as the engine's own ``clip_fp32_gradients``; only the return value is kept.
+        """
+        from deepspeed.runtime.utils import clip_grad_norm_
+
+        engine = self.engine
+
+        def clip_and_record():
+            norm = clip_grad_norm_(parameters=engine.module.parameters(), max_norm=engine.gradient_clipping(),
+                                   mpu=engine.mpu)
+            engine._global_grad_norm = norm
+
+        engine.clip_fp32_gradients = clip_and_record
 
     # ---- pipeline plumbing --------------------------------------------------------------
     def _setup_pipeline_hooks(self) -> None:
@@ -173,7 +206,12 @@ class Trainer:
 
     # ---- one optimizer step -------------------------------------------------------------
     def train_step(self, batch: Batch) -> Dict[str, float]:
-        """Forward/backward over this rank's share of the global batch, then the optimizer step."""
+        """Forward/backward over this rank's share of the global batch, then the optimizer step.
+
+        Before the update, a non-finite loss (all ranks agree: it is reduced over DP and shared along
+        the pipeline) or a non-finite local gradient (all-reduced as a flag over the world) either
+        raises ``NonFiniteError`` (``faults.nan_policy: stop``) or drops the gradients without an
+        update (``skip``; the lr schedule still advances so it stays aligned with the step count)."""
         cfg = self.cfg
         micro = batch.split(batch.num_sequences // cfg.schedule.micro_batch_size)
         local_tokens = batch.loss_mask.sum()
@@ -181,17 +219,24 @@ class Trainer:
         dist.all_reduce(total, group=self.ps.get_data_parallel_group())
         T = float(total.item())
         scale = self.dp_size / max(T, 1.0)
+        poison = float("nan") if checkpoint.fault("nan_loss", self.step + 1) else None
         lsum = torch.zeros((), dtype=torch.float64, device=self.device)
         if self.pp == 1:
             for mb in micro:
                 mb = mb.to(self.device)
                 out = self.engine(mb.tokens, mb.position_ids, attention_mask=mb.segment_ids, labels=mb.labels)
                 tok = (out.float() * mb.loss_mask).sum()
+                if poison is not None:
+                    tok = tok * poison
                 self.engine.backward(tok * scale, scale_wrt_gas=False)
                 lsum += tok.detach().double()
         else:
-            lsum = self._pipeline_forward_backward(micro, scale)
-        self.engine.step()
+            lsum = self._pipeline_forward_backward(micro, scale, poison)
+        if checkpoint.fault("nan_grad", self.step + 1) and self.rank == 0:
+            for p in self.engine.module.parameters():
+                if p.grad is not None:
+                    p.grad.view(-1)[0] = float("nan")
+                    break
         # the step's loss: mean over all loss tokens of the global batch
         dist.all_reduce(lsum, group=self.ps.get_data_parallel_group())
         if self.pp > 1:
@@ -199,11 +244,52 @@ class Trainer:
             src = self.ps.get_pipeline_model_parallel_last_rank()
             dist.broadcast(lsum, src=src, group=self.ps.get_pipeline_model_parallel_group())
         loss = float(lsum.item()) / max(T, 1.0)
-        gn = self.engine.get_global_grad_norm()
-        gn = float(gn.item() if torch.is_tensor(gn) else (gn if gn is not None else float("nan")))
-        return {"loss": loss, "grad_norm": gn, "loss_tokens": T}
+        bad = torch.tensor([0.0 if math.isfinite(loss) else 1.0, 0.0 if self._local_grads_finite() else 1.0],
+                           device=self.device)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.any():
+            what = "loss" if bad[0] else "gradient"
+            return self._non_finite(what, loss, T)
+        self.engine.step()
+        raw = self.engine.get_global_grad_norm()
+        gn = float(raw.item() if torch.is_tensor(raw) else (raw if raw is not None else float("nan")))
+        if raw is not None and not math.isfinite(gn):
+            # only reachable where gradients are not visible before the update (ZeRO-2/3 partitions)
+            raise NonFiniteError(f"step {self.step + 1}: non-finite gradient norm ({gn}) detected after the "
+                                 f"update; stopping without saving ({self._newest_note()})")
+        return {"loss": loss, "grad_norm": gn, "loss_tokens": T, "skipped": False}
 
-    def _pipeline_forward_backward(self, micro: List[Batch], scale: float) -> torch.Tensor:
+    def _local_grads_finite(self) -> bool:
+        grads = [p.grad for c in self.chunks for p in c.parameters() if p.grad is not None]
+        if not grads:
+            return True
+        norms = torch._foreach_norm(grads)
+        return bool(torch.isfinite(torch.stack(norms).sum()).item())
+
+    def _newest_note(self) -> str:
+        tag = checkpoint.newest_complete(self.checkpoint_dir())
+        return f"newest checkpoint: {tag}" if tag else "no checkpoint saved yet"
+
+    def _non_finite(self, what: str, loss: float, T: float) -> Dict[str, float]:
+        step = self.step + 1
+        policy = self.cfg.faults.nan_policy
+        if policy == "stop" or self.steps_skipped >= self.cfg.faults.max_skipped_steps:
+            extra = "" if policy == "stop" else f" and faults.max_skipped_steps={self.cfg.faults.max_skipped_steps} reached"
+            raise NonFiniteError(
+                f"step {step} (stage {self.plans[self.stage_index].name}): non-finite {what} (loss={loss}); "
+                f"faults.nan_policy={policy}{extra}: stopping without saving ({self._newest_note()})")
+        # skip: drop the gradients, no optimizer update; keep the lr schedule aligned with the step count
+        self.engine.optimizer.zero_grad(set_to_none=True)
+        for c in self.chunks:
+            for p in c.parameters():
+                p.grad = None
+        self.scheduler.step()
+        self.steps_skipped += 1
+        self.log(f"step {step}: non-finite {what} (loss={loss}); skipped (faults.nan_policy=skip, "
+                 f"{self.steps_skipped} skipped so far)")
+        return {"loss": loss, "grad_norm": float("nan"), "loss_tokens": T, "skipped": True}
+
+    def _pipeline_forward_backward(self, micro: List[Batch], scale: float, poison=None) -> torch.Tensor:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         device = self.device
@@ -211,6 +297,8 @@ class Trainer:
 
         def loss_func(mask, output):
             tok = (output.float() * mask).sum()
+            if poison is not None:
+                tok = tok * poison
             collected.append(tok.detach().double())
             return tok * scale, mask.sum().to(torch.int), {"tok": tok.detach()}
 
@@ -245,88 +333,134 @@ class Trainer:
     def checkpoint_dir(self) -> str:
         return os.path.join(self.cfg.output_dir, "checkpoints")
 
-    def save(self) -> str:
-        tag = f"step{self.step:08d}"
-        client = {"step": self.step, "tokens_seen": self.tokens_seen, "stage_index": self.stage_index,
-                  "stage_step": self.stage_step, "config": self.cfg.to_dict()}
-        self.engine.save_checkpoint(self.checkpoint_dir(), tag=tag, client_state=client)
-        dist.barrier()
-        if self.rank == 0:
-            self._prune_checkpoints()
-        dist.barrier()
-        return os.path.join(self.checkpoint_dir(), tag)
+    def counters(self) -> Dict:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "stage_index": self.stage_index,
+                "stage_step": self.stage_step, "stage_tokens": dict(self.stage_tokens),
+                "source_tokens": {k: dict(v) for k, v in self.source_tokens.items()},
+                "steps_skipped": self.steps_skipped}
 
-    def _prune_checkpoints(self) -> None:
-        d = self.checkpoint_dir()
-        tags = sorted(t for t in os.listdir(d) if t.startswith("step") and os.path.isdir(os.path.join(d, t)))
-        for t in tags[:-self.cfg.checkpoint.keep_last]:
-            shutil.rmtree(os.path.join(d, t), ignore_errors=True)
+    def save(self) -> str:
+        """Atomic checkpoint of model, optimizer, scheduler, RNG, data position and token counters."""
+        state = self.counters()
+        meta = {**state, "tag": checkpoint.tag_for(self.step), "config_digest": config_digest(self.cfg),
+                "stage_budgets": {p.name: p.tokens for p in self.plans}, "time": time.time()}
+        path = checkpoint.save(self.engine, self.checkpoint_dir(), self.step, state, meta,
+                               self.cfg.checkpoint.keep_last)
+        self._last_saved = self.step
+        return path
 
     def load(self, directory: Optional[str] = None) -> bool:
-        d = directory or self.checkpoint_dir()
-        if not os.path.exists(os.path.join(d, "latest")):
+        """Resume from the newest complete checkpoint under ``directory`` (default: this run's), or
+        from ``directory`` itself when it is one checkpoint (``.../stepNNNNNNNN``). False: none."""
+        d, tag = directory or self.checkpoint_dir(), None
+        if checkpoint.TAG_RE.match(os.path.basename(os.path.normpath(d))):
+            d, tag = os.path.dirname(os.path.normpath(d)), os.path.basename(os.path.normpath(d))
+        got = checkpoint.load(self.engine, d, tag)
+        if got is None:
             return False
-        path, client = self.engine.load_checkpoint(d)
-        if path is None:
-            return False
-        self.step = client["step"]
-        self.tokens_seen = client["tokens_seen"]
-        self.stage_index = client["stage_index"]
-        self.stage_step = client["stage_step"]
-        self.log(f"resumed from {path} at step {self.step}")
+        path, state, _ = got
+        self.step = state["step"]
+        self.tokens_seen = state["tokens_seen"]
+        self.stage_index = state["stage_index"]
+        self.stage_step = state["stage_step"]
+        self.stage_tokens.update(state.get("stage_tokens", {}))
+        for k, v in state.get("source_tokens", {}).items():
+            self.source_tokens.setdefault(k, {}).update(v)
+        self.steps_skipped = state.get("steps_skipped", 0)
+        checkpoint.set_rng_state(state["rng"])
+        self._last_saved = self.step
+        self.log(f"resumed from {path} at step {self.step} (stage {self.stage_index}, step {self.stage_step} "
+                 f"in stage; {self.tokens_seen:,} tokens seen)")
         return True
+
+    # ---- pre-emption --------------------------------------------------------------------
+    def request_stop(self, signum=None, frame=None) -> None:
+        self.stop_requested = True
+
+    def _stop_agreed(self) -> bool:
+        """Every rank stops at the same step if any of them got SIGTERM."""
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     # ---- the loop -----------------------------------------------------------------------
     def fit(self, max_steps: Optional[int] = None) -> List[Dict]:
         cfg = self.cfg
-        stage_steps = cfg.stage_steps()
+        plans = self.plans
         tokens_per_step = cfg.tokens_per_step
-        metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
-        metrics = open(metrics_path, "a") if (self.is_logger() and cfg.logging.jsonl) else None
+        world = dist.get_world_size()
+        precision = cfg.resolved_precision(self.cuda)
+        sink = telemetry.MetricsSink(cfg.output_dir, cfg.logging.jsonl, cfg.logging.tensorboard) \
+            if self.is_logger() else None
         self.log(f"model: {num_parameters(self.chunks):,} parameters on this rank; layout TP={self.layout.tensor} "
                  f"PP={self.layout.pipeline} DP={self.layout.data} ZeRO-{cfg.parallel.zero_stage}; "
-                 f"{self.total_steps} steps x {tokens_per_step:,} tokens")
+                 f"{self.total_steps} steps x {tokens_per_step:,} tokens; stages: "
+                 + ", ".join(f"{p.name} {p.tokens:,} tokens / {p.steps} steps" for p in plans))
         t_last = time.time()
         done = 0
         try:
-            while self.stage_index < len(stage_steps):
-                if self.stage_step >= stage_steps[self.stage_index]:
+            while self.stage_index < len(plans):
+                plan = plans[self.stage_index]
+                if self.stage_step >= plan.steps:
+                    self.log(f"stage {plan.name} done at step {self.step}: {self.stage_tokens[plan.name]:,} tokens "
+                             f"(budget {plan.tokens:,}); per source {self.source_tokens.get(plan.name, {})}")
                     self.stage_index += 1
                     self.stage_step = 0
                     continue
                 if max_steps is not None and done >= max_steps:
                     break
+                stage = cfg.schedule.stages[self.stage_index]
                 ds = self.stage_dataset(self.stage_index)
-                batch = load_step(ds, cfg, self.stage_step, self.dp_rank, self.dp_size)
+                step_tokens = plan.step_tokens(self.stage_step, tokens_per_step)
+                batch = load_step(ds, cfg, self.stage_step, self.dp_rank, self.dp_size, step_tokens)
                 out = self.train_step(batch)
+                per_source = step_source_tokens(ds, cfg, stage, self.stage_step, step_tokens)
                 self.step += 1
                 self.stage_step += 1
                 done += 1
-                self.tokens_seen += tokens_per_step
+                self.tokens_seen += step_tokens
+                self.stage_tokens[plan.name] += step_tokens
+                for src, n in per_source.items():
+                    self.source_tokens[plan.name][src] = self.source_tokens[plan.name].get(src, 0) + n
                 now = time.time()
-                rec = {"step": self.step, "stage": cfg.schedule.stages[self.stage_index].name,
-                       "loss": out["loss"], "lr": self.scheduler.get_last_lr()[0], "grad_norm": out["grad_norm"],
-                       "tokens_seen": self.tokens_seen, "tokens_per_s": tokens_per_step / max(now - t_last, 1e-9),
-                       "step_time_s": now - t_last}
+                dt = max(now - t_last, 1e-9)
                 t_last = now
+                tps = step_tokens / dt
+                rec = {"step": self.step, "stage": plan.name, "stage_step": self.stage_step,
+                       "loss": out["loss"], "lr": self.scheduler.get_last_lr()[0], "grad_norm": out["grad_norm"],
+                       "skipped": out.get("skipped", False), "step_tokens": step_tokens,
+                       "tokens_seen": self.tokens_seen, "stage_tokens": self.stage_tokens[plan.name],
+                       "source_tokens": dict(self.source_tokens[plan.name]),
+                       "tokens_per_s": tps, "step_time_s": dt,
+                       "mfu": telemetry.mfu(cfg, tps, world, self.gpu.name, precision)}
+                if self.cuda:
+                    rec.update(self.gpu.read())
                 self.history.append(rec)
-                if metrics is not None:
-                    metrics.write(json.dumps(rec) + "\n")
-                    metrics.flush()
+                if sink is not None:
+                    sink.write(rec)
                 if self.step % cfg.logging.interval == 0 or self.step == 1 or self.step == self.total_steps:
+                    mfu = f" | MFU {rec['mfu'] * 100:.1f}%" if rec["mfu"] is not None else ""
                     self.log(f"step {self.step:6d} | {rec['stage']} | loss {rec['loss']:.4f} | lr {rec['lr']:.3e} | "
                              f"grad norm {rec['grad_norm']:.3f} | tokens {self.tokens_seen:,} | "
-                             f"{rec['tokens_per_s']:,.0f} tok/s")
+                             f"{tps:,.0f} tok/s | {dt * 1000:.0f} ms{mfu}")
                 if cfg.checkpoint.save and cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
                     self.log(f"saved {self.save()}")
+                if self._stop_agreed():
+                    self.preempted = True
+                    if cfg.checkpoint.save and self._last_saved != self.step:
+                        self.log(f"saved {self.save()}")
+                    break
         finally:
-            if metrics is not None:
-                metrics.close()
+            if sink is not None:
+                sink.close()
         return self.history
 
 
 def run(cfg: RunConfig, log=print, max_steps: Optional[int] = None) -> List[Dict]:
-    """Train ``cfg`` end to end (used by launchers/pretrain.py): resume, fit, final checkpoint."""
+    """Train ``cfg`` end to end (used by launchers/pretrain.py): resume, fit, final checkpoint.
+
+    SIGTERM (a cluster's pre-emption) makes every rank finish the current step, save a checkpoint
+    and return normally (the launcher exits 0); the next run resumes from it."""
     world = parallel.env_world()
     cfg.validate(world_size=world["world_size"], cuda=torch.cuda.is_available())
     if world["rank"] == 0:
@@ -340,10 +474,19 @@ def run(cfg: RunConfig, log=print, max_steps: Optional[int] = None) -> List[Dict
     if world["rank"] == 0:
         cfg.save(os.path.join(cfg.output_dir, "config.yaml"))
     trainer = Trainer(cfg, log=log)
-    trainer.load(cfg.checkpoint.load)
-    history = trainer.fit(max_steps=max_steps)
-    if cfg.checkpoint.save and history:
-        trainer.log(f"saved {trainer.save()}")
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, trainer.request_stop)
+    try:
+        trainer.load(cfg.checkpoint.load)
+        history = trainer.fit(max_steps=max_steps)
+        if cfg.checkpoint.save and trainer.step > 0 and trainer._last_saved != trainer.step:
+            trainer.log(f"saved {trainer.save()}")
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if trainer.preempted:
+        trainer.log(f"pre-empted (SIGTERM): checkpoint saved at step {trainer.step}; exiting cleanly")
     return history
 
 

@@ -1,0 +1,96 @@
+"""Pretrain a speech-unit LM:  deepspeed launchers/pretrain.py --config configs/tiny.yaml [a.b.c=value ...]
+
+With no arguments it trains the tiny model on CPU on a synthetic EN/FR corpus built on the spot.
+It resumes by itself from the newest complete checkpoint in <output_dir>/checkpoints (or checkpoint.load).
+--dry-run validates the config for a world size (--world-size, else $WORLD_SIZE, else 1) and prints the
+rank -> (tp, pp, dp) layout and the derived batch / schedule numbers without starting anything.
+Exit codes: 0 done (or pre-empted by SIGTERM after saving a checkpoint), 1 non-finite loss/gradient,
+2 bad config or input.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import ROOT, fail, parse  # noqa: E402
+
+
+def _extra(p) -> None:
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate and print the resolved parallel layout and schedule; start nothing")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="world size for --dry-run (default: $WORLD_SIZE, else 1)")
+
+
+def dry_run(cfg, world_size: int, out=print) -> None:
+    """The resolved layout (ranks -> TP/PP/DP coordinates) and derived numbers; no process group."""
+    from megaslm.data import stage_plans
+    from megaslm.parallel import ParallelLayout
+    from megaslm.telemetry import flops_per_token
+
+    layout = ParallelLayout.from_config(cfg, world_size)
+    s = cfg.schedule
+    dp = layout.data
+    per_rank = s.global_batch_size // dp
+    out(f"config {cfg.name}: world size {world_size} = TP {layout.tensor} x PP {layout.pipeline} x DP {dp}"
+        + (f" (virtual pipeline {layout.virtual_pipeline})" if layout.virtual_pipeline else "")
+        + f", ZeRO-{cfg.parallel.zero_stage}")
+    out(f"global batch {s.global_batch_size} sequences x {cfg.model.seq_length} tokens = "
+        f"{cfg.tokens_per_step:,} tokens/step; per data-parallel rank {per_rank} sequences = "
+        f"{cfg.num_micro_batches(world_size)} micro-batches of {s.micro_batch_size}")
+    out(f"model: {cfg.num_parameters():,} parameters; {flops_per_token(cfg):.3e} FLOPs/token (6N + 12*L*H*S)")
+    plans = stage_plans(cfg)
+    total = sum(p.steps for p in plans)
+    warm = s.warmup_steps if s.warmup_steps is not None else int(round(s.warmup_fraction * total))
+    for i, p in enumerate(plans):
+        data = ", ".join(f"{d.path} ({d.weight:g})" for d in cfg.schedule.stages[i].data) or "demo corpus"
+        partial = "" if p.last_step_tokens == cfg.tokens_per_step else \
+            f" (last step partial: {p.last_step_tokens:,} tokens)"
+        out(f"stage {i} {p.name}: {p.tokens:,} tokens = {p.steps:,} steps{partial}; data: {data}")
+    out(f"total {total:,} steps, {sum(p.tokens for p in plans):,} tokens; lr {cfg.optimizer.lr:g} "
+        f"warm-up {warm:,} steps then {s.decay} decay")
+    out("rank   tp  pp  dp")
+    for c in layout.coordinates():
+        out(f"{c['rank']:4d}  {c['tp']:3d} {c['pp']:3d} {c['dp']:3d}")
+
+
+def main(argv=None) -> int:
+    args, overrides = parse(__doc__.splitlines()[0], os.path.join(ROOT, "configs", "tiny.yaml"), argv, extra=_extra)
+    from megaslm.config import ConfigError, load_config
+    from megaslm.parallel import env_world
+
+    world = args.world_size if args.world_size is not None else env_world()["world_size"]
+    if world < 1:
+        fail(f"--world-size: expected an integer >= 1, got {world}")
+    try:
+        cfg = load_config(args.config, overrides)
+        if args.dry_run:
+            cfg.validate(world_size=world)
+            dry_run(cfg, world)
+            return 0
+        import torch
+
+        cfg.validate(world_size=world, cuda=torch.cuda.is_available())
+    except ConfigError as e:
+        fail(str(e))
+    if "WORLD_SIZE" not in os.environ and "MASTER_PORT" not in os.environ:
+        # a single process started without a launcher: don't collide with another run on 29500
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+    from megaslm.train import NonFiniteError, run
+
+    try:
+        run(cfg)
+    except ConfigError as e:
+        fail(str(e))
+    except NonFiniteError as e:
+        fail(str(e), code=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

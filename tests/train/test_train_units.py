@@ -1,0 +1,146 @@
+"""Fast, single-process checks: recipes and budgets, config include, token-budget rule, dry run,
+checkpoint directory logic, telemetry (no process group needed)."""
+import glob
+import json
+import os
+
+import pytest
+
+from _train_helpers import ROOT
+
+RECIPES = sorted(glob.glob(os.path.join(ROOT, "configs", "recipes", "*", "*.yaml")))
+TOKENS_PER_STEP = 614_400
+B = 1_000_000_000
+# the paper's budgets (PAPER.md; see the recipe headers for how the stages are read)
+EXPECTED = {
+    "en_only": {"en_only": 75_000},
+    "fr_only": {"fr_only": 25_000},
+    "en_fr": {"en_fr": 100_000},
+    "interleaving": {"en_only": 75_000, "interleaving": 10_000},
+    "interleaving_ft": {"en_only": 75_000, "interleaving": 10_000, "ft_en_1": 3_750, "ft_fr_1": 3_750,
+                        "ft_en_2": 3_750, "ft_fr_2": 3_750},
+}
+TOTAL_TOKENS = {"en_only": 46.08 * B, "fr_only": 15.36 * B, "en_fr": 61.44 * B, "interleaving": 52.224 * B,
+                "interleaving_ft": 61.44 * B}
+
+
+def test_every_recipe_has_the_paper_hyperparameters_and_exact_budgets():
+    from megaslm.config import load_config
+    from megaslm.data import stage_plans
+
+    assert len(RECIPES) == 10, RECIPES
+    for path in RECIPES:
+        model, kind = path.split(os.sep)[-2], os.path.basename(path)[:-5]
+        cfg = load_config(path).validate(world_size=4)
+        assert cfg.name == f"{model}-{kind}"
+        assert cfg.tokens_per_step == TOKENS_PER_STEP and cfg.model.seq_length == 2048
+        o, s = cfg.optimizer, cfg.schedule
+        assert (o.lr, o.beta1, o.beta2, o.weight_decay, o.clip_grad) == (5e-4, 0.9, 0.98, 0.1, 1.0)
+        assert (s.warmup_fraction, s.decay) == (0.05, "linear")
+        plans = stage_plans(cfg)
+        assert {p.name: p.steps for p in plans} == EXPECTED[kind], path
+        for p in plans:  # whole steps: no partial last step in any recipe
+            assert p.steps * TOKENS_PER_STEP == p.tokens and p.last_step_tokens == TOKENS_PER_STEP
+        assert sum(p.tokens for p in plans) == round(TOTAL_TOKENS[kind])
+    en_fr = load_config(os.path.join(ROOT, "configs", "recipes", "llama3.2-1b", "en_fr.yaml"))
+    fr_w = [d.weight for d in en_fr.schedule.stages[0].data if d.path == "data/fr"][0]
+    assert fr_w * 61.44 == pytest.approx(15.36)
+    assert en_fr.model.hidden_size == 2048  # from the base file
+
+
+def test_base_include_errors_name_the_file(tmp_path):
+    from megaslm.config import ConfigError, load_config
+
+    (tmp_path / "a.yaml").write_text("base: b.yaml\nname: a\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="circular"):
+        load_config(str(tmp_path / "a.yaml"))
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
+        load_config(str(tmp_path / "c.yaml"))
+    (tmp_path / "d.yaml").write_text("base: ../../x\nschedule: {micro_batch_size: 2}\n".replace("../../x", str(tmp_path / "e.yaml")))
+    (tmp_path / "e.yaml").write_text("name: e\nschedule: {global_batch_size: 4}\n")
+    cfg = load_config(str(tmp_path / "d.yaml"), ["faults.nan_policy=skip"])
+    assert (cfg.name, cfg.schedule.micro_batch_size, cfg.schedule.global_batch_size) == ("e", 2, 4)
+    assert cfg.faults.nan_policy == "skip"
+    with pytest.raises(ConfigError, match="faults.nan_policy"):
+        load_config(None, ["faults.nan_policy=maybe", "data.demo=true"]).validate()
+
+
+def test_partial_last_step_rule():
+    from megaslm.config import load_config
+    from megaslm.data import row_token_counts, stage_plans
+
+    cfg = load_config(None, ["model.seq_length=32", "schedule.global_batch_size=8", "schedule.micro_batch_size=2",
+                             "schedule.stages=[{name: a, train_tokens: 868}, {name: b, train_steps: 2}]"])
+    a, b = stage_plans(cfg)
+    assert (a.steps, a.tokens, a.last_step_tokens) == (4, 868, 100)
+    assert [a.step_tokens(i, 256) for i in range(4)] == [256, 256, 256, 100]
+    assert (b.steps, b.tokens) == (2, 512)
+    assert row_token_counts(100, 8, 32) == [32, 32, 32, 4, 0, 0, 0, 0]
+    assert cfg.total_steps() == 6
+
+
+def test_dry_run_prints_the_layout(capsys):
+    import sys
+    sys.path.insert(0, os.path.join(ROOT, "launchers"))
+    import pretrain
+
+    rc = pretrain.main(["--config", os.path.join(ROOT, "configs", "recipes", "qwen2-360m", "interleaving_ft.yaml"),
+                        "--dry-run", "--world-size", "8", "parallel.tensor=2", "parallel.pipeline=2"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "world size 8 = TP 2 x PP 2 x DP 2" in out
+    assert "150 sequences = 10 micro-batches of 15" in out
+    assert "stage 1 interleaving: 6,144,000,000 tokens = 10,000 steps" in out
+    rows = [l.split() for l in out.splitlines() if l.strip() and l.split()[0].isdigit() and len(l.split()) == 4]
+    assert rows[5] == ["5", "1", "1", "0"]  # rank 5: tp 1, pp 1, dp 0
+    with pytest.raises(SystemExit) as e:
+        pretrain.main(["--config", os.path.join(ROOT, "configs", "tiny.yaml"), "--dry-run", "--world-size", "3",
+                       "parallel.tensor=2"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "parallel" in err
+
+
+def test_checkpoint_directory_logic(tmp_path, monkeypatch):
+    from megaslm import checkpoint as ck
+
+    d = tmp_path / "ck"
+    for tag, complete in (("step00000002", True), ("step00000004", True), ("step00000006.tmp", True),
+                          ("step00000008", False)):
+        (d / tag).mkdir(parents=True)
+        if complete:
+            (d / tag / "meta.json").write_text("{}")
+    ck.write_latest(str(d), "step00000002")   # latest not moved yet after the rename of step 4
+    assert ck.newest_complete(str(d)) == "step00000004"
+    ck.remove_partial(str(d))
+    assert not (d / "step00000006.tmp").exists()
+    ck.prune(str(d), 1)
+    assert [t for _, t in ck.complete_tags(str(d))] == ["step00000004"]
+    assert (d / "latest").read_text() == "step00000002"
+    monkeypatch.setenv("MEGASLM_FAULT", "nan_loss:3, kill_during_save:4")
+    assert ck.fault("nan_loss", 3) and ck.fault("kill_during_save", 4)
+    assert not ck.fault("nan_loss", 4) and not ck.fault("nan_grad", 3)
+
+
+def test_telemetry_on_cpu(tmp_path):
+    from megaslm import telemetry
+    from megaslm.config import load_config
+
+    cfg = load_config(os.path.join(ROOT, "configs", "llama3.2-1b.yaml"))
+    fpt = telemetry.flops_per_token(cfg)
+    assert fpt == 6 * cfg.num_parameters() + 12 * 16 * 2048 * 2048
+    assert telemetry.peak_flops(None, "bf16") is None and telemetry.peak_flops("cpu", "fp32") is None
+    assert telemetry.peak_flops("NVIDIA H100 80GB HBM3", "bf16") == 989e12
+    m = telemetry.mfu(cfg, 100_000.0, 4, "NVIDIA H200", "bf16")
+    assert m == pytest.approx(fpt * 100_000 / (4 * 989e12))
+    assert telemetry.mfu(cfg, 100_000.0, 4, None, "fp32") is None
+    gpu = telemetry.GpuMonitor()
+    assert not gpu.enabled and gpu.read() == {}
+    pytest.importorskip("tensorboard")
+    sink = telemetry.MetricsSink(str(tmp_path), jsonl=True, tensorboard=True)
+    sink.write({"step": 1, "loss": 2.5, "mfu": None, "source_tokens": {"data/en": 10}})
+    sink.close()
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["loss"] == 2.5
+    assert glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
