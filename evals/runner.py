@@ -1,0 +1,99 @@
+"""Evaluate model chunks or checkpoints on benchmark folders; the library behind launchers/eval.py.
+
+    cfg, chunks = load_checkpoint_model(ckpt, ["parallel.tensor=2"])    # any layout
+    result = evaluate(chunks, cfg, [load_benchmark("bench/")], scoring="mean")
+
+``evaluate`` is collective (every rank calls it); every rank returns the same result.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megaslm import parallel
+from megaslm.config import RunConfig
+
+from evals.alignment import align_items
+from evals.benchmarks import ALIGN, Benchmark, check_vocab, load_benchmark
+from evals.checkpoint import checkpoint_step, find_checkpoints
+from evals.engine import load_checkpoint_model
+from evals.errors import EvalError
+from evals.scoring import accuracies, score_items
+
+
+def evaluate(chunks: List[torch.nn.Module], cfg: RunConfig, benches: Sequence[Benchmark], scoring: str = "mean",
+             add_bos: bool = False, batch_size: int = 16) -> Dict:
+    """``{"tasks": {task: {accuracy, items}}, "alignment": {task: metrics}, "per_item": [...]}``."""
+    for b in benches:
+        check_vocab(b.vocab, cfg.vocab, b.path)
+    pair, align = [], {}
+    for b in benches:
+        for task, items in b.tasks().items():
+            if items[0].benchmark == ALIGN:
+                align.setdefault(task, []).extend(items)
+            else:
+                pair.extend(items)
+    per_item = score_items(chunks, cfg, pair, scoring, add_bos, batch_size) if pair else []
+    alignment = {t: align_items(chunks, cfg, its, add_bos, batch_size) for t, its in sorted(align.items())}
+    return {"scoring": scoring, "add_bos": add_bos, "tasks": accuracies(per_item), "alignment": alignment,
+            "per_item": per_item}
+
+
+def _is_writer() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def evaluate_checkpoint(ckpt: str, bench_paths: Sequence[str], overrides: Sequence[str] = (),
+                        out_dir: Optional[str] = None) -> Dict:
+    """Load ``ckpt`` at the eval layout (``overrides``), score the benchmarks, write per-item scores
+    to ``out_dir/<tag>.items.jsonl`` (rank 0). Tears the process groups down afterwards."""
+    cfg, chunks = load_checkpoint_model(ckpt, overrides)
+    try:
+        e = cfg.eval
+        paths = list(bench_paths) or list(e.benchmarks)
+        if not paths:
+            raise EvalError("no benchmarks given (pass --benchmarks or set eval.benchmarks)")
+        benches = [load_benchmark(p, e.max_items) for p in paths]
+        res = evaluate(chunks, cfg, benches, e.scoring, e.add_bos, e.batch_size)
+    finally:
+        from megatron.core import parallel_state as ps
+
+        ps.destroy_model_parallel()
+    tag = os.path.basename(os.path.normpath(ckpt))
+    res.update(checkpoint=os.path.abspath(ckpt), tag=tag, step=checkpoint_step(ckpt),
+               layout={"tensor": cfg.parallel.tensor, "pipeline": cfg.parallel.pipeline,
+                       "data": cfg.data_parallel_size(None)}, benchmarks=[os.path.abspath(p) for p in paths])
+    if out_dir and _is_writer():
+        os.makedirs(out_dir, exist_ok=True)
+        path = os.path.join(out_dir, f"{tag}.items.jsonl")
+        with open(path, "w") as f:
+            for rec in res["per_item"]:
+                f.write(json.dumps(rec) + "\n")
+        res["per_item_file"] = path
+    return res
+
+
+def evaluate_path(path: str, bench_paths: Sequence[str], overrides: Sequence[str] = (),
+                  out_dir: Optional[str] = None, log=print) -> List[Dict]:
+    """Every checkpoint of ``path`` (one checkpoint, a run directory or its checkpoints/ folder), in step order.
+
+    Writes results.json, results.md and plots/*.png to ``out_dir`` (rank 0).
+    """
+    from evals.report import write_reports
+
+    ckpts = find_checkpoints(path)
+    results = []
+    for c in ckpts:
+        r = evaluate_checkpoint(c, bench_paths, overrides, out_dir)
+        if _is_writer():
+            log(f"{r['tag']}: " + ", ".join(f"{k} {v['accuracy'] * 100:.2f}" for k, v in sorted(r["tasks"].items()))
+                + "".join(f", {k} cos {v['cosine']:.3f}" for k, v in r["alignment"].items()))
+        results.append({k: v for k, v in r.items() if k != "per_item"})
+    if out_dir and _is_writer():
+        write_reports(results, out_dir)
+    parallel.destroy()
+    return results

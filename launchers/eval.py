@@ -1,0 +1,44 @@
+"""Evaluate checkpoints on the paper's benchmarks:
+    python launchers/eval.py --checkpoint runs/tiny --benchmarks bench/ --out runs/tiny/evals [a.b.c=value ...]
+
+--checkpoint: one checkpoint (<run>/checkpoints/<tag>), a run directory (every checkpoint, in step
+order) or its checkpoints/ folder. Overrides apply to the checkpoint's saved config: the eval layout
+(parallel.tensor=2 parallel.pipeline=2; DP = the rest of the world) and eval.* (scoring, batch size,
+max_items, add_bos). Multi-process: torchrun --nproc-per-node 4 launchers/eval.py ... (or deepspeed).
+Writes results.json, results.md, plots/*.png and <tag>.items.jsonl to --out.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import fail, parse  # noqa: E402
+
+
+def _extra(p):
+    p.add_argument("--checkpoint", required=True, help="checkpoint, checkpoints/ folder or run directory")
+    p.add_argument("--benchmarks", nargs="+", default=[], help="benchmark folders or .jsonl files (default: eval.benchmarks)")
+    p.add_argument("--out", default=None, help="report folder (default: <checkpoint or run>/evals)")
+
+
+def main(argv=None) -> int:
+    args, overrides = parse(__doc__.splitlines()[1].strip(), None, argv, extra=_extra)
+    from megaslm.config import ConfigError
+    from megaslm.vocab import VocabError
+
+    from evals.errors import EvalError
+    from evals.runner import evaluate_path
+
+    out = args.out or os.path.join(args.checkpoint, "evals")
+    try:
+        if args.config:
+            raise EvalError("--config is not used: the config comes from the checkpoint (use a.b.c=value overrides)")
+        evaluate_path(args.checkpoint, args.benchmarks, overrides, out)
+    except (EvalError, ConfigError, VocabError) as e:
+        fail(str(e))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
