@@ -49,7 +49,6 @@ class ModelConfig:
     attention_backend: str = "auto"    # auto | triton | reference : document-masked core attention
     embedding_backend: str = "auto"    # auto | triton | reference | megatron
     document_mask: bool = True         # never attend across eod boundaries in packed sequences
-    language_embedding: bool = False   # add a learned per-language embedding (side channel)
     init_from: Optional[str] = None    # Hugging Face Llama/Qwen2 directory to start from (TWIST; docs/interop.md)
     init_new_rows: str = "normal"      # unit-vocabulary rows on init_from: normal | mean | keep
 
@@ -210,8 +209,7 @@ class RunConfig:
         norms = 2 * h
         per_layer = attn + mlp + norms
         emb = v * h * (1 if m.tie_embeddings else 2)
-        lang = (self.vocab.num_lang_ids * h) if m.language_embedding else 0
-        return L * per_layer + h + emb + lang    # + final norm
+        return L * per_layer + h + emb          # + final norm
 
     # ---- validation -----------------------------------------------------------------------
     def validate(self, world_size: Optional[int] = None, cuda: Optional[bool] = None) -> "RunConfig":
@@ -304,6 +302,10 @@ class RunConfig:
         need(self.checkpoint.keep_last >= 1, "checkpoint.keep_last", "an integer >= 1", self.checkpoint.keep_last)
         need(self.checkpoint.interval >= 0, "checkpoint.interval", "an integer >= 0", self.checkpoint.interval)
         need(self.logging.interval >= 1, "logging.interval", "an integer >= 1", self.logging.interval)
+        if self.eval.interval:
+            need(len(self.eval.benchmarks) >= 1, "eval.benchmarks",
+                 f"at least one benchmark folder or .jsonl file with eval.interval={self.eval.interval}",
+                 self.eval.benchmarks)
         need(self.faults.nan_policy in ("stop", "skip"), "faults.nan_policy", "stop or skip", self.faults.nan_policy)
         need(self.faults.max_skipped_steps >= 0, "faults.max_skipped_steps", "an integer >= 0",
              self.faults.max_skipped_steps)

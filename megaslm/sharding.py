@@ -58,7 +58,7 @@ def split_rule(canonical: str) -> Tuple[int, bool]:
         return 0, True
     if canonical.endswith("linear_proj.weight") or canonical.endswith("linear_fc2.weight"):
         return 1, False
-    if canonical.endswith("norm.weight") or canonical.endswith("layernorm.weight") or canonical == "embedding.lang_embeddings.weight":
+    if canonical.endswith("norm.weight") or canonical.endswith("layernorm.weight"):
         return -1, False
     raise KeyError(f"no tensor-parallel layout known for parameter {canonical!r}")
 

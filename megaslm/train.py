@@ -383,6 +383,19 @@ class Trainer:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
+    # ---- periodic evaluation ------------------------------------------------------------
+    def evaluate(self) -> Dict[str, float]:
+        """Score ``cfg.eval.benchmarks`` with the training chunks at the training layout (collective).
+
+        The same code as ``launchers/eval.py`` (evals.runner); full results go to
+        ``<output_dir>/evals/results.jsonl``, accuracies into the metrics log under ``eval``."""
+        from evals.hooks import evaluate_chunks
+
+        flat = evaluate_chunks(self.chunks, self.cfg, self.step)
+        scores = {k[len("eval/"):] if k.startswith("eval/") else k: v for k, v in flat.items()}
+        self.log(f"eval at step {self.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(scores.items())))
+        return scores
+
     # ---- the loop -----------------------------------------------------------------------
     def fit(self, max_steps: Optional[int] = None) -> List[Dict]:
         cfg = self.cfg
@@ -413,6 +426,7 @@ class Trainer:
                 ds = self.stage_dataset(self.stage_index)
                 step_tokens = plan.step_tokens(self.stage_step, tokens_per_step)
                 batch = load_step(ds, cfg, self.stage_step, self.dp_rank, self.dp_size, step_tokens)
+                lr = self.scheduler.get_last_lr()[0]  # the lr this step uses (the scheduler steps inside)
                 out = self.train_step(batch)
                 per_source = step_source_tokens(ds, cfg, stage, self.stage_step, step_tokens)
                 self.step += 1
@@ -427,7 +441,7 @@ class Trainer:
                 t_last = now
                 tps = step_tokens / dt
                 rec = {"step": self.step, "stage": plan.name, "stage_step": self.stage_step,
-                       "loss": out["loss"], "lr": self.scheduler.get_last_lr()[0], "grad_norm": out["grad_norm"],
+                       "loss": out["loss"], "lr": lr, "grad_norm": out["grad_norm"],
                        "skipped": out.get("skipped", False), "step_tokens": step_tokens,
                        "tokens_seen": self.tokens_seen, "stage_tokens": self.stage_tokens[plan.name],
                        "source_tokens": dict(self.source_tokens[plan.name]),
@@ -445,6 +459,10 @@ class Trainer:
                              f"{tps:,.0f} tok/s | {dt * 1000:.0f} ms{mfu}")
                 if cfg.checkpoint.save and cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
                     self.log(f"saved {self.save()}")
+                if cfg.eval.interval and self.step % cfg.eval.interval == 0:
+                    scores = self.evaluate()
+                    if sink is not None:
+                        sink.write({"step": self.step, "eval": scores})
                 if self._stop_agreed():
                     self.preempted = True
                     if cfg.checkpoint.save and self._last_saved != self.step:

@@ -371,8 +371,6 @@ def export_architecture(cfg, arch: Optional[str] = None) -> str:
         raise InteropError("model.add_qkv_bias=true: LlamaForCausalLM cannot hold QKV biases (export as Qwen2ForCausalLM)")
     if arch == "Qwen2ForCausalLM" and not cfg.model.add_qkv_bias:
         raise InteropError("model.add_qkv_bias=false: Qwen2ForCausalLM always has QKV biases (export as LlamaForCausalLM)")
-    if cfg.model.language_embedding:
-        raise InteropError("model.language_embedding=true: the per-language embedding has no Hugging Face counterpart")
     return arch
 
 
