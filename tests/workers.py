@@ -6,6 +6,8 @@ from typing import Dict, List, Sequence
 
 import torch
 
+TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.yaml")
+
 
 def fixed_batch(cfg, seed: int = 0):
     """A deterministic global batch with random documents (eod ~3% of tokens)."""
@@ -62,3 +64,22 @@ def count_parameters(config_path: str) -> int:
     n = num_parameters(build_model(cfg))
     parallel.destroy()
     return n
+
+
+def train_with_eval(out_dir: str):
+    from data_tools.synthetic import write_demo_corpus
+    from evals.synthetic import build_benchmark, read_stories
+    from megaslm.config import load_config
+    from megaslm.train import run
+
+    data = os.path.join(out_dir, "data")
+    prefixes = write_demo_corpus(data, seed=0, num_stories=120, codebook_size=128)
+    cfg0 = load_config(TINY)
+    bench = os.path.join(out_dir, "bench")
+    build_benchmark(read_stories(os.path.join(data, "stories.jsonl")), bench, cfg0.vocab, items_per_task=6)
+    cfg = load_config(TINY, [
+        f"output_dir={out_dir}/run", "data.demo=false", "schedule.stages.0.train_steps=4",
+        f"schedule.stages.0.data=[{{path: {prefixes['enfr_interleaved']}, weight: 1.0}}]",
+        "eval.interval=2", f"eval.benchmarks=[{bench}]", "eval.batch_size=8", "checkpoint.save=false"])
+    run(cfg, log=lambda *_: None)
+    return True
