@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from megaslm import parallel, sharding
-from megaslm.config import ConfigError, RunConfig, _apply_override, config_from_dict
+from megaslm.config import ConfigError, RunConfig, apply_override, config_from_dict
 from megaslm.model import build_model
 
 from evals.checkpoint import canonical_full_state_dict
@@ -32,7 +32,7 @@ def eval_config(saved: RunConfig, overrides: Sequence[str] = (), world_size: Opt
     world = world_size if world_size is not None else parallel.env_world()["world_size"]
     tree = saved.to_dict()
     for o in overrides:
-        _apply_override(tree, o)
+        apply_override(tree, o)
     p = tree["parallel"]
     user = {o.split("=", 1)[0].strip() for o in overrides}
     if world % (int(p["tensor"]) * int(p["pipeline"])) != 0 and not ({"parallel.tensor", "parallel.pipeline"} & user):

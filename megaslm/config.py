@@ -49,6 +49,7 @@ class ModelConfig:
     attention_backend: str = "auto"    # auto | triton | reference : document-masked core attention
     embedding_backend: str = "auto"    # auto | triton | reference | megatron
     document_mask: bool = True         # never attend across eod boundaries in packed sequences
+    deterministic: bool = False        # bit-reproducible embedding backward (sorted, no atomics) on GPU
     init_from: Optional[str] = None    # Hugging Face Llama/Qwen2 directory to start from (TWIST; docs/interop.md)
     init_new_rows: str = "normal"      # unit-vocabulary rows on init_from: normal | mean | keep
 
@@ -422,7 +423,10 @@ def _parse_scalar(text: str):
         return text
 
 
-def _apply_override(tree: Dict[str, Any], item: str) -> None:
+def apply_override(tree: Dict[str, Any], item: str) -> None:
+    """Apply one ``a.b.c=value`` override to a config tree (``RunConfig.to_dict()`` form), in place.
+
+    Used by load_config and by tools that re-derive a saved run's config (evals, reshard)."""
     if "=" not in item:
         raise ConfigError(f"override {item!r}: expected the form a.b.c=value")
     key, _, raw = item.partition("=")
@@ -500,7 +504,7 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Ru
     # `schedule.stages.0.train_steps=5` works even when the file omits `schedule`.
     tree = _merge(_defaults_tree(), tree) if overrides else tree
     for item in overrides:
-        _apply_override(tree, item)
+        apply_override(tree, item)
     try:
         return _build(RunConfig, tree, "")
     except ConfigError as e:

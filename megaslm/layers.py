@@ -77,7 +77,9 @@ class UnitVocabParallelEmbedding(VocabParallelEmbedding):
     def forward(self, input_):
         from kernels.embedding import fused_unit_embedding
 
-        out = fused_unit_embedding(input_, self.weight, self.vocab_start_index, force=self.embedding_force)
+        # megatron's deterministic_mode (TransformerConfig) selects the kernel's sorted, atomic-free backward
+        out = fused_unit_embedding(input_, self.weight, self.vocab_start_index,
+                                   deterministic=bool(self.deterministic_mode), force=self.embedding_force)
         if self.tp_group.size() > 1:
             out = reduce_from_tensor_model_parallel_region(out, group=self.tp_group)
         return out

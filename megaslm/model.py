@@ -62,6 +62,7 @@ def transformer_config(cfg: RunConfig, cuda: Optional[bool] = None):
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         calculate_per_token_loss=True,
+        deterministic_mode=m.deterministic,
         # gloo (and, per reports, some NCCL set-ups) swap activations with batched p2p in interleaved 1F1B
         batch_p2p_comm=False,
         deallocate_pipeline_outputs=False,

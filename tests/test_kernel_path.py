@@ -31,3 +31,36 @@ def test_tp2_kernels_match_reference():
     r, t = res[0]
     for a, b in zip(t["losses"], r["losses"]):
         assert abs(a - b) <= 1e-5 * abs(b), (t["losses"], r["losses"])
+
+
+def test_deterministic_flag_reaches_the_embedding_kernel(monkeypatch):
+    """model.deterministic -> megatron's deterministic_mode -> the fused embedding's sorted backward."""
+    import torch
+
+    import kernels.embedding as ke
+    from megaslm.layers import UnitVocabParallelEmbedding
+
+    seen = {}
+
+    def spy(ids, weight, vocab_start=0, **kw):
+        seen.update(kw)
+        return torch.zeros(*ids.shape, weight.shape[1])
+
+    monkeypatch.setattr(ke, "fused_unit_embedding", spy)
+    emb = UnitVocabParallelEmbedding.__new__(UnitVocabParallelEmbedding)
+    torch.nn.Module.__init__(emb)
+    emb.weight = torch.nn.Parameter(torch.zeros(8, 4))
+    emb.vocab_start_index = 0
+    emb.deterministic_mode = True
+    emb.embedding_force = "reference"
+    emb.tp_group = type("G", (), {"size": lambda self: 1})()
+    emb(torch.zeros(2, 3, dtype=torch.long))
+    assert seen["deterministic"] is True and seen["force"] == "reference"
+
+
+def test_deterministic_config_sets_megatron_mode():
+    from megaslm.config import load_config
+    from megaslm.model import transformer_config
+
+    assert transformer_config(load_config(TINY, ["model.deterministic=true"]), cuda=False).deterministic_mode is True
+    assert transformer_config(load_config(TINY), cuda=False).deterministic_mode is False

@@ -75,7 +75,7 @@ _LAYOUT_KEYS = ("parallel.", "schedule.micro_batch_size", "schedule.global_batch
 
 def resharded_config(src_cfg, overrides: Sequence[str]):
     """The source run's config with layout overrides (``parallel.tensor=1`` ...); the model must not change."""
-    from megaslm.config import ConfigError, _apply_override, config_from_dict
+    from megaslm.config import ConfigError, apply_override, config_from_dict
 
     tree = copy.deepcopy(src_cfg.to_dict())
     for item in overrides:
@@ -84,7 +84,7 @@ def resharded_config(src_cfg, overrides: Sequence[str]):
             raise InteropError(f"override {key}: reshard changes the layout only (parallel.*, batch sizes, "
                                f"output_dir, checkpoint.*, logging.*)")
         try:
-            _apply_override(tree, item)
+            apply_override(tree, item)
         except ConfigError as e:
             raise InteropError(str(e)) from None
     tree["model"]["init_from"] = None
