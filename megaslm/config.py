@@ -300,6 +300,9 @@ class RunConfig:
         need(self.precision in ("auto", "fp32", "bf16", "fp16"), "precision", "auto, fp32, bf16 or fp16", self.precision)
         if cuda is False:
             need(self.precision in ("auto", "fp32"), "precision", "auto or fp32 without a GPU", self.precision)
+        if p.pipeline > 1:
+            # fp16 loss scaling lives in engine.backward, which megatron's pipeline schedules bypass
+            need(self.precision != "fp16", "precision", "auto, fp32 or bf16 with parallel.pipeline > 1", self.precision)
         need(self.checkpoint.keep_last >= 1, "checkpoint.keep_last", "an integer >= 1", self.checkpoint.keep_last)
         need(self.checkpoint.interval >= 0, "checkpoint.interval", "an integer >= 0", self.checkpoint.interval)
         need(self.logging.interval >= 1, "logging.interval", "an integer >= 1", self.logging.interval)

@@ -47,6 +47,7 @@ def test_overrides_typed_and_nested():
     (["parallel.pipeline=2", "parallel.zero_stage=3"], "parallel.zero_stage"),
     (["schedule.decay=exp"], "schedule.decay"),
     (["vocab.languages=[en,en]"], "vocab.languages"),
+    (["parallel.pipeline=2", "precision=fp16"], "precision: expected auto, fp32 or bf16 with parallel.pipeline > 1"),
 ])
 def test_bad_values_name_the_field(overrides, field):
     with pytest.raises(ConfigError) as e:
