@@ -1,0 +1,109 @@
+"""Two ranks (PP=2) under the real deepspeed launcher: kill -9 the whole job at a random step, and kill
+rank 0 inside a checkpoint save; each resumed job ends with the weights of an uninterrupted one (every
+pipeline stage's file, bit-identical) and exactly the stage budgets."""
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import torch
+
+from _train_helpers import ROOT, tiny_config
+
+BUDGETS = {"en": 868, "mix": 12 * 256}
+TOTAL_STEPS = 4 + 12
+DEEPSPEED = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+
+
+def _port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(cfg, out, env_extra=None):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "LOCAL_RANK", "TRITON_INTERPRET")}
+    env.update(env_extra or {})
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--no_local_rank", "--master_port", str(_port()),
+           os.path.join(ROOT, "launchers", "pretrain.py"), "--config", cfg, f"output_dir={out}"]
+    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def finish(p, timeout=300):
+    out, _ = p.communicate(timeout=timeout)
+    return p.returncode, out
+
+
+def last_step(out):
+    path = os.path.join(out, "metrics.jsonl")
+    if not os.path.exists(path):
+        return 0
+    lines = [l for l in open(path).read().splitlines() if l.strip()]
+    return json.loads(lines[-1])["step"] if lines else 0
+
+
+def final_state(out):
+    ck = os.path.join(out, "checkpoints")
+    tag = open(os.path.join(ck, "latest")).read().strip()
+    assert tag == f"step{TOTAL_STEPS:08d}"
+    stages = [torch.load(os.path.join(ck, tag, f"mp_rank_{r:02d}_model_states.pt"), map_location="cpu",
+                         weights_only=True)["module"] for r in range(2)]
+    return stages, json.load(open(os.path.join(ck, tag, "meta.json")))
+
+
+def assert_same(a, b):
+    for sa, sb in zip(a, b):
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            if torch.is_tensor(sa[k]) and sa[k].is_floating_point():
+                assert torch.equal(sa[k], sb[k]), k
+
+
+def test_two_rank_kill_and_resume(tmp_path, corpus):
+    stages = [
+        {"name": "en", "train_tokens": 868, "data": [{"path": corpus["en"], "weight": 1.0}]},
+        {"name": "mix", "train_steps": 12, "data": [{"path": corpus["enfr_interleaved"], "weight": 0.5},
+                                                    {"path": corpus["fr"], "weight": 0.5}]},
+    ]
+    cfg = tiny_config(tmp_path / "c.yaml", tmp_path / "unused", corpus, stages=stages,
+                      parallel={"pipeline": 2}, checkpoint={"interval": 3, "keep_last": 2},
+                      logging={"interval": 100})
+    ref = tmp_path / "ref"
+    rc, log = finish(launch(cfg, ref))
+    assert rc == 0, log[-3000:]
+    ref_w, ref_meta = final_state(ref)
+    assert ref_meta["stage_tokens"] == BUDGETS
+
+    # kill -9 every process of the job (launcher and both ranks) at a random step, then resume
+    killed = tmp_path / "killed"
+    p = launch(cfg, killed)
+    k = random.randint(4, 11)
+    t0 = time.time()
+    while last_step(killed) < k:
+        assert p.poll() is None, p.communicate()[0][-3000:]
+        assert time.time() - t0 < 240
+        time.sleep(0.01)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    rc, log = finish(launch(cfg, killed))
+    assert rc == 0 and "resumed from" in log, log[-3000:]
+    w, meta = final_state(killed)
+    assert_same(w, ref_w)
+    assert meta["stage_tokens"] == BUDGETS and meta["source_tokens"] == ref_meta["source_tokens"]
+
+    # rank 0 killed inside the save of step 6: the job dies, `latest` still names step 3, resume is exact
+    crashed = tmp_path / "crashed"
+    rc, log = finish(launch(cfg, crashed, {"MEGASLM_FAULT": "kill_during_save:6"}))
+    assert rc != 0
+    assert (crashed / "checkpoints" / "latest").read_text() == "step00000003"
+    rc, log = finish(launch(cfg, crashed))
+    assert rc == 0 and "resumed from" in log, log[-3000:]
+    w, meta = final_state(crashed)
+    assert_same(w, ref_w)
+    assert meta["stage_tokens"] == BUDGETS
