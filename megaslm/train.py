@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from megaslm import checkpoint, parallel, telemetry
 from megaslm.config import RunConfig, config_digest
-from megaslm.data import Batch, build_stage_dataset, load_step, stage_plans, step_source_tokens
+from megaslm.data import Batch, build_stage_dataset, check_manifest, load_step, stage_plans, step_source_tokens
 from megaslm.model import build_model, num_parameters
 
 
@@ -481,6 +481,11 @@ def run(cfg: RunConfig, log=print, max_steps: Optional[int] = None) -> List[Dict
     and return normally (the launcher exits 0); the next run resumes from it."""
     world = parallel.env_world()
     cfg.validate(world_size=world["world_size"], cuda=torch.cuda.is_available())
+    # every stage's datasets exist and map units as this run's vocabulary does: checked before any
+    # process group, model or output directory exists (stages left empty take the demo corpus)
+    for stage in cfg.schedule.stages:
+        for src in stage.data:
+            check_manifest(src.path, cfg.vocab)
     if world["rank"] == 0:
         os.makedirs(cfg.output_dir, exist_ok=True)
         if cfg.data.demo:

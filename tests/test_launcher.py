@@ -20,6 +20,8 @@ def _run(args, env=None, cwd=ROOT):
     (["parallel.tensor=3"], {}, "parallel.tensor: expected a divisor of model.num_attention_heads=4, got 3"),
     (["parallel.tensor=2"], {"WORLD_SIZE": "3", "RANK": "0"}, "parallel: expected world size 3 = tensor(2) x pipeline(1) x data"),
     (["--config", "no/such/file.yaml"], {}, "no/such/file.yaml: config file not found"),
+    (["data.demo=false", "schedule.stages.0.data=[{path: no/such/data, weight: 1.0}]"], {},
+     "dataset no/such/data: no/such/data.bin not found"),
 ])
 def test_bad_config_one_line(tmp_path, args, env, expected):
     r = _run(args + [f"output_dir={tmp_path}/run"], env)
