@@ -6,7 +6,7 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-from megaslm.vocab import lang_prefix, manifest_path, read_manifest
+from megaslm.vocab import lang_prefix, read_manifest
 
 from data_tools.errors import DataError
 

@@ -9,7 +9,7 @@ with ``vocab.sentence_sep`` a separator lies between sentences. Tags/separators 
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -142,7 +142,7 @@ def record_documents(rec: Record, source: str, opts: BuildOptions, enc: Encoder,
     vocab = opts.vocab
     if rec.kind == "utt":
         if opts.mode != "mono":
-            raise DataError(f"an utterance has no aligned sentences to interleave (use --mode mono)",
+            raise DataError("an utterance has no aligned sentences to interleave (use --mode mono)",
                             field="units")
         sents = [(rec.lang, enc(rec.units), int(rec.units.size), rec.frames)]
     else:

@@ -23,7 +23,7 @@ import dataclasses
 import glob
 import json
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 from megaslm.vocab import UnitVocab, VocabError
 

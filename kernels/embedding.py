@@ -31,7 +31,6 @@ table in sync without an extra all-reduce.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional
 
 import torch

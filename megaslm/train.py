@@ -19,7 +19,6 @@ import json
 import math
 import os
 import signal
-import sys
 import threading
 import time
 from functools import partial
@@ -180,7 +179,6 @@ class Trainer:
 
     # ---- pipeline plumbing --------------------------------------------------------------
     def _setup_pipeline_hooks(self) -> None:
-        ps = self.ps
         for c in self.chunks:
             c.config.grad_scale_func = None
             c.config.no_sync_func = None

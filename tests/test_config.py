@@ -2,9 +2,8 @@
 import os
 
 import pytest
-import yaml
 
-from megaslm.config import ConfigError, RunConfig, load_config
+from megaslm.config import ConfigError, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = os.path.join(ROOT, "configs")

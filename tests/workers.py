@@ -29,8 +29,6 @@ def rank_slice(batch, dp_rank: int, dp_size: int):
 
 def losses_for_layouts(config_path: str, layouts: Sequence[Sequence[str]], steps: int = 3, out_dir: str = "") -> List[Dict]:
     """Train ``steps`` optimizer steps on a fixed batch under each layout (list of overrides), in turn."""
-    import torch.distributed as dist
-
     from megaslm import parallel
     from megaslm.config import load_config
     from megaslm.train import Trainer

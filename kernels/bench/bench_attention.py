@@ -15,7 +15,6 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from kernels.bench import _bootstrap  # noqa: E402,F401  (must precede any triton import)
 
-import math  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

@@ -6,44 +6,19 @@ import random
 import signal
 import subprocess
 import sys
-import time
 
 import torch
 
-from _train_helpers import ROOT, tiny_config
+from _train_helpers import ROOT, assert_same_weights, finish, launch_env, tiny_config, wait_for_step
 
 BUDGETS = {"en": 868, "mix": 24 * 256}
 TOTAL_STEPS = 4 + 24
 
 
 def launch(cfg, out, env_extra=None, extra=()):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "LOCAL_RANK")}
-    env.update(env_extra or {})
     return subprocess.Popen([sys.executable, os.path.join(ROOT, "launchers", "pretrain.py"), "--config", cfg,
-                             f"output_dir={out}", *extra], env=env, cwd=ROOT,
+                             f"output_dir={out}", *extra], env=launch_env(env_extra), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def finish(p, timeout=180):
-    out, _ = p.communicate(timeout=timeout)
-    return p.returncode, out
-
-
-def last_step(out):
-    path = os.path.join(out, "metrics.jsonl")
-    if not os.path.exists(path):
-        return 0
-    with open(path) as f:
-        lines = [l for l in f.read().splitlines() if l.strip()]
-    return json.loads(lines[-1])["step"] if lines else 0
-
-
-def wait_for_step(p, out, step, timeout=120):
-    t0 = time.time()
-    while last_step(out) < step:
-        assert p.poll() is None, f"run ended before step {step}: {p.communicate()[0][-2000:]}"
-        assert time.time() - t0 < timeout
-        time.sleep(0.01)
 
 
 def final_state(out):
@@ -53,13 +28,6 @@ def final_state(out):
     model = torch.load(os.path.join(ck, tag, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
     with open(os.path.join(ck, tag, "meta.json")) as f:
         return model["module"], json.load(f)
-
-
-def assert_same(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        if torch.is_tensor(a[k]) and a[k].is_floating_point():
-            assert torch.equal(a[k], b[k]), k
 
 
 def test_kill_and_resume(tmp_path, corpus):
@@ -88,7 +56,7 @@ def test_kill_and_resume(tmp_path, corpus):
     rc, log = finish(launch(cfg, killed))
     assert rc == 0 and "resumed from" in log, log[-3000:]
     w, meta = final_state(killed)
-    assert_same(w, ref_w)
+    assert_same_weights(w, ref_w)
     assert meta["stage_tokens"] == BUDGETS and meta["source_tokens"] == ref_meta["source_tokens"]
 
     # 2. SIGKILL inside the save of step 6 (after the tmp dir is written, before the rename)
@@ -101,7 +69,7 @@ def test_kill_and_resume(tmp_path, corpus):
     assert rc == 0 and "step 3" in log and "resumed from" in log, log[-3000:]
     assert not (ck / "step00000006.tmp").exists()
     w, meta = final_state(crashed)
-    assert_same(w, ref_w)
+    assert_same_weights(w, ref_w)
     assert meta["stage_tokens"] == BUDGETS
     assert len([d for d in os.listdir(ck) if d.startswith("step")]) == 2  # keep_last
 
@@ -117,5 +85,5 @@ def test_kill_and_resume(tmp_path, corpus):
     rc, log = finish(launch(cfg, pre))
     assert rc == 0, log[-3000:]
     w, meta = final_state(pre)
-    assert_same(w, ref_w)
+    assert_same_weights(w, ref_w)
     assert meta["stage_tokens"] == BUDGETS

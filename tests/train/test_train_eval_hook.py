@@ -1,6 +1,5 @@
 """Evaluation every N steps during training goes through evals/ (the same code as launchers/eval.py)."""
 import json
-import os
 
 from tests.distributed import run_ranks
 

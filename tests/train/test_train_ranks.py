@@ -1,7 +1,6 @@
 """Two ranks over gloo (one spawned group for every case): exact budgets and stage transition on DP=2,
 per-source token accounting, TensorBoard files, NaN stop / skip, PP=2 resume."""
 import math
-import os
 
 from _train_helpers import tiny_config
 from tests.distributed import run_ranks
