@@ -29,8 +29,16 @@ setup(
         "matplotlib>=3.8",
         "safetensors>=0.4",
         "tensorboard>=2.15",
+        # a fast JSON parser for unit JSONL builds (the standard library's json is the bottleneck)
+        "orjson>=3.9",
+        # audio -> units: Mimi / HuBERT through transformers, audio I/O, k-means codebooks
+        "transformers>=4.45",
+        "soundfile>=0.12",
+        "scikit-learn>=1.3",
+        # sweeps on SLURM
+        "submitit>=1.5",
     ],
     extras_require={
-        "test": ["pytest>=8", "transformers>=4.45"],
+        "test": ["pytest>=8"],
     },
 )
