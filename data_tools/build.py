@@ -22,7 +22,7 @@ from megaslm.vocab import LANG_SUFFIX, MANIFEST_VERSION, lang_prefix, manifest_p
 
 from data_tools.errors import DataError
 from data_tools.formats import InputSpec, check_inputs, iter_chunks, iter_items, parse_item
-from data_tools.streams import BuildOptions, Encoder, Stats, record_documents, story_rng
+from data_tools.streams import RANDOM_MODES, BuildOptions, Encoder, Stats, record_documents, story_rng
 
 _CTX: Dict[str, Any] = {}
 
@@ -248,7 +248,7 @@ def make_manifest(opts: BuildOptions, specs: Sequence[InputSpec], total: Stats, 
         "token_vocab_size": tok_size,
         "dtype": np.dtype(dtype).name,
         "mode": opts.mode,
-        "p": opts.p if opts.mode == "random" else None,
+        "p": opts.p if opts.mode in RANDOM_MODES else None,
         "seed": opts.seed,
         "story_languages": list(opts.story_langs),
         "mono_language": opts.lang if opts.mode == "mono" else None,

@@ -18,14 +18,15 @@ from megaslm.vocab import FRAME_RATES, LANG_NONE, UnitVocab
 from data_tools.errors import DataError
 from data_tools.formats import Record
 
-MODES = ("mono", "random", "alternate")
+MODES = ("mono", "random", "story-random", "alternate")
+RANDOM_MODES = ("random", "story-random")   # modes that use --p
 
 
 @dataclasses.dataclass
 class BuildOptions:
     vocab: UnitVocab = dataclasses.field(default_factory=UnitVocab)
-    mode: str = "mono"                 # mono | random | alternate
-    p: float = 0.5                     # random: probability that a sentence is in story_langs[1]
+    mode: str = "mono"                 # mono | random | story-random | alternate
+    p: float = 0.5                     # random / story-random: probability of story_langs[1] per sentence / story
     seed: int = 0
     target_length: int = 2048          # max tokens per story document (0 = never split)
     lang: Optional[str] = None         # mono: language taken from stories; default for utterances
@@ -130,6 +131,8 @@ def choose_languages(n: int, opts: BuildOptions, rng: np.random.Generator) -> Li
     if opts.mode == "random":
         pick = rng.random(n) < opts.p
         return [b if x else a for x in pick]
+    if opts.mode == "story-random":      # one draw per story, from the same per-story generator
+        return [b if rng.random() < opts.p else a] * n
     start = int(rng.integers(2))
     return [(a, b)[(start + i) % 2] for i in range(n)]
 
@@ -141,9 +144,8 @@ def record_documents(rec: Record, source: str, opts: BuildOptions, enc: Encoder,
                      rng: Optional[np.random.Generator], stats: Stats) -> List[Document]:
     vocab = opts.vocab
     if rec.kind == "utt":
-        if opts.mode != "mono":
-            raise DataError("an utterance has no aligned sentences to interleave (use --mode mono)",
-                            field="units")
+        # an utterance is one document in its own language in every mode, so one build can mix
+        # utterance files with parallel stories (issue 13 item 7)
         sents = [(rec.lang, enc(rec.units), int(rec.units.size), rec.frames)]
     else:
         n = len(rec.sentences[opts.story_langs[0]])
