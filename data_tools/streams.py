@@ -15,6 +15,7 @@ import numpy as np
 
 from megaslm.vocab import FRAME_RATES, LANG_NONE, UnitVocab
 
+from data_tools.common import dedup_units
 from data_tools.errors import DataError
 from data_tools.formats import Record
 
@@ -37,7 +38,7 @@ class BuildOptions:
     bpe_model: Optional[str] = None
     skip_bad: bool = False
     workers: int = 1
-    chunk_size: int = 256
+    chunk_size: int = 4096
     progress: bool = True
 
     def __post_init__(self):
@@ -68,15 +69,6 @@ class BuildOptions:
             raise DataError("--target-length: expected >= 0")
         if self.workers < 1 or self.chunk_size < 1:
             raise DataError("--workers and --chunk-size must be >= 1")
-
-
-def dedup_units(units: np.ndarray) -> np.ndarray:
-    if units.size < 2:
-        return units
-    keep = np.empty(units.size, dtype=bool)
-    keep[0] = True
-    np.not_equal(units[1:], units[:-1], out=keep[1:])
-    return units[keep]
 
 
 class Encoder:

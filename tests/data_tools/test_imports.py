@@ -6,7 +6,7 @@ import sys
 
 from conftest import ROOT
 
-ALLOWED = {"numpy", "sentencepiece", "tqdm", "matplotlib", "yaml", "data_tools", "megaslm.vocab",
+ALLOWED = {"numpy", "orjson", "sentencepiece", "tqdm", "matplotlib", "yaml", "data_tools", "megaslm.vocab",
            "megatron.core.datasets"}
 
 

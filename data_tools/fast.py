@@ -1,0 +1,271 @@
+"""Vectorised chunk conversion for utterance records (JSONL ``units`` / ``audio_repr`` lines, .npy + bounds,
+.npz): a whole chunk becomes one token array, one language array and the document lengths with a few
+NumPy operations, with no Python loop per unit (and, for .npy/.npz, none per record either).
+
+Every function here returns ``None`` when it cannot vouch for the chunk (anything unusual: a story line,
+a value that is not a plain non-negative integer, a unit out of range, invalid JSON, ...). The caller then
+converts the chunk record by record through ``formats.parse_item`` + ``streams.record_documents``, which
+gives the exact error (file:line:field) or the quarantine entry. For valid input both paths produce the
+same bytes (tests/data_tools/test_fast_path.py checks it), so the fast path never changes a dataset.
+
+Why hand-written: megatron-core's builder takes one tensor per item, and JSON libraries build one Python
+int per unit; both cost far more than the data (issue 14 item 4).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import orjson
+
+from megaslm.vocab import LANG_NONE
+
+from data_tools.formats import AUDIO_REPR_FIELDS, BOUNDS_FIELDS, UTT_FIELDS, _load_npy, _load_npz, bounds_path
+from data_tools.streams import BuildOptions, Stats
+
+_ALLOWED = b"0123456789, "
+
+
+def parse_int_lists(bodies: Sequence[bytes]) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """The texts of JSON integer arrays without brackets (``b"12, 907, 3"``) -> (all values as one int64
+    array, the count per body), or None unless every body is a non-empty list of plain JSON integers
+    (digits only: no sign, fraction, exponent, leading zero, empty element; spaces allowed)."""
+    if not bodies:
+        return None
+    buf = b",".join(bodies)
+    if buf.translate(None, _ALLOWED):               # any other character (sign, '.', 'e', quotes, tabs)
+        return None
+    tight = buf.replace(b" ", b"") if b" " in buf else buf
+    if not tight or b",," in tight or tight[:1] == b"," or tight[-1:] == b",":   # an empty element
+        return None
+    t = np.frombuffer(tight, dtype=np.uint8)
+    zeros = np.flatnonzero(t == 48)                  # '0' starting a number and followed by a digit: "012"
+    if zeros.size:
+        starts_num = (zeros == 0) | (t[np.maximum(zeros - 1, 0)] == 44)
+        nxt = t[np.minimum(zeros + 1, t.size - 1)]
+        if np.any(starts_num & (zeros + 1 < t.size) & (nxt >= 48) & (nxt <= 57)):
+            return None
+    n = tight.count(b",") + 1
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            values = np.fromstring(buf, dtype=np.int64, sep=",")   # C parser; spaces between numbers ok
+    except (ValueError, DeprecationWarning):
+        return None                                  # e.g. "1 2": digits split by a space
+    if values.size != n:
+        return None
+    counts = np.fromiter((b.count(b",") + 1 for b in bodies), dtype=np.int64, count=len(bodies))
+    return values, counts
+
+
+def assemble(units: np.ndarray, counts: np.ndarray, lang_ids: np.ndarray, frames: np.ndarray,
+             source: str, opts: BuildOptions, dtype, lang_names: Sequence[str]):
+    """Validated units of consecutive utterances -> (tokens, languages, document lengths, Stats), exactly as
+    ``streams.record_documents`` lays out one utterance per document ([bos] units eod)."""
+    vocab = opts.vocab
+    n = counts.size
+    units_in = int(units.size)
+    if vocab.dedup and units.size > 1:
+        keep = np.empty(units.size, dtype=bool)
+        keep[0] = True
+        np.not_equal(units[1:], units[:-1], out=keep[1:])
+        starts = np.zeros(n, dtype=np.int64)
+        np.cumsum(counts[:-1], out=starts[1:])
+        keep[starts] = True                          # a record's first unit is always kept
+        csum = np.cumsum(keep, dtype=np.int64)
+        ends = csum[starts + counts - 1]
+        counts = np.diff(np.concatenate(([0], ends)))
+        units = units[keep]
+    extra = 2 if opts.add_bos else 1
+    lengths = counts + extra
+    total = int(lengths.sum())
+    doc_end = np.cumsum(lengths) - 1                 # eod positions
+    tokens = np.empty(total, dtype=dtype)
+    special = np.zeros(total, dtype=bool)
+    special[doc_end] = True
+    if opts.add_bos:
+        special[doc_end - lengths + 1] = True
+    tokens[~special] = units + vocab.offset
+    tokens[doc_end] = vocab.eod_id
+    if opts.add_bos:
+        tokens[doc_end - lengths + 1] = vocab.bos_id
+    langs = np.repeat(lang_ids.astype(np.uint8), lengths)
+    langs[special] = LANG_NONE
+    st = Stats(tokens=total, documents=n, sentences=n, units_in=units_in)
+    per_lang = np.bincount(lang_ids, weights=counts, minlength=len(lang_names) + 1)
+    per_frames = np.bincount(lang_ids, weights=frames, minlength=len(lang_names) + 1)
+    present = np.bincount(lang_ids, minlength=len(lang_names) + 1)
+    for i, name in enumerate(lang_names, 1):
+        if present[i]:
+            st.per_language[name] = int(per_lang[i])
+            st.frames[name] = int(per_frames[i])
+    st.per_language["none"] = n * extra
+    st.per_source[source] = total
+    return tokens, langs, lengths, st
+
+
+def _lang_table(opts: BuildOptions) -> Dict[str, int]:
+    return {name: opts.vocab.lang_id(name) for name in opts.vocab.languages}
+
+
+def _check_range(units: np.ndarray, codebook_size: int) -> bool:
+    return units.size > 0 and units.dtype.kind in "iu" and int(units.min()) >= 0 and \
+        int(units.max()) < codebook_size
+
+
+def jsonl_chunk(lines: List[bytes], source: str, opts: BuildOptions, dtype):
+    """Utterance JSONL lines (``units`` or slamkit ``audio_repr``) -> assemble(...) + unknown field names,
+    or None (see module doc)."""
+    bodies: List[bytes] = []
+    rests: List[bytes] = []
+    kinds: List[bool] = []                           # True: units, False: audio_repr
+    for text in lines:
+        i = text.find(b'"units"')
+        if i >= 0:
+            a = text.find(b"[", i + 7)
+            b = text.find(b"]", a + 1)
+            if a < 0 or b < 0 or text[i + 7:a].strip() != b":":
+                return None
+            bodies.append(text[a + 1:b])
+            rests.append(text[:a] + b"[]" + text[b + 1:])
+            kinds.append(True)
+            continue
+        i = text.find(b'"audio_repr"')
+        if i >= 0:
+            a = text.find(b'"', i + 12)
+            b = text.find(b'"', a + 1)
+            if a < 0 or b < 0 or text[i + 12:a].strip() != b":":
+                return None
+            v = text[a + 1:b]
+            if not (v.startswith(b"<Un") and v.endswith(b">")) or b"\\" in v:
+                return None
+            bodies.append(v[3:-1].replace(b"><Un", b","))
+            rests.append(text[:a] + b'""' + text[b + 1:])
+            kinds.append(False)
+            continue
+        if text.strip():
+            return None                              # a story or something else: the record path
+    if not bodies:
+        return None
+    try:
+        objs = orjson.loads(b"[" + b",".join(rests) + b"]")
+    except orjson.JSONDecodeError:
+        return None
+    parsed = parse_int_lists(bodies)
+    if parsed is None:
+        return None
+    units, counts = parsed
+    if not _check_range(units, opts.vocab.codebook_size):
+        return None
+    table = _lang_table(opts)
+    default = table[opts.lang]
+    lang_ids = np.empty(len(objs), dtype=np.uint8)
+    frames = counts.copy()
+    unknown = set()
+    for k, (o, is_units) in enumerate(zip(objs, kinds)):
+        if type(o) is not dict:
+            return None
+        if is_units:
+            # the placeholder must be the value we cut out (else "units" sat inside a string)
+            if o.get("units") != []:
+                return None
+            if not UTT_FIELDS.issuperset(o):
+                unknown.update(o.keys() - UTT_FIELDS)
+            dur = o.get("duration")
+            if dur is not None:
+                if type(dur) is not list or len(dur) != counts[k] or not all(
+                        (type(x) is int or type(x) is float) and x >= 0 for x in dur):
+                    return None
+                frames[k] = int(round(sum(dur)))
+        else:
+            if o.get("audio_repr") != "" or "units" in o:
+                return None
+            if not AUDIO_REPR_FIELDS.issuperset(o):
+                unknown.update(o.keys() - AUDIO_REPR_FIELDS)
+        if "lang" not in o:
+            lang_ids[k] = default
+        else:
+            lang = o["lang"]
+            lid = table.get(lang) if type(lang) is str else None
+            if lid is None:
+                return None
+            lang_ids[k] = lid
+    return assemble(units, counts, lang_ids, frames, source, opts, dtype, opts.vocab.languages) + (unknown,)
+
+
+def npy_chunk(path: str, lines: List[bytes], source: str, opts: BuildOptions, dtype):
+    """.bounds.jsonl lines of ``path`` -> assemble(...) + unknown field names, or None."""
+    body = [t for t in lines if t.strip()]
+    if not body:
+        return None
+    try:
+        objs = orjson.loads(b"[" + b",".join(body) + b"]")
+    except orjson.JSONDecodeError:
+        return None
+    if not all(type(o) is dict for o in objs):
+        return None
+    st = [o.get("start") for o in objs]
+    en = [o.get("end") for o in objs]
+    if not all(type(x) is int for x in st) or not all(type(x) is int for x in en):
+        return None
+    arr = _load_npy(path)
+    a = np.array(st, dtype=np.int64)
+    b = np.array(en, dtype=np.int64)
+    if np.any(a < 0) or np.any(b <= a) or np.any(b > arr.shape[0]):
+        return None
+    table = _lang_table(opts)
+    langs = [o.get("lang", opts.lang) for o in objs]
+    try:
+        lang_ids = np.array([table[l] for l in langs], dtype=np.uint8)
+    except (KeyError, TypeError):
+        return None
+    unknown = set()
+    for o in objs:
+        if not BOUNDS_FIELDS.issuperset(o):
+            unknown.update(o.keys() - BOUNDS_FIELDS)
+    units = _gather(arr, a, b)
+    if units is None or not _check_range(units, opts.vocab.codebook_size):
+        return None
+    counts = b - a
+    return assemble(units, counts, lang_ids, counts, source, opts, dtype, opts.vocab.languages) + (unknown,)
+
+
+def _gather(arr: np.ndarray, a: np.ndarray, b: np.ndarray) -> Optional[np.ndarray]:
+    """arr[a0:b0] ++ arr[a1:b1] ++ ...: one slice when the ranges are contiguous (the usual layout)."""
+    if arr.dtype.kind not in "iu":
+        return None
+    if a.size == 1 or np.array_equal(a[1:], b[:-1]):
+        return np.asarray(arr[a[0]:b[-1]])
+    counts = b - a
+    starts = np.zeros(a.size, dtype=np.int64)
+    np.cumsum(counts[:-1], out=starts[1:])
+    idx = np.arange(int(counts.sum()), dtype=np.int64) + np.repeat(a - starts, counts)
+    return np.asarray(arr[idx])
+
+
+def npz_chunk(path: str, first: int, count: int, source: str, opts: BuildOptions, dtype):
+    """Records first..first+count-1 (1-based) of an .npz -> assemble(...) + no unknown fields, or None."""
+    d = _load_npz(path)
+    off = d["offsets"][first - 1:first + count].astype(np.int64)
+    a, b = off[:-1], off[1:]
+    if np.any(b <= a):
+        return None                                  # an empty record: the record path names it
+    table = _lang_table(opts)
+    if "langs" in d:
+        names, inv = np.unique(d["langs"][first - 1:first - 1 + count], return_inverse=True)
+        try:
+            ids = np.array([table[str(x)] for x in names], dtype=np.uint8)
+        except KeyError:
+            return None
+        lang_ids = ids[inv.reshape(-1)]
+    else:
+        lang_ids = np.full(count, table[opts.lang], dtype=np.uint8)
+    units = _gather(d["units"], a, b)
+    if units is None or not _check_range(units, opts.vocab.codebook_size):
+        return None
+    counts = b - a
+    return assemble(units, counts, lang_ids, counts, source, opts, dtype, opts.vocab.languages) + (set(),)
+
+
+__all__ = ["parse_int_lists", "assemble", "jsonl_chunk", "npy_chunk", "npz_chunk", "bounds_path"]
