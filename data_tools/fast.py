@@ -13,7 +13,6 @@ int per unit; both cost far more than the data (issue 14 item 4).
 """
 from __future__ import annotations
 
-import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -24,38 +23,57 @@ from megaslm.vocab import LANG_NONE
 from data_tools.formats import AUDIO_REPR_FIELDS, BOUNDS_FIELDS, UTT_FIELDS, _load_npy, _load_npz, bounds_path
 from data_tools.streams import BuildOptions, Stats
 
-_ALLOWED = b"0123456789, "
+_CLASSES = bytes(48 if 48 <= c <= 57 else c if c in b", /" else ord("x") for c in range(256))
 
 
-def parse_int_lists(bodies: Sequence[bytes]) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+def parse_int_lists(bodies: Sequence[bytes], limit: int) -> Optional[Tuple[np.ndarray, np.ndarray]]:
     """The texts of JSON integer arrays without brackets (``b"12, 907, 3"``) -> (all values as one int64
-    array, the count per body), or None unless every body is a non-empty list of plain JSON integers
-    (digits only: no sign, fraction, exponent, leading zero, empty element; spaces allowed)."""
-    if not bodies:
+    array, the count per body), or None unless every body is a non-empty list of plain JSON integers below
+    ``limit`` (digits only: no sign, fraction, exponent, leading zero or empty element; spaces allowed).
+
+    How: the bodies are joined with '/', spaces dropped (``bytes.translate``), and each number is read
+    from a fixed-width window ending at its separator (``sliding_window_view``): W digit columns times
+    powers of ten, W = the digits of ``limit - 1``. A longer number cannot be a valid unit anyway."""
+    m = len(bodies)
+    if not m:
         return None
-    buf = b",".join(bodies)
-    if buf.translate(None, _ALLOWED):               # any other character (sign, '.', 'e', quotes, tabs)
-        return None
-    tight = buf.replace(b" ", b"") if b" " in buf else buf
-    if not tight or b",," in tight or tight[:1] == b"," or tight[-1:] == b",":   # an empty element
-        return None
+    buf = b"/".join(bodies)
+    classes = buf.translate(_CLASSES)               # digits -> '0', ',' ' ' '/' kept, anything else -> 'x'
+    if b"x" in classes or b"0 " in classes:
+        return None                                  # a sign, '.', 'e', quote, tab...; or a space after a digit
+    if classes.count(b"/") != m - 1:                 # ("1 2" is not 12; the rare valid "1 ,2" takes the
+        return None                                  #  record path) ; a '/' inside a body
+    tight = buf.translate(None, b" ") if b" " in buf else buf
     t = np.frombuffer(tight, dtype=np.uint8)
-    zeros = np.flatnonzero(t == 48)                  # '0' starting a number and followed by a digit: "012"
-    if zeros.size:
-        starts_num = (zeros == 0) | (t[np.maximum(zeros - 1, 0)] == 44)
-        nxt = t[np.minimum(zeros + 1, t.size - 1)]
-        if np.any(starts_num & (zeros + 1 < t.size) & (nxt >= 48) & (nxt <= 57)):
-            return None
-    n = tight.count(b",") + 1
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            values = np.fromstring(buf, dtype=np.int64, sep=",")   # C parser; spaces between numbers ok
-    except (ValueError, DeprecationWarning):
-        return None                                  # e.g. "1 2": digits split by a space
-    if values.size != n:
-        return None
-    counts = np.fromiter((b.count(b",") + 1 for b in bodies), dtype=np.int64, count=len(bodies))
+    sep = np.flatnonzero(t < 48)                     # ',' and '/' end a number
+    n = sep.size + 1
+    ends = np.empty(n, dtype=np.int64)
+    ends[:-1] = sep
+    ends[-1] = t.size
+    lens = np.diff(ends, prepend=-1) - 1
+    W = len(str(max(int(limit) - 1, 1)))
+    if int(lens.min()) < 1 or int(lens.max()) > W:
+        return None                                  # an empty element, or a number too long to be a unit
+    multi = lens > 1
+    if np.any(t[ends[multi] - lens[multi]] == 48):
+        return None                                  # a leading zero ("012" is not JSON)
+    padded = np.empty(t.size + W, dtype=np.uint8)    # W '0's in front: every number has W bytes before its end
+    padded[:W] = 48
+    padded[W:] = t
+    last = ends + (W - 1)                            # the last digit of each number, in padded
+    acc = np.int64 if W > 9 else np.int32
+    values = padded[last].astype(acc)
+    values -= 48
+    for k in range(1, W):                            # the digit of 10**k, present in numbers longer than k
+        d = padded[last - k]
+        d -= 48
+        d *= lens > k
+        values += d.astype(acc) * acc(10 ** k)
+    values = values.astype(np.int64)
+    body_end = np.empty(m, dtype=np.int64)           # index (in numbers) of the last number of each body
+    body_end[:-1] = np.flatnonzero(t[sep] == 47)
+    body_end[-1] = n - 1
+    counts = np.diff(body_end, prepend=-1)
     return values, counts
 
 
@@ -152,7 +170,7 @@ def jsonl_chunk(lines: List[bytes], source: str, opts: BuildOptions, dtype):
         objs = orjson.loads(b"[" + b",".join(rests) + b"]")
     except orjson.JSONDecodeError:
         return None
-    parsed = parse_int_lists(bodies)
+    parsed = parse_int_lists(bodies, opts.vocab.codebook_size)
     if parsed is None:
         return None
     units, counts = parsed
