@@ -104,7 +104,9 @@ def assemble(units: np.ndarray, counts: np.ndarray, lang_ids: np.ndarray, frames
     special[doc_end] = True
     if opts.add_bos:
         special[doc_end - lengths + 1] = True
-    tokens[~special] = units + vocab.offset
+    body = units.astype(dtype)                        # units < codebook: offset + unit fits the token dtype
+    body += vocab.offset
+    tokens[~special] = body
     tokens[doc_end] = vocab.eod_id
     if opts.add_bos:
         tokens[doc_end - lengths + 1] = vocab.bos_id
@@ -225,7 +227,7 @@ def npy_chunk(path: str, lines: List[bytes], source: str, opts: BuildOptions, dt
         return None
     st = [o.get("start") for o in objs]
     en = [o.get("end") for o in objs]
-    if not all(type(x) is int for x in st) or not all(type(x) is int for x in en):
+    if set(map(type, st)) != {int} or set(map(type, en)) != {int}:     # C-level type check (no bools)
         return None
     arr = _load_npy(path)
     a = np.array(st, dtype=np.int64)
@@ -234,14 +236,16 @@ def npy_chunk(path: str, lines: List[bytes], source: str, opts: BuildOptions, dt
         return None
     table = _lang_table(opts)
     langs = [o.get("lang", opts.lang) for o in objs]
-    try:
-        lang_ids = np.array([table[l] for l in langs], dtype=np.uint8)
-    except (KeyError, TypeError):
+    kinds = set(langs)
+    if not all(type(l) is str and l in table for l in kinds):
         return None
-    unknown = set()
-    for o in objs:
-        if not BOUNDS_FIELDS.issuperset(o):
-            unknown.update(o.keys() - BOUNDS_FIELDS)
+    if len(kinds) == 1:
+        lang_ids = np.full(len(objs), table[langs[0]], dtype=np.uint8)
+    else:
+        lang_ids = np.fromiter(map(table.__getitem__, langs), dtype=np.uint8, count=len(langs))
+    keys = set()
+    keys.update(*objs)
+    unknown = keys - BOUNDS_FIELDS
     units = _gather(arr, a, b)
     if units is None or not _check_range(units, opts.vocab.codebook_size):
         return None

@@ -38,7 +38,7 @@ class BuildOptions:
     bpe_model: Optional[str] = None
     skip_bad: bool = False
     workers: int = 1
-    chunk_size: int = 4096
+    chunk_size: int = 1024
     progress: bool = True
 
     def __post_init__(self):
