@@ -29,3 +29,35 @@ def test_data_tools_imports():
                     if not any(n == a or n.startswith(a + ".") for a in ALLOWED | EXTRA.get(fn, set())):
                         bad.append(f"{fn}: {n}")
     assert not bad, bad
+
+
+def test_no_import_circles_inside_data_tools():
+    """Every data_tools module's imports of other data_tools modules (function-level ones included) form
+    no cycle (issue 12 item 2: bpe <-> build <-> streams used to import each other)."""
+    graph = {}
+    for fn in os.listdir(os.path.join(ROOT, "data_tools")):
+        if not fn.endswith(".py"):
+            continue
+        deps = set()
+        for node in ast.walk(ast.parse(open(os.path.join(ROOT, "data_tools", fn)).read())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and \
+                    node.module.split(".")[0] == "data_tools":
+                deps |= {f"data_tools.{a.name}" for a in node.names} if node.module == "data_tools" \
+                    else {node.module}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.split(".")[0] == "data_tools"}
+        graph[f"data_tools.{fn[:-3]}"] = deps - {f"data_tools.{fn[:-3]}"}
+    state = {}
+
+    def visit(n, path):
+        state[n] = "open"
+        for d in graph.get(n, ()):
+            assert state.get(d) != "open", " -> ".join(path + [d])
+            if d not in state:
+                visit(d, path + [d])
+        state[n] = "done"
+
+    for n in graph:
+        if n not in state:
+            visit(n, [n])
+    assert graph["data_tools.bpe"].isdisjoint({"data_tools.build", "data_tools.streams"})
