@@ -49,7 +49,7 @@ def _fast_chunk(spec: InputSpec, chunk, opts: BuildOptions, dtype):
         if spec.kind == "npy":
             return fast.npy_chunk(spec.path, payload, spec.source, opts, dtype)
         return fast.jsonl_chunk(payload, spec.source, opts, dtype)
-    except DataError:
+    except (DataError, ValueError, TypeError, KeyError, IndexError):
         return None             # e.g. an unreadable .npy: the record path reports it where it belongs
 
 

@@ -92,3 +92,25 @@ def test_parse_int_lists_accepts_json_integers_only():
     for bad in (b"1 2", b"1,,2", b"1, ,2", b"1,2,", b",1", b"", b"012", b"5,00", b"-1", b"1.5", b"1e3", b"+1",
                 b"true", b'"7"', b"20480", b"1/2", b"1,\t2", b"99999999999999999999"):
         assert parse_int_lists([b"4", bad], 2048) is None, bad
+
+
+@pytest.mark.parametrize("line", [
+    '{"units": 5, "x": [1, 2]}',                 # '[' of another field
+    '{"file_name": "[1]", "units": "[2]"}',      # brackets inside strings
+    '{"file_name": "\\"units\\": [1]", "units": [3, true]}',
+    '{"units": [1, 2], "units2": [3]}',
+    '{"audio_repr": 5, "file_name": "<Un1>"}',
+    '{"file_name": "x", "units": [1, 2], "lang": null}',
+    '{"file_name": "x", "units": [1, 2], "duration": [1, true]}',
+])
+def test_fast_path_never_accepts_what_the_record_path_refuses(tmp_path, monkeypatch, line):
+    src = write_jsonl(tmp_path / "u.jsonl", ['{"file_name": "ok", "units": [7, 8]}', line])
+    outcomes = []
+    for record_path in ("0", "1"):
+        monkeypatch.setenv("DATA_TOOLS_RECORD_PATH", record_path)
+        try:
+            m = build_dataset([src], str(tmp_path / f"o{record_path}"), vocab=UnitVocab(), progress=False)
+            outcomes.append(("ok", m["content_hash"]))
+        except Exception as e:                      # noqa: BLE001 - compare whatever happens
+            outcomes.append((type(e).__name__, str(e)))
+    assert outcomes[0] == outcomes[1]
