@@ -10,7 +10,10 @@ runs the anchor a user would write -- a Python loop of ``IndexedDatasetBuilder.a
 ``.bin``/``.idx`` and ours are byte-identical (and ours identical across worker counts), then prints and
 stores units/s and the ratio. Times are in-process wall times of the build call alone (interpreter start
 and the megatron-core/torch import are paid once before timing, for both), median of ``--repeats``.
-The machine may be shared: the JSON records the load average before the run.
+The anchor runs in a child interpreter (it needs torch; this process must not hold torch when ``build``
+forks its workers, as in the CLI), timed in there the same way. CPU seconds (the process and the workers
+it waited for) are recorded beside wall seconds: on a shared machine they show the work done, where wall
+time also shows the wait for a core. The JSON records the load average before and after the run.
 """
 from __future__ import annotations
 
@@ -67,6 +70,8 @@ def anchor(fmt: str, path: str, prefix: str, vocab: UnitVocab) -> None:
         builder.add_item(torch.cat([torch.as_tensor(units, dtype=torch.int64) + vocab.offset, eod]))
         builder.end_document()
 
+    import warnings
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")   # memmap slices
     if fmt == "jsonl":
         with open(path) as f:
             for line in f:
@@ -85,15 +90,40 @@ def anchor(fmt: str, path: str, prefix: str, vocab: UnitVocab) -> None:
     builder.finalize(prefix + ".idx")
 
 
+def anchor_in_subprocess(fmt: str, path: str, prefix: str, repeats: int):
+    """The anchor runs in its own interpreter (it needs torch): this process must not hold torch when
+    ``build`` forks its workers, as in the CLI. Returns the median (wall, CPU) seconds measured in there."""
+    code = ("import json, sys; from data_tools.bench_build import anchor, median_run, CODEBOOK; "
+            "from megaslm.vocab import UnitVocab; "
+            f"print(json.dumps(median_run({repeats}, anchor, {fmt!r}, {path!r}, {prefix!r}, "
+            "UnitVocab(codebook_size=CODEBOOK))))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    return tuple(json.loads(r.stdout.strip().splitlines()[-1]))
+
+
 def ours(path: str, prefix: str, vocab: UnitVocab, workers: int) -> None:
     from data_tools.build import build_dataset
     build_dataset([path], prefix, vocab=vocab, mode="mono", lang="en", workers=workers, progress=False)
 
 
-def timed(fn, *args) -> float:
-    t = time.perf_counter()
+def timed(fn, *args):
+    """(wall seconds, CPU seconds of this process and of the worker processes it waited for)."""
+    import resource
+
+    def cpu():
+        s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+    c0, t = cpu(), time.perf_counter()
     fn(*args)
-    return time.perf_counter() - t
+    return time.perf_counter() - t, cpu() - c0
+
+
+def median_run(repeats: int, fn, *args):
+    runs = [timed(fn, *args) for _ in range(repeats)]
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
 
 
 def same(a: str, b: str) -> bool:
@@ -136,8 +166,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                   "bench_build_results.json"))
     a = ap.parse_args(argv)
-    import torch  # noqa: F401  -- imported before timing (both sides use it / megatron-core)
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder  # noqa: F401
+    import data_tools.build  # noqa: F401  -- imported before timing (the anchor imports torch in its process)
 
     info = machine()
     vocab = UnitVocab(codebook_size=CODEBOOK)
@@ -153,17 +182,22 @@ def main(argv=None) -> int:
         for fmt in a.formats.split(","):
             path = paths[fmt]
             ref = os.path.join(work, f"anchor_{fmt}")
-            t_anchor = statistics.median(timed(anchor, fmt, path, ref, vocab) for _ in range(a.repeats))
+            t_anchor, c_anchor = anchor_in_subprocess(fmt, path, ref, a.repeats)
             row = {"format": fmt, "units": units, "sequences": a.sequences, "anchor_s": t_anchor,
-                   "anchor_units_per_s": units / t_anchor, "workers": {}}
+                   "anchor_units_per_s": units / t_anchor, "anchor_cpu_s": c_anchor,
+                   "anchor_units_per_cpu_s": units / c_anchor, "workers": {}}
             for w in workers:
                 out = os.path.join(work, f"ours_{fmt}_w{w}")
-                t = statistics.median(timed(ours, path, out, vocab, w) for _ in range(a.repeats))
+                t, c = median_run(a.repeats, ours, path, out, vocab, w)
                 ident = same(ref, out)
                 row["workers"][str(w)] = {"s": t, "units_per_s": units / t, "ratio_vs_anchor": t_anchor / t,
+                                          "cpu_s": c, "units_per_cpu_s": units / c,
+                                          "cpu_ratio_vs_anchor": c_anchor / c,
                                           "byte_identical_to_anchor": ident}
                 print(f"{fmt:5s} anchor {units / t_anchor / 1e6:7.2f} M units/s | data_tools workers={w} "
-                      f"{units / t / 1e6:8.2f} M units/s  ({t_anchor / t:5.1f}x)  byte-identical: {ident}")
+                      f"{units / t / 1e6:8.2f} M units/s ({t_anchor / t:5.1f}x) | per CPU-second: anchor "
+                      f"{units / c_anchor / 1e6:6.2f} M, ours {units / c / 1e6:7.2f} M ({c_anchor / c:5.1f}x) "
+                      f"| byte-identical: {ident}")
                 if not ident:
                     print(f"error: outputs differ: {ref} vs {out}", file=sys.stderr)
                     return 1
@@ -173,7 +207,9 @@ def main(argv=None) -> int:
                     row["workers"][str(w)]["speedup_vs_1_worker"] = w1["s"] / row["workers"][str(w)]["s"]
             results.append(row)
         record = {**info, "benchmark": "data_tools.bench_build", "command": " ".join(["python -m data_tools.bench_build"] + (argv if argv is not None else sys.argv[1:])),
-                  "timing": "in-process wall time of the build call, median of repeats", "repeats": a.repeats,
+                  "timing": "in-process wall time of the build call (and CPU time of it and its worker "
+                            "processes), median of repeats", "repeats": a.repeats,
+                  "load_average_after": " ".join(f"{x:.2f}" for x in os.getloadavg()),
                   "results": results}
         tmp = a.out + ".tmp"
         with open(tmp, "w") as f:

@@ -21,8 +21,10 @@ def dedup_units(units: np.ndarray) -> np.ndarray:
 
 
 def token_dtype(vocab_size: int):
-    from megatron.core.datasets.indexed_dataset import DType
-    return DType.optimal_dtype(vocab_size)
+    """megatron-core's ``DType.optimal_dtype`` rule (uint16 below 65500 tokens, else int32), restated here so
+    that a build does not import megatron-core (and torch) before it forks its workers: forking a process
+    that holds torch costs ~0.1 s per pool. tests/data_tools/test_imports.py checks it equals megatron-core's."""
+    return np.uint16 if vocab_size is not None and vocab_size < 65500 else np.int32
 
 
 def new_builder(path_prefix: str, dtype):

@@ -61,3 +61,30 @@ def test_no_import_circles_inside_data_tools():
         if n not in state:
             visit(n, [n])
     assert graph["data_tools.bpe"].isdisjoint({"data_tools.build", "data_tools.streams"})
+
+
+def test_token_dtype_is_megatron_cores_rule():
+    from megatron.core.datasets.indexed_dataset import DType
+    from data_tools.common import token_dtype
+    for n in (3, 131, 2051, 65499, 65500, 65501, 100000, 2 ** 31 - 1):
+        assert token_dtype(n) is DType.optimal_dtype(n), n
+
+
+def test_build_does_not_import_torch_before_forking_workers(tmp_path):
+    """Forking a process that holds torch costs ~0.1 s per worker pool: the CLI's build imports
+    megatron-core (and so torch) only after the workers are done."""
+    import subprocess
+    src = tmp_path / "u.jsonl"
+    src.write_text("\n".join('{"units": [%d, 2]}' % i for i in range(50)) + "\n")
+    code = ("import sys, multiprocessing.pool as mp\n"
+            "orig = mp.Pool.__init__\n"
+            "def spy(self, *a, **k):\n"
+            "    assert 'torch' not in sys.modules, 'torch imported before the pool'\n"
+            "    orig(self, *a, **k)\n"
+            "mp.Pool.__init__ = spy\n"
+            "from data_tools.cli import main\n"
+            f"sys.exit(main(['build', '-i', {str(src)!r}, '-o', {str(tmp_path / 'o')!r}, '--workers', '2',"
+            " '--chunk-size', '10', '-q']))\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": ROOT})
+    assert r.returncode == 0, r.stderr[-2000:]
