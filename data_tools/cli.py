@@ -42,7 +42,8 @@ def make_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="inputs (JSONL utterances/stories, .npy/.npz) -> .bin/.idx dataset",
                        description="Build <output>.bin/.idx, <output>.lang.bin/.idx and <output>.manifest.json.")
     b.add_argument("--input", "-i", action="append", required=True, metavar="[NAME=]PATH",
-                   help="input file (repeatable): .jsonl (utterances or stories), .npy (+ .bounds.jsonl) or .npz; "
+                   help="input file (repeatable): .jsonl (utterances with units, slamkit audio_repr lines, or stories), "
+                        ".npy (+ .bounds.jsonl) or .npz; "
                         "NAME is the source name for per-source counts (default: file stem)")
     b.add_argument("--output", "-o", required=True, metavar="PREFIX", help="output prefix")
     b.add_argument("--mode", choices=["mono", "random", "story-random", "alternate"], default="mono",
