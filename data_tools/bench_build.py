@@ -163,8 +163,8 @@ def main(argv=None) -> int:
     ap.add_argument("--formats", default="jsonl,npy,npz")
     ap.add_argument("--repeats", type=int, default=3, help="runs per measurement; the median is reported")
     ap.add_argument("--dir", default=None, help="work directory (default: a temporary one, removed)")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                  "bench_build_results.json"))
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_results",
+                                                  "build.json"))
     a = ap.parse_args(argv)
     import data_tools.build  # noqa: F401  -- imported before timing (the anchor imports torch in its process)
 
@@ -190,14 +190,18 @@ def main(argv=None) -> int:
                 out = os.path.join(work, f"ours_{fmt}_w{w}")
                 t, c = median_run(a.repeats, ours, path, out, vocab, w)
                 ident = same(ref, out)
+                # CPU seconds only for one worker: workers from a fork server are not this process's children,
+                # so getrusage cannot see their time
+                cpu_ok = w == 1
                 row["workers"][str(w)] = {"s": t, "units_per_s": units / t, "ratio_vs_anchor": t_anchor / t,
-                                          "cpu_s": c, "units_per_cpu_s": units / c,
-                                          "cpu_ratio_vs_anchor": c_anchor / c,
+                                          "cpu_s": c if cpu_ok else None,
+                                          "units_per_cpu_s": units / c if cpu_ok else None,
+                                          "cpu_ratio_vs_anchor": c_anchor / c if cpu_ok else None,
                                           "byte_identical_to_anchor": ident}
+                cpu_txt = (f"per CPU-second: anchor {units / c_anchor / 1e6:6.2f} M, ours {units / c / 1e6:7.2f} M "
+                           f"({c_anchor / c:5.1f}x)") if cpu_ok else "per CPU-second: n/a (workers)"
                 print(f"{fmt:5s} anchor {units / t_anchor / 1e6:7.2f} M units/s | data_tools workers={w} "
-                      f"{units / t / 1e6:8.2f} M units/s ({t_anchor / t:5.1f}x) | per CPU-second: anchor "
-                      f"{units / c_anchor / 1e6:6.2f} M, ours {units / c / 1e6:7.2f} M ({c_anchor / c:5.1f}x) "
-                      f"| byte-identical: {ident}")
+                      f"{units / t / 1e6:8.2f} M units/s ({t_anchor / t:5.1f}x) | {cpu_txt} | byte-identical: {ident}")
                 if not ident:
                     print(f"error: outputs differ: {ref} vs {out}", file=sys.stderr)
                     return 1
@@ -211,6 +215,7 @@ def main(argv=None) -> int:
                             "processes), median of repeats", "repeats": a.repeats,
                   "load_average_after": " ".join(f"{x:.2f}" for x in os.getloadavg()),
                   "results": results}
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         tmp = a.out + ".tmp"
         with open(tmp, "w") as f:
             json.dump(record, f, indent=2)
