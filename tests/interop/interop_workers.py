@@ -150,3 +150,45 @@ def train_export_reshard(overrides: Sequence[str], work: str, tokens: List[List[
     ps.destroy_model_parallel()
     parallel.destroy()
     return _plain(res)
+
+
+def import_then_resume(overrides: Sequence[str], hf_dir: str, work: str) -> Dict:
+    """import-hf (lr 1e-3, warm-up 5) -> step-0 checkpoint; a run at TP=2 with another schedule (lr 5e-3,
+    constant) resumes it through select_resume + Trainer.load: its weights equal a direct HF init at TP=2
+    and its first step's lr is the new schedule's."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megaslm import parallel, sharding
+    from megaslm.ckpt_io import select_resume
+    from megaslm.config import load_config
+    from megaslm.interop.hf import apply_init_from
+    from megaslm.interop.reshard import import_hf
+    from megaslm.model import build_model
+    from megaslm.train import Trainer
+
+    _quiet()
+    base = list(overrides) + ["data.demo=true"]
+    imp = load_config(None, base + [f"model.init_from={hf_dir}", f"output_dir={work}/imp", "optimizer.lr=1e-3",
+                                    "schedule.warmup_steps=5", "parallel.tensor=2"])
+    import_hf(imp, f"{work}/imp")
+    cfg = load_config(None, base + [f"output_dir={work}/run", "optimizer.lr=5e-3", "schedule.warmup_steps=0",
+                                    "schedule.decay=constant", "parallel.tensor=2",
+                                    f"checkpoint.load={work}/imp/checkpoints"])
+    resume = select_resume(cfg, dist.get_world_size())
+    trainer = Trainer(cfg, log=lambda *_: None)
+    loaded = trainer.load(cfg.checkpoint.load, resume=resume)
+    res = {"loaded": loaded, "lr_first": trainer.scheduler.optimizer.param_groups[0]["lr"],
+           "resumed": sharding.gather_full_state_dict(trainer.chunks, cfg)}
+    dist.barrier()
+    ps.destroy_model_parallel()
+    del trainer
+    direct_cfg = load_config(None, base + [f"model.init_from={hf_dir}", "parallel.tensor=2"])
+    parallel.initialize(direct_cfg)
+    chunks = build_model(direct_cfg)
+    apply_init_from(chunks, direct_cfg)
+    res["direct"] = sharding.gather_full_state_dict(chunks, direct_cfg)
+    dist.barrier()
+    ps.destroy_model_parallel()
+    parallel.destroy()
+    return _plain(res)
