@@ -312,8 +312,11 @@ def verify(tag_dir: str, world_size: Optional[int] = None) -> Optional[str]:
         if len(states) != world_size:
             want = [f"trainer_state_rank{r:05d}.pt" for r in range(world_size)]
             miss = [w for w in want if w not in states]
-            return (f"{tag_dir}: {len(states)} trainer_state files for a world of {world_size}"
-                    + (f" ({miss[0]} missing)" if miss else " (written with another world size?)"))
+            detail = f"{miss[0]} missing" if miss else f"{len(states)} trainer_state files"
+            if manifest:  # every file the save wrote is there: a world-size change, not a corruption
+                raise CheckpointError(f"{tag_dir}: written by {len(states)} ranks, this run has {world_size} "
+                                      f"({detail}): change the layout with launchers/convert.py reshard")
+            return f"{tag_dir}: {len(states)} trainer_state files for a world of {world_size} ({detail})"
     return None
 
 
@@ -411,8 +414,10 @@ def select_resume(cfg: RunConfig, world_size: int, allow_config_change: bool = F
             # a step-0 checkpoint (an HF import) is an initialisation: only what shapes the weights must match
             changes = [c for c in changes if c.startswith(("model.", "vocab."))]
         if changes and not allow_config_change:
+            hint = " — a layout change needs launchers/convert.py reshard" if any(
+                c.startswith("parallel.") for c in changes) else ""
             raise CheckpointError(f"{chosen.tag_dir}: the config differs from the checkpoint's in "
-                                  f"{'; '.join(changes)} (pass --allow-config-change to resume anyway)")
+                                  f"{'; '.join(changes)} (pass --allow-config-change to resume anyway{hint})")
         if changes:
             say(f"warning: resuming {chosen.tag_dir} with a changed config ({'; '.join(changes)})")
     elif chosen.meta.get("config_digest") and chosen.meta["config_digest"] != config_digest(cfg) \
@@ -479,7 +484,7 @@ def list_checkpoints(path: str) -> List[str]:
         return [path]
     for d in (os.path.join(path, "checkpoints"), path):
         if os.path.isdir(d):
-            tags = [t for t in os.listdir(d) if os.path.isdir(os.path.join(d, t))
+            tags = [t for t in os.listdir(d) if os.path.isdir(os.path.join(d, t)) and not _set_aside(t)
                     and (any(MP_FILE.match(f) for f in os.listdir(os.path.join(d, t))) or is_canonical(os.path.join(d, t)))]
             if tags:
                 return [os.path.join(d, t) for t in sorted(tags, key=_step_key)]
@@ -487,6 +492,11 @@ def list_checkpoints(path: str) -> List[str]:
         raise CheckpointError(f"{path}: checkpoint or run directory not found")
     raise CheckpointError(f"{path}: no checkpoint found (expected mp_rank_XX_model_states.pt here or under "
                           f"checkpoints/<tag>/)")
+
+
+def _set_aside(name: str) -> bool:
+    """An interrupted save (``<tag>.tmp``) or a corrupted checkpoint moved aside (``<tag>.corrupt-<time>``)."""
+    return name.endswith(".tmp") or ".corrupt-" in name
 
 
 def _step_key(tag: str):
