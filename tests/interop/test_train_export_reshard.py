@@ -86,3 +86,28 @@ def test_resharded_resume_trains_like_the_original(run):
     assert run["info_b"]["loaded"] and run["info_b"]["step"] == 2
     for got, ref in zip(run["resume_b"], run["resume_a"]):
         assert got == pytest.approx(ref, rel=1e-5, abs=1e-6)
+
+
+def test_reshard_cli_runs_in_one_process(run, tmp_path, capsys):
+    """launchers/convert.py reshard needs no process group or engine; a second write to the same
+    place is refused (one line, exit 2), nothing overwritten."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "launchers"))
+    import convert
+
+    out = str(tmp_path / "tp1")
+    args = ["reshard", "--checkpoint", os.path.dirname(run["path_a"]), "--out", out,
+            "parallel.tensor=1", "parallel.pipeline=1", "schedule.micro_batch_size=2"]
+    assert convert.main(args) == 0
+    assert "wrote " in capsys.readouterr().out
+    _, full, meta = read_checkpoint(out)
+    assert meta["step"] == 2 and meta["format"] == "canonical"
+    before = open(os.path.join(out, "checkpoints", "step00000002", "model.safetensors"), "rb").read()
+    with pytest.raises(SystemExit) as e:
+        convert.main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "exists already" in err and "\n" not in err
+    assert open(os.path.join(out, "checkpoints", "step00000002", "model.safetensors"), "rb").read() == before
