@@ -641,16 +641,18 @@ class Checkpoint:
             if not isinstance(module, dict) or not module:
                 raise CheckpointError(f"{os.path.join(self.tag_dir, fname)}: field 'module' missing")
             t_rank, p_rank = mp % tp, mp // tp
+            buffers = set(sd.get("buffer_names") or [])
             for key, val in module.items():
-                if not torch.is_tensor(val):
-                    continue
+                if not torch.is_tensor(val) or key in buffers:
+                    continue  # buffers (e.g. rotary frequencies) are rebuilt by the model
                 canon = self._canonical(key, p_rank)
                 if canon is None:
                     continue
                 try:
                     split_rule(canon)
                 except KeyError:
-                    continue  # a buffer (e.g. rotary frequencies): rebuilt by the model
+                    raise CheckpointError(f"{os.path.join(self.tag_dir, fname)}: tensor {key!r} has no known "
+                                          f"tensor-parallel layout (megaslm.sharding.split_rule)") from None
                 if val.numel() == 0:
                     raise CheckpointError(f"{fname}: tensor {key!r} is empty (a ZeRO-3 partitioned checkpoint?)")
                 slot = shards.setdefault(canon, [None] * tp)
@@ -712,7 +714,9 @@ class Checkpoint:
         for mp, fname in self.mp_files:
             opt = self._load(fname).get("optimizer")
             if not isinstance(opt, dict) or "state" not in opt:
-                return {}, None
+                raise CheckpointError(f"{os.path.join(self.tag_dir, fname)}: no torch optimizer state (a bf16 run "
+                                      f"without ZeRO keeps it in bf16_zero_* files, which this reader does not "
+                                      f"re-slice; reshard from a ZeRO-1/2 or fp32 checkpoint)")
             groups = self._param_names_in_group_order(mp)
             if [len(g["params"]) for g in opt["param_groups"]] != [len(g) for g in groups]:
                 raise CheckpointError(f"{os.path.join(self.tag_dir, fname)}: optimizer groups hold "
@@ -757,11 +761,16 @@ class Checkpoint:
                         addr = osd["param_slice_mappings"][g].get(key)
                         if addr is None:
                             continue
-                        st = osd["base_optimizer_state"]["state"][g]
+                        st = osd["base_optimizer_state"]["state"].get(g)
+                        if not st:  # saved before the first step: Adam has no state yet
+                            parts = None
+                            break
                         steps.add(float(st["step"]))
                         for kind in MOMENTS:
                             parts[kind].append(st[kind].narrow(0, addr.start, addr.numel))
                         parts["fp32"].append(osd["single_partition_of_fp32_groups"][g].narrow(0, addr.start, addr.numel))
+                    if parts is None:
+                        return {}, None
                     numel = int(torch.Size(shape).numel())
                     for kind, ps_ in parts.items():
                         flat = torch.cat(ps_) if ps_ else torch.zeros(0)
@@ -775,6 +784,8 @@ class Checkpoint:
         return self._finish_moments(shards, steps)
 
     def _finish_moments(self, shards, steps):
+        if not steps:  # saved before the first step: no moments to carry
+            return {}, None
         if len(steps) > 1:
             raise CheckpointError(f"{self.tag_dir}: Adam step counts differ between parameters ({sorted(steps)})")
         return {k: self._join(v, k) for k, v in shards.items()}, (steps.pop() if steps else None)
@@ -783,8 +794,9 @@ class Checkpoint:
         """The fp32 master weights: ZeRO-1/2 partitions when present (exact under bf16), else the module's."""
         if not self.canonical and self.zero_stage in (1, 2):
             self.optimizer_state()
-            return self._fp32
-        return self.state_dict()
+            if getattr(self, "_fp32", None):
+                return self._fp32
+        return self.state_dict()  # ZeRO-0 (the parameters are the masters) or saved before the first step
 
     # ---- counters ------------------------------------------------------------------------
     def train_state(self) -> TrainState:
