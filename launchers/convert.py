@@ -2,11 +2,11 @@
 
     python launchers/convert.py export-hf --checkpoint RUN/checkpoints --out HF_DIR [--arch A] [--dtype D]
     python launchers/convert.py import-hf --hf HF_DIR --out RUN [--config cfg.yaml] [a.b.c=value ...]
-    deepspeed --num_gpus N launchers/convert.py reshard --checkpoint RUN/checkpoints --out RUN2 parallel.tensor=1 ...
+    python launchers/convert.py reshard --checkpoint RUN/checkpoints --out RUN2 parallel.tensor=1 ...
 
-export-hf runs in one process (any source layout). import-hf and reshard run in the ranks of the
-layout they write (world size = TP x PP x DP); a plain `python` start is one rank (TP=1, PP=1).
-Errors are one line on stderr, exit status 2.
+All three run in one process, without a DeepSpeed engine (under a launcher with several ranks, rank 0
+does the work). import-hf and reshard write a layout-free checkpoint (weights, Adam moments, counters)
+that training loads into the layout its config names. Errors are one line on stderr, exit status 2.
 """
 from __future__ import annotations
 
@@ -70,12 +70,11 @@ def main(argv=None) -> int:
             path = import_hf(cfg, args.out)
             if int(os.environ.get("RANK", "0")) == 0:
                 print(f"wrote {path}")
-        else:
+        elif int(os.environ.get("RANK", "0")) == 0:
             from megaslm.interop.reshard import reshard
 
             path = reshard(args.checkpoint, args.out, args.overrides, config=args.config)
-            if int(os.environ.get("RANK", "0")) == 0:
-                print(f"wrote {path}")
+            print(f"wrote {path}")
     except (InteropError, ConfigError) as e:
         fail(str(e))
     return 0

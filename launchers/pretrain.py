@@ -21,6 +21,8 @@ def _extra(p) -> None:
                    help="validate and print the resolved parallel layout and schedule; start nothing")
     p.add_argument("--world-size", type=int, default=None,
                    help="world size for --dry-run (default: $WORLD_SIZE, else 1)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume even if run-changing config fields differ from the checkpoint's")
 
 
 def dry_run(cfg, world_size: int, out=print) -> None:
@@ -84,7 +86,7 @@ def main(argv=None) -> int:
     from megaslm.train import NonFiniteError, run
 
     try:
-        run(cfg)
+        run(cfg, allow_config_change=args.allow_config_change)
     except ConfigError as e:
         fail(str(e))
     except NonFiniteError as e:

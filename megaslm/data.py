@@ -184,7 +184,7 @@ def step_source_tokens(dataset, cfg: RunConfig, stage: StageConfig, step_in_stag
     a = step_in_stage * G
     index = getattr(dataset, "dataset_index", None)
     if index is None and getattr(dataset, "path_to_dataset_index", None):
-        index = np.load(dataset.path_to_dataset_index, allow_pickle=True, mmap_mode="r")
+        index = np.load(dataset.path_to_dataset_index, allow_pickle=False, mmap_mode="r")  # a numeric array: no pickle
     if index is None or len(stage.data) == 1:
         return {stage.data[0].path: int(sum(counts))} if stage.data else {}
     ids = np.asarray(index[a:a + G])

@@ -87,7 +87,8 @@ def layer_spec(cfg: RunConfig):
 def build_model(cfg: RunConfig, init: bool = True) -> List[torch.nn.Module]:
     """This rank's model chunks (one per virtual pipeline stage; a list of one without VPP).
 
-    Requires ``megaslm.parallel.initialize(cfg)`` to have run.
+    Requires ``megaslm.parallel.initialize(cfg)`` to have run. Weights: the layout-independent init
+    (``init=True``); ``model.init_from`` is NOT applied here (see ``megaslm.interop.hf.apply_init_from``).
     """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
@@ -125,9 +126,8 @@ def build_model(cfg: RunConfig, init: bool = True) -> List[torch.nn.Module]:
         chunks.append(model)
     if init:
         init_weights(chunks, cfg)
-        if cfg.model.init_from:
-            from megaslm.interop.hf import load_hf_into_chunks
-            load_hf_into_chunks(chunks, cfg, cfg.model.init_from)
+    # ``model.init_from`` (an HF model) is a step after this one, applied by the caller
+    # (``megaslm.interop.hf.apply_init_from``): the model never imports the interop package.
     return chunks
 
 

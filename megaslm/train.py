@@ -332,40 +332,42 @@ class Trainer:
         return os.path.join(self.cfg.output_dir, "checkpoints")
 
     def counters(self) -> Dict:
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "stage_index": self.stage_index,
-                "stage_step": self.stage_step, "stage_tokens": dict(self.stage_tokens),
-                "source_tokens": {k: dict(v) for k, v in self.source_tokens.items()},
-                "steps_skipped": self.steps_skipped}
+        return checkpoint.TrainState.of(self).to_dict()
 
     def save(self) -> str:
         """Atomic checkpoint of model, optimizer, scheduler, RNG, data position and token counters."""
-        state = self.counters()
-        meta = {**state, "tag": checkpoint.tag_for(self.step), "config_digest": config_digest(self.cfg),
+        meta = {"config_digest": config_digest(self.cfg), "config": self.cfg.to_dict(),
                 "stage_budgets": {p.name: p.tokens for p in self.plans}, "time": time.time()}
-        path = checkpoint.save(self.engine, self.checkpoint_dir(), self.step, state, meta,
+        path = checkpoint.save(self.engine, self.checkpoint_dir(), checkpoint.TrainState.of(self), meta,
                                self.cfg.checkpoint.keep_last)
         self._last_saved = self.step
         return path
 
-    def load(self, directory: Optional[str] = None) -> bool:
-        """Resume from the newest complete checkpoint under ``directory`` (default: this run's), or
-        from ``directory`` itself when it is one checkpoint (``.../stepNNNNNNNN``). False: none."""
-        d, tag = directory or self.checkpoint_dir(), None
-        if checkpoint.TAG_RE.match(os.path.basename(os.path.normpath(d))):
-            d, tag = os.path.dirname(os.path.normpath(d)), os.path.basename(os.path.normpath(d))
-        got = checkpoint.load(self.engine, d, tag)
-        if got is None:
+    def load(self, directory: Optional[str] = None, resume=None) -> bool:
+        """Resume from ``resume`` (chosen by ``ckpt_io.select_resume`` before the model was built), else
+        from the newest intact checkpoint under ``directory`` (default: this run's) or ``directory``
+        itself when it is one checkpoint. False: none (then ``model.init_from`` applies, if set)."""
+        from megaslm import ckpt_io
+
+        if self.rank == 0:
+            checkpoint.remove_partial(self.checkpoint_dir())
+        dist.barrier()
+        if resume is None:
+            resume = ckpt_io.select_resume(self.cfg, dist.get_world_size(), allow_config_change=True,
+                                           directory=directory, warn=self._log)
+        if resume is None:
+            if self.cfg.model.init_from:
+                from megaslm.interop.hf import apply_init_from
+
+                apply_init_from(self.chunks, self.cfg, self.engine)
             return False
-        path, state, _ = got
-        self.step = state["step"]
-        self.tokens_seen = state["tokens_seen"]
-        self.stage_index = state["stage_index"]
-        self.stage_step = state["stage_step"]
-        self.stage_tokens.update(state.get("stage_tokens", {}))
-        for k, v in state.get("source_tokens", {}).items():
-            self.source_tokens.setdefault(k, {}).update(v)
-        self.steps_skipped = state.get("steps_skipped", 0)
-        checkpoint.set_rng_state(state["rng"])
+        if ckpt_io.is_canonical(resume.tag_dir):
+            path, state = resume.tag_dir, ckpt_io.load_canonical_into(self, resume.tag_dir)
+        else:
+            path, state, rng, _ = checkpoint.load(self.engine, resume.tag_dir)
+            checkpoint.set_rng_state(rng)
+        state.restore_into(self)
+        ckpt_io.realign_lr(self.scheduler, self.cfg.optimizer.lr, self.step)
         self._last_saved = self.step
         self.log(f"resumed from {path} at step {self.step} (stage {self.stage_index}, step {self.stage_step} "
                  f"in stage; {self.tokens_seen:,} tokens seen)")
@@ -472,7 +474,7 @@ class Trainer:
         return self.history
 
 
-def run(cfg: RunConfig, log=print, max_steps: Optional[int] = None) -> List[Dict]:
+def run(cfg: RunConfig, log=print, max_steps: Optional[int] = None, allow_config_change: bool = False) -> List[Dict]:
     """Train ``cfg`` end to end (used by launchers/pretrain.py): resume, fit, final checkpoint.
 
     SIGTERM (a cluster's pre-emption) makes every rank finish the current step, save a checkpoint
@@ -492,6 +494,9 @@ def run(cfg: RunConfig, log=print, max_steps: Optional[int] = None) -> List[Dict
     dist.barrier()
     if cfg.data.demo:
         attach_demo_data(cfg)
+    # the checkpoint to resume (intact, same run-changing config) is chosen before the model is built
+    from megaslm.ckpt_io import select_resume
+    resume = select_resume(cfg, world["world_size"], allow_config_change, warn=log)
     if world["rank"] == 0:
         cfg.save(os.path.join(cfg.output_dir, "config.yaml"))
     trainer = Trainer(cfg, log=log)
@@ -499,7 +504,7 @@ def run(cfg: RunConfig, log=print, max_steps: Optional[int] = None) -> List[Dict
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, trainer.request_stop)
     try:
-        trainer.load(cfg.checkpoint.load)
+        trainer.load(cfg.checkpoint.load, resume=resume)
         history = trainer.fit(max_steps=max_steps)
         if cfg.checkpoint.save and trainer.step > 0 and trainer._last_saved != trainer.step:
             trainer.log(f"saved {trainer.save()}")

@@ -359,6 +359,19 @@ def load_hf_into_chunks(chunks, cfg, path: str) -> None:
         param.copy_(spec.shard(full).to(param.dtype))
 
 
+def apply_init_from(chunks, cfg, engine=None) -> None:
+    """The step after ``build_model`` that starts a run from ``cfg.model.init_from`` (TWIST): HF weights
+    into this rank's shards and, when a DeepSpeed engine already holds fp32 master copies (ZeRO-1/2,
+    bf16), into those too."""
+    if not cfg.model.init_from:
+        return
+    load_hf_into_chunks(chunks, cfg, cfg.model.init_from)
+    if engine is not None:
+        from megaslm.ckpt_io import sync_master_weights
+
+        sync_master_weights(engine, chunks)
+
+
 # ------------------------------------------------------------------------------------------------
 # export
 # ------------------------------------------------------------------------------------------------

@@ -1,73 +1,24 @@
-"""Write checkpoints of a chosen layout: reshard an existing one, or import an HF model as step 0.
+"""Write layout-free (canonical) checkpoints: reshard an existing one, or import an HF model as step 0.
 
-Both run *inside the ranks of the target layout* (world size = TP x PP x DP of the new config, e.g.
-``deepspeed --num_gpus 4 launchers/convert.py reshard ...``): every rank reads the source offline
-(``read_checkpoint``: canonical full tensors), builds ``Trainer(cfg_new)``, copies its shards in and
-saves with ``Trainer.save``, so ``Trainer.load`` resumes from the result like from any of its own saves.
-The output is a run directory: ``<out>/config.yaml`` + ``<out>/checkpoints/<tag>/``.
-
-What carries over in a reshard: the weights (bit-identical), the step / tokens / stage counters, the
-LR-scheduler position (and the current lr), DeepSpeed's global step count. What does not: the Adam
-moments. DeepSpeed's ZeRO optimizer partitions are flat buffers tied to the old layout; they are not
-resharded here, so the resumed run starts with a fresh optimizer state (moments = 0) at the right lr.
+Neither builds a DeepSpeed engine or optimizer. ``reshard`` reads the source offline in one process
+(``megaslm.ckpt_io.Checkpoint``: canonical full weights — ZeRO-1/2's fp32 master copies when present —
+canonical full Adam moments re-assembled from the ZeRO-0/1/2 optimizer state, the Adam step, the
+``TrainState`` and DeepSpeed's step counters) and writes them in the canonical format with the new
+layout in its config. ``megaslm.train.Trainer.load`` loads that into the new layout: weights, fp32
+master copies and moments are sliced per rank (``megaslm.sharding``), so the resumed run continues
+the same optimisation; the lr is recomputed from the schedule at the checkpoint's step.
+What does not carry over: per-rank RNG states (another world size has other ranks; with dropout 0
+they do not enter the computation). The output is a run directory: ``<out>/config.yaml`` +
+``<out>/checkpoints/<tag>/``.
 """
 from __future__ import annotations
 
 import copy
 import os
-from typing import Any, Dict, Optional, Sequence
+from typing import Sequence
 
-import torch
-
+from megaslm.ckpt_io import EMB, Checkpoint, CheckpointError, TrainState, write_canonical
 from megaslm.interop.errors import InteropError
-
-
-def write_checkpoint(cfg, full: Optional[Dict[str, torch.Tensor]], meta: Dict[str, Any], out_dir: str,
-                     log=None) -> str:
-    """Collective over the new layout's ranks: Trainer(cfg) with ``output_dir=out_dir``, weights from
-    ``full`` (None: as built, e.g. from ``model.init_from``), counters and LR-scheduler position from
-    ``meta``, then ``Trainer.save`` (``<out_dir>/checkpoints/<tag>``, resumable by ``Trainer.load``).
-    The resolved config is written to ``<out_dir>/config.yaml`` and into the tag directory."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    from megaslm import sharding
-    from megaslm.train import Trainer
-
-    cfg = copy.deepcopy(cfg)
-    cfg.output_dir = out_dir
-    trainer = Trainer(cfg, log=log or (lambda *_: None))
-    if full is not None:
-        try:
-            sharding.load_full_state_dict(trainer.chunks, cfg, full, strict=True)
-        except (KeyError, ValueError) as e:
-            raise InteropError(f"checkpoint does not fit the new layout: {e}") from None
-    for k in ("step", "tokens_seen", "stage_index", "stage_step", "steps_skipped"):
-        if meta.get(k) is not None and hasattr(trainer, k):
-            setattr(trainer, k, int(meta[k]))
-    for k in ("stage_tokens", "source_tokens"):
-        if isinstance(meta.get(k), dict) and isinstance(getattr(trainer, k, None), dict):
-            getattr(trainer, k).update(copy.deepcopy(meta[k]))
-    sched = meta.get("lr_scheduler")
-    if sched:
-        trainer.scheduler.load_state_dict(sched)
-        for g, lr in zip(trainer.scheduler.optimizer.param_groups, trainer.scheduler.get_last_lr()):
-            g["lr"] = lr
-    if meta.get("global_steps") is not None:
-        trainer.engine.global_steps = int(meta["global_steps"])
-        trainer.engine.global_samples = int(meta.get("global_samples") or 0)
-    saved = copy.deepcopy(cfg)
-    saved.model.init_from = None  # the weights are in the checkpoint now
-    if dist.get_rank() == 0:
-        saved.save(os.path.join(out_dir, "config.yaml"))
-    path = trainer.save()
-    if dist.get_rank() == 0:
-        saved.save(os.path.join(path, "config.yaml"))
-    dist.barrier()
-    ps.destroy_model_parallel()
-    del trainer
-    return path
-
 
 _LAYOUT_KEYS = ("parallel.", "schedule.micro_batch_size", "schedule.global_batch_size", "output_dir",
                 "checkpoint.", "logging.")
@@ -95,20 +46,59 @@ def resharded_config(src_cfg, overrides: Sequence[str]):
 
 
 def reshard(src: str, out_dir: str, overrides: Sequence[str], config=None, log=None) -> str:
-    """Collective over the new layout's ranks: ``src`` (any layout) -> ``<out_dir>/checkpoints/<tag>`` in
-    the layout given by ``overrides`` (``parallel.tensor=1`` ...). Returns the new tag directory."""
-    from megaslm.interop.checkpoint import read_checkpoint
-
-    src_cfg, full, meta = read_checkpoint(src, config)
-    cfg = resharded_config(src_cfg, overrides)
-    return write_checkpoint(cfg, full, meta, out_dir, log=log)
+    """``src`` (any layout, ZeRO-0/1/2, or canonical) -> ``<out_dir>/checkpoints/<tag>`` for the layout
+    given by ``overrides``, Adam moments included. One process; returns the new tag directory."""
+    ck = Checkpoint(src, config)
+    cfg = resharded_config(ck.cfg, overrides)
+    cfg.output_dir = out_dir
+    moments, adam_step = ck.optimizer_state()
+    full = ck.master_state_dict()
+    if EMB in full and full[EMB].shape[0] != cfg.padded_vocab_size():
+        raise InteropError(f"parallel.tensor={cfg.parallel.tensor}: the padded vocabulary becomes "
+                           f"{cfg.padded_vocab_size()} rows but {ck.tag_dir} holds {full[EMB].shape[0]} "
+                           f"(choose model.make_vocab_size_divisible_by so both layouts pad alike)")
+    counters = ck.engine_counters()
+    counters.pop("lr_scheduler", None)  # the lr is a function of (schedule, step): recomputed on load
+    return write_canonical(out_dir, cfg, full, moments, adam_step, ck.train_state(), counters)
 
 
 def import_hf(cfg, out_dir: str, log=None) -> str:
-    """Collective over ``cfg``'s ranks: a step-0 checkpoint whose weights come from ``cfg.model.init_from``."""
+    """A step-0 canonical checkpoint whose weights come from ``cfg.model.init_from`` (the layout-independent
+    init for anything HF has no source for). Builds the model at TP=1/PP=1 (no engine, no optimizer);
+    collective over the ranks it is started in, rank 0 writes."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megaslm import parallel, sharding
+    from megaslm.interop.hf import apply_init_from, open_hf_dir
+    from megaslm.model import build_model
+
     if not cfg.model.init_from:
         raise InteropError("model.init_from: expected a Hugging Face model directory, got None")
-    from megaslm.interop.hf import open_hf_dir
+    open_hf_dir(cfg.model.init_from, cfg)  # fail before any process group / model
+    one = copy.deepcopy(cfg)
+    one.parallel.tensor, one.parallel.pipeline, one.parallel.virtual_pipeline, one.parallel.data = 1, 1, None, None
+    # pad the vocabulary as the target layout does (megatron pads to a multiple of divisor x TP)
+    one.model.make_vocab_size_divisible_by = cfg.model.make_vocab_size_divisible_by * cfg.parallel.tensor
+    if "MASTER_PORT" not in os.environ and "WORLD_SIZE" not in os.environ:
+        import socket  # one process without a launcher: a free port, not 29500 (shared nodes)
 
-    open_hf_dir(cfg.model.init_from, cfg)  # fail before any process group / engine
-    return write_checkpoint(cfg, None, {}, out_dir, log=log)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+    parallel.initialize(one)
+    chunks = build_model(one)
+    apply_init_from(chunks, one)
+    full = sharding.gather_full_state_dict(chunks, one)
+    saved = copy.deepcopy(cfg)
+    saved.output_dir = out_dir
+    saved.model.init_from = None  # the weights are in the checkpoint now
+    path = os.path.join(out_dir, "checkpoints", "step00000000")
+    if dist.get_rank() == 0:
+        path = write_canonical(out_dir, saved, full, {}, None, TrainState(), {"global_steps": 0, "global_samples": 0})
+    dist.barrier()
+    ps.destroy_model_parallel()
+    return path
+
+
+__all__ = ["reshard", "import_hf", "resharded_config", "CheckpointError"]

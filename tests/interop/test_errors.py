@@ -8,6 +8,7 @@ import torch
 
 from conftest import make_llama
 from megaslm.config import load_config
+from megaslm.ckpt_io import CheckpointError
 from megaslm.interop.checkpoint import read_checkpoint, safe_load
 from megaslm.interop.errors import InteropError
 from megaslm.interop.hf import config_overrides_from_hf, model_config_from_hf, open_hf_dir, read_hf_config
@@ -104,11 +105,11 @@ def test_checkpoint_unpickling_refused(tmp_path):
     d = tmp_path / "ck" / "step00000001"
     os.makedirs(d)
     torch.save({"module": {}, "payload": Evil()}, d / "mp_rank_00_model_states.pt")
-    with pytest.raises(InteropError, match=r"refused by torch\.load\(weights_only=True\)"):
+    with pytest.raises(CheckpointError, match=r"refused by torch\.load\(weights_only=True\)"):
         safe_load(str(d / "mp_rank_00_model_states.pt"))
-    with pytest.raises(InteropError, match="weights_only"):
+    with pytest.raises(CheckpointError, match="weights_only"):
         read_checkpoint(str(d))
-    with pytest.raises(InteropError, match="not a DeepSpeed checkpoint"):
+    with pytest.raises(CheckpointError, match="not a DeepSpeed checkpoint"):
         read_checkpoint(str(tmp_path))
 
 
