@@ -84,7 +84,8 @@ class DataConfig:
     demo_stories: int = 600
     mask_eod_loss: bool = True
     seed: int = 1234
-    cache_dir: Optional[str] = None
+    cache_dir: Optional[str] = None   # megatron's sample-index cache; default <output_dir>/cache/data_index
+    verify_hash: bool = False         # also check each dataset's sha256 against its manifest's content_hash
 
 
 @dataclass
