@@ -93,7 +93,7 @@ class RendezvousPortError(ConfigError):
         super().__init__(
             f"rendezvous port {port} on {addr} is already in use (another run on this node?): choose a free one "
             f"with `deepspeed --master_port N ...` or `torchrun --master-port N ...`, or MASTER_PORT=N for a "
-            f"single process (see README, Launching)")
+            f"single process (README: Training)")
 
 
 def initialize(cfg: RunConfig) -> ParallelLayout:
