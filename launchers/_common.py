@@ -10,6 +10,12 @@ import sys
 import warnings
 from typing import List, Optional, Tuple
 
+# Bit-reproducible CPU runs: OpenMP and MKL must not change their thread counts with the system load
+# (with dynamic adjustment on, a busy machine can change the GEMM reduction order between two runs).
+# Set before torch is imported (the launchers import this module first).
+os.environ.setdefault("OMP_DYNAMIC", "FALSE")
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
+
 # megatron-core warns at import that TransformerEngine/Apex are missing (megaslm uses its local
 # layer spec on purpose, see README) - once per module, so several times per command and per rank.
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")

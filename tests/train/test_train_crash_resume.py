@@ -68,8 +68,8 @@ def kill_trial(cfg, out, where, rng):
         k = first - 1 + rng.randint(1, 4)
         wait_until(p, lambda: k in steps(), f"step {k}")
     else:
-        wait_until(p, lambda: any(d.startswith("step") and d.endswith(".tmp") and int(d[4:12]) >= first
-                                  for d in os.listdir(ck)), "a save")
+        wait_until(p, lambda: ck.is_dir() and any(d.startswith("step") and d.endswith(".tmp")
+                                                  and int(d[4:12]) >= first for d in os.listdir(ck)), "a save")
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert p.returncode == -signal.SIGKILL, f"{where}: the run ended before the kill"
