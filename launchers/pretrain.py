@@ -89,6 +89,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         fail(str(e))
     except NonFiniteError as e:
+        parallel.destroy()   # every rank stops at the same step (the loss/gradient check is collective)
         fail(str(e), code=1)
     parallel.destroy()
     return 0
