@@ -145,6 +145,7 @@ def main(argv=None) -> int:
               f"plain/trainer {plain / trainer:.2f}x")
         results.append(row)
     rec = {"device": _device(), "torch_threads": None, "commit": _commit(),
+           "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()],  # a busy machine makes both slow
            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "command": "python launchers/bench_trainer_cpu.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "results": results}
