@@ -76,5 +76,5 @@ def grad_norm_tensor(engine) -> Optional[torch.Tensor]:
     if raw is None:
         return None
     if torch.is_tensor(raw):
-        return raw.detach().reshape(-1)[0].double()
+        return raw.detach().reshape(-1)[0].double().clone()   # a copy: DeepSpeed may reuse its buffer
     return torch.tensor(float(raw), dtype=torch.float64)
