@@ -19,10 +19,6 @@ from evals.runner import evaluate
 _CACHE: Dict[tuple, object] = {}
 
 
-def due(cfg: RunConfig, step: int) -> bool:
-    return bool(cfg.eval.interval and cfg.eval.benchmarks and step % cfg.eval.interval == 0)
-
-
 def evaluate_chunks(chunks: List[torch.nn.Module], cfg: RunConfig, step: int) -> Dict:
     """Score ``cfg.eval.benchmarks`` with already-built chunks; returns a flat dict of metrics
     (``eval/<task>`` accuracies, ``eval/<align task>/cosine`` ...) and appends the full result to

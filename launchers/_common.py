@@ -1,10 +1,30 @@
-"""Shared by the launchers: make the repository importable, parse --config + overrides, one-line errors."""
+"""Shared by the launchers: make the repository importable, parse --config + overrides, one-line errors,
+quiet the dependency warnings a user cannot act on, and pick free rendezvous ports."""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import socket
 import sys
+import warnings
 from typing import List, Optional, Tuple
+
+# Bit-reproducible CPU runs: OpenMP and MKL must not change their thread counts with the system load
+# (with dynamic adjustment on, a busy machine can change the GEMM reduction order between two runs).
+# Set before torch is imported (the launchers import this module first).
+os.environ.setdefault("OMP_DYNAMIC", "FALSE")
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
+
+# megatron-core warns at import that TransformerEngine/Apex are missing (megaslm uses its local
+# layer spec on purpose, see README) - once per module, so several times per command and per rank.
+warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
+# megatron-core 0.16 warns about its own default cuda_graph_scope when a TransformerConfig is built
+warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
+# megatron-core's dataset builders log every index build/load at INFO and DeepSpeed its engine setup;
+# keep their warnings and errors only
+logging.getLogger("megatron").setLevel(logging.WARNING)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -23,7 +43,61 @@ def parse(description: str, default_config: Optional[str], argv: Optional[List[s
     args = p.parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    if "WORLD_SIZE" not in os.environ and "MASTER_PORT" not in os.environ:
+        # a single process started without a launcher: its rendezvous is private, so take a free
+        # port instead of torch's 29500 (which another run on a shared node may hold)
+        os.environ["MASTER_PORT"] = str(free_port())
     return args, args.overrides
+
+
+def free_port() -> int:
+    """A TCP port that is free on this host right now (for a rendezvous nobody else chose)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def demo_data_dir(cfg) -> str:
+    return os.path.join(cfg.output_dir, "data")
+
+
+def prepare_demo_data(cfg, log=print) -> dict:
+    """Build the synthetic EN/FR corpus with data_tools' real pipeline into <output_dir>/data, once:
+    every rank of a launch calls this; the first to take the lock builds, the others then read
+    ``prefixes.json`` (written to a temporary name and renamed, so it is complete or absent)."""
+    import fcntl
+    import json
+
+    from data_tools.synthetic import write_demo_corpus
+
+    d = demo_data_dir(cfg)
+    os.makedirs(d, exist_ok=True)
+    done = os.path.join(d, "prefixes.json")
+    with open(os.path.join(d, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(done):
+            prefixes = write_demo_corpus(d, seed=cfg.data.seed, num_stories=cfg.data.demo_stories,
+                                         codebook_size=cfg.vocab.codebook_size)
+            tmp = f"{done}.tmp-{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump(prefixes, f)
+            os.replace(tmp, done)
+            log(f"built the demo corpus in {d}: {', '.join(sorted(prefixes))}")
+    with open(done) as f:
+        return json.load(f)
+
+
+def with_demo_data(cfg, prefixes: dict):
+    """A new config whose stages without data train on the demo corpus's interleaved EN/FR stream
+    (the config handed in is left as it is)."""
+    import dataclasses
+
+    from megaslm.config import DataSource
+
+    stages = [st if st.data else dataclasses.replace(st, data=[DataSource(path=prefixes["enfr_interleaved"],
+                                                                        weight=1.0)])
+              for st in cfg.schedule.stages]
+    return dataclasses.replace(cfg, schedule=dataclasses.replace(cfg.schedule, stages=stages))
 
 
 def fail(msg: str, code: int = 2) -> None:

@@ -37,6 +37,9 @@ def main(argv=None) -> int:
         evaluate_path(args.checkpoint, args.benchmarks, overrides, out)
     except (EvalError, ConfigError, VocabError) as e:
         fail(str(e))
+    from megaslm import parallel
+
+    parallel.destroy()   # orderly teardown: every rank exits 0 together
     return 0
 
 

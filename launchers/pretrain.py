@@ -13,7 +13,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import ROOT, fail, parse  # noqa: E402
+from _common import ROOT, fail, parse, prepare_demo_data, with_demo_data  # noqa: E402
 
 
 def _extra(p) -> None:
@@ -74,23 +74,26 @@ def main(argv=None) -> int:
         import torch
 
         cfg.validate(world_size=world, cuda=torch.cuda.is_available())
+        if cfg.data.demo and any(not st.data for st in cfg.schedule.stages):
+            cfg = with_demo_data(cfg, prepare_demo_data(cfg, log=print if env_world()["rank"] == 0 else
+                                                        (lambda *_: None)))
+            cfg.validate(world_size=world, cuda=torch.cuda.is_available())
     except ConfigError as e:
         fail(str(e))
-    if "WORLD_SIZE" not in os.environ and "MASTER_PORT" not in os.environ:
-        # a single process started without a launcher: don't collide with another run on 29500
-        import socket
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+    evaluator = None
+    if cfg.eval.interval:
+        from evals.hooks import evaluate_chunks as evaluator
+    from megaslm import parallel
     from megaslm.train import NonFiniteError, run
 
     try:
-        run(cfg, allow_config_change=args.allow_config_change)
+        run(cfg, allow_config_change=args.allow_config_change, evaluator=evaluator)
     except ConfigError as e:
         fail(str(e))
     except NonFiniteError as e:
+        parallel.destroy()   # every rank stops at the same step (the loss/gradient check is collective)
         fail(str(e), code=1)
+    parallel.destroy()
     return 0
 
 

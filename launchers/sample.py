@@ -69,6 +69,9 @@ def main(argv=None) -> int:
 
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(json.dumps({"checkpoint": ckpts[-1], "prompt": prompt, "continuation": units}))
+    from megaslm import parallel
+
+    parallel.destroy()   # orderly teardown: every rank exits 0 together
     return 0
 
 

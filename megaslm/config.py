@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -82,9 +83,9 @@ class DataConfig:
     demo: bool = False            # build the synthetic demo corpus in the run directory and train on it
     demo_stories: int = 600
     mask_eod_loss: bool = True
-    num_workers: int = 0
     seed: int = 1234
-    cache_dir: Optional[str] = None
+    cache_dir: Optional[str] = None   # megatron's sample-index cache; default <output_dir>/cache/data_index
+    verify_hash: bool = False         # also check each dataset's sha256 against its manifest's content_hash
 
 
 @dataclass
@@ -386,11 +387,14 @@ def _coerce(value, tp, where: str):
         if isinstance(value, str):
             # PyYAML (YAML 1.1) reads `1e-3` (no dot) as a string; accept numeric strings for floats
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            # inf / nan (YAML .inf, .nan, or the strings "inf", "nan") never make a valid run
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -470,12 +474,35 @@ def _merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a mapping that repeats a key is an error (PyYAML keeps the last
+    value silently, so a typo'd second ``lr:`` would win without a word)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False):
+    seen = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            hash(key)
+        except TypeError:
+            continue  # the base constructor reports unhashable keys itself
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
 def _read_tree(path: str, chain: Tuple[str, ...]) -> Dict[str, Any]:
     """One YAML file as a tree; a top-level ``base: other.yaml`` (relative to this file) is loaded
     first and this file's keys merged over it (mappings merge, lists and scalars replace)."""
     try:
         with open(path) as f:
-            loaded = yaml.safe_load(f)
+            loaded = yaml.load(f, Loader=_StrictLoader)
     except FileNotFoundError:
         raise ConfigError(f"{chain[-1] + ': base ' if chain else ''}{path}: config file not found") from None
     except yaml.YAMLError as e:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import struct
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -33,8 +34,106 @@ class UnitTokenizer:
         self.unique_identifiers = {"class": "UnitTokenizer", **{k: str(v) for k, v in vocab.to_dict().items()}}
 
 
-def check_manifest(prefix: str, vocab: UnitVocab) -> Dict:
-    """The dataset at ``prefix`` must map units exactly as this run's vocabulary does."""
+# megatron-core's indexed dataset layout (megatron/core/datasets/indexed_dataset.py, version 1):
+# header, version <Q, dtype code <B, sequence count <Q, document count <Q, then int32 lengths,
+# int64 byte pointers, int64 document indices (and, for multimodal sets, int8 modes). Read here with
+# the standard library so that a truncated or garbage file is one clear error before any model is
+# built, not a numpy/megatron traceback after it (megatron's reader only asserts the header).
+_IDX_MAGIC = b"MMIDIDX\x00\x00"
+_IDX_HEAD = len(_IDX_MAGIC) + 8 + 1 + 8 + 8
+_ITEMSIZE = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 4, 8: 2}   # megatron's DType codes
+
+
+@dataclasses.dataclass
+class IndexedFileInfo:
+    itemsize: int
+    sequences: int
+    documents: int        # document_indices entries minus the leading 0
+    tokens: int
+    lengths: "object"     # numpy int32 array (memory-mapped)
+
+
+def inspect_indexed(prefix: str) -> IndexedFileInfo:
+    """Cheap structural check of ``prefix.idx`` / ``prefix.bin`` (sizes and headers; no hashing)."""
+    import numpy as np
+
+    idx, binp = prefix + ".idx", prefix + ".bin"
+    for path in (binp, idx):
+        if not os.path.exists(path):
+            raise ConfigError(f"dataset {prefix}: {path} not found (build it with `python -m data_tools build`)")
+    size = os.path.getsize(idx)
+    with open(idx, "rb") as f:
+        head = f.read(_IDX_HEAD)
+    if len(head) < _IDX_HEAD or head[:len(_IDX_MAGIC)] != _IDX_MAGIC:
+        raise ConfigError(f"{idx}: not a megatron indexed-dataset index (bad or truncated header, {size} bytes)")
+    version, code, n, d = struct.unpack("<QBQQ", head[len(_IDX_MAGIC):])
+    if version != 1 or code not in _ITEMSIZE:
+        raise ConfigError(f"{idx}: unsupported index (version {version}, dtype code {code}; expected version 1 "
+                          f"and a dtype code in 1-8)")
+    expected = _IDX_HEAD + 12 * n + 8 * d
+    if size not in (expected, expected + n):      # + n: the optional per-sequence mode bytes
+        raise ConfigError(f"{idx}: truncated or corrupt index: {size} bytes, expected {expected} for "
+                          f"{n} sequences and {d} document indices")
+    lengths = np.memmap(idx, dtype=np.int32, mode="r", offset=_IDX_HEAD, shape=(n,)) if n else np.zeros(0, np.int32)
+    if n and int(lengths.min()) < 0:
+        raise ConfigError(f"{idx}: corrupt index: negative sequence length")
+    tokens = int(lengths.sum(dtype=np.int64))
+    itemsize = _ITEMSIZE[code]
+    bsize = os.path.getsize(binp)
+    if bsize != tokens * itemsize:
+        raise ConfigError(f"{binp}: {'truncated' if bsize < tokens * itemsize else 'wrong size'}: {bsize} bytes, "
+                          f"expected {tokens * itemsize} ({tokens} tokens x {itemsize} bytes, from {idx})")
+    return IndexedFileInfo(itemsize, n, max(0, d - 1), tokens, lengths)
+
+
+def _sha256(paths: Sequence[str]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def check_dataset_files(prefix: str, manifest: Dict, verify_hash: bool = False) -> None:
+    """The files at ``prefix`` are intact and agree with each other and with the manifest: token
+    count and document count, the language side channel (same sequences, same lengths), and with
+    ``verify_hash`` the manifest's ``content_hash`` (sha256 of the token and language ``.bin``)."""
+    import numpy as np
+
+    mpath = manifest_path(prefix)
+    info = inspect_indexed(prefix)
+    tok = manifest.get("tokens", {}).get("total") if isinstance(manifest.get("tokens"), dict) else None
+    if tok is not None and tok != info.tokens:
+        raise ConfigError(f"{prefix}.idx: {info.tokens} tokens, but {mpath} says tokens.total={tok}")
+    docs = manifest.get("documents")
+    if docs is not None and docs != info.documents:
+        raise ConfigError(f"{prefix}.idx: {info.documents} documents, but {mpath} says documents={docs}")
+    hashed = [prefix + ".bin"]
+    suffix = manifest.get("lang_channel")
+    if suffix:
+        lp = prefix + suffix
+        lang = inspect_indexed(lp)
+        if lang.itemsize != 1:
+            raise ConfigError(f"{lp}.idx: language channel must be uint8, found {lang.itemsize}-byte items")
+        if (lang.sequences, lang.documents) != (info.sequences, info.documents) \
+                or not np.array_equal(lang.lengths, info.lengths):
+            raise ConfigError(f"{lp}.idx: language side channel does not match {prefix}.idx "
+                              f"({lang.sequences} sequences / {lang.documents} documents / {lang.tokens} tokens vs "
+                              f"{info.sequences} / {info.documents} / {info.tokens})")
+        hashed.append(lp + ".bin")
+    if verify_hash and manifest.get("content_hash"):
+        got = _sha256(hashed)
+        if got != manifest["content_hash"]:
+            raise ConfigError(f"{prefix}.bin: content does not match {mpath} content_hash "
+                              f"(sha256 {got[:16]}... vs {manifest['content_hash'][:16]}...)")
+
+
+def check_manifest(prefix: str, vocab: UnitVocab, verify_hash: bool = False) -> Dict:
+    """The dataset at ``prefix`` is intact (see ``check_dataset_files``) and maps units exactly as
+    this run's vocabulary does."""
     for ext in (".bin", ".idx"):
         if not os.path.exists(prefix + ext):
             raise ConfigError(f"dataset {prefix}: {prefix + ext} not found (build it with `python -m data_tools build`)")
@@ -48,7 +147,42 @@ def check_manifest(prefix: str, vocab: UnitVocab) -> Dict:
                  for k in ("codebook_size", "languages", "lang_tags", "sentence_sep", "dedup")
                  if getattr(mv, k) != getattr(vocab, k)]
         raise ConfigError(f"{manifest_path(prefix)}: vocabulary does not match the run's `vocab` ({'; '.join(diffs)})")
+    check_dataset_files(prefix, m, verify_hash)
     return m
+
+
+_CACHE_LIST = "COMPLETE"
+
+
+def index_cache_dir(cfg: RunConfig) -> str:
+    """Where megatron-core caches its sample/shuffle/blend indexes: ``data.cache_dir``, else under the
+    run directory (without one, megatron writes next to the dataset and cannot cache blends)."""
+    return cfg.data.cache_dir or os.path.join(cfg.output_dir, "cache", "data_index")
+
+
+def _drop_uncommitted(cache: str) -> None:
+    """megatron-core writes its index cache in place (description, then three .npy files); a kill
+    in the middle would leave a half-written cache that the next run reads. Files not listed in
+    ``COMPLETE`` (written after a finished build) are such leftovers: remove them (rank 0, before a build)."""
+    if not os.path.isdir(cache):
+        return
+    listed = set()
+    if os.path.exists(os.path.join(cache, _CACHE_LIST)):
+        with open(os.path.join(cache, _CACHE_LIST)) as f:
+            listed = {l.strip() for l in f if l.strip()}
+    for name in os.listdir(cache):
+        if name != _CACHE_LIST and name not in listed:
+            os.remove(os.path.join(cache, name))
+
+
+def _commit_cache(cache: str) -> None:
+    if not os.path.isdir(cache):
+        return
+    names = sorted(n for n in os.listdir(cache) if n != _CACHE_LIST and ".tmp-" not in n)
+    tmp = os.path.join(cache, f"{_CACHE_LIST}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write("".join(n + "\n" for n in names))
+    os.replace(tmp, os.path.join(cache, _CACHE_LIST))
 
 
 def build_stage_dataset(cfg: RunConfig, stage: StageConfig, num_samples: int, seed_offset: int = 0):
@@ -57,7 +191,8 @@ def build_stage_dataset(cfg: RunConfig, stage: StageConfig, num_samples: int, se
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
     for src in stage.data:
-        check_manifest(src.path, cfg.vocab)
+        check_manifest(src.path, cfg.vocab)   # cheap: sizes and headers (the hash was checked in run())
+    cache = index_cache_dir(cfg)
     prefixes = [s.path for s in stage.data]
     weights = [float(s.weight) for s in stage.data]
     dcfg = GPTDatasetConfig(
@@ -70,11 +205,18 @@ def build_stage_dataset(cfg: RunConfig, stage: StageConfig, num_samples: int, se
         reset_attention_mask=False,
         eod_mask_loss=False,
         create_attention_mask=False,
-        path_to_cache=cfg.data.cache_dir,
+        path_to_cache=cache,
         mmap_bin_files=True,
     )
+    import torch.distributed as dist
+
+    first = not dist.is_initialized() or dist.get_rank() == 0   # megatron builds (and writes) on rank 0 first
+    if first:
+        _drop_uncommitted(cache)
     builder = BlendedMegatronDatasetBuilder(GPTDataset, [num_samples, 0, 0], lambda: True, dcfg)
     train, _, _ = builder.build()
+    if first:
+        _commit_cache(cache)
     return train
 
 

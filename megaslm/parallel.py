@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megaslm import cpu_compat
-from megaslm.config import RunConfig
+from megaslm.config import ConfigError, RunConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,13 +71,29 @@ def init_distributed(timeout_s: int = 600) -> Dict[str, int]:
     # DeepSpeed's engine insists on these even for a single process started without a launcher
     for k, v in (("RANK", w["rank"]), ("WORLD_SIZE", w["world_size"]), ("LOCAL_RANK", w["local_rank"])):
         os.environ.setdefault(k, str(v))
-    dist.init_process_group(
-        backend="nccl" if cuda else "gloo",
-        rank=w["rank"],
-        world_size=w["world_size"],
-        timeout=datetime.timedelta(seconds=timeout_s),
-    )
+    try:
+        dist.init_process_group(
+            backend="nccl" if cuda else "gloo",
+            rank=w["rank"],
+            world_size=w["world_size"],
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+    except (RuntimeError, OSError) as e:  # torch's DistNetworkError / DistStoreError are RuntimeErrors
+        text = str(e)
+        if "EADDRINUSE" in text or "address already in use" in text.lower() or "errno: 98" in text.lower():
+            raise RendezvousPortError(os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) from None
+        raise
     return w
+
+
+class RendezvousPortError(ConfigError):
+    """The rendezvous (MASTER_PORT) is taken by another process on this node."""
+
+    def __init__(self, addr: str, port: str):
+        super().__init__(
+            f"rendezvous port {port} on {addr} is already in use (another run on this node?): choose a free one "
+            f"with `deepspeed --master_port N ...` or `torchrun --master-port N ...`, or MASTER_PORT=N for a "
+            f"single process (README: Training)")
 
 
 def initialize(cfg: RunConfig) -> ParallelLayout:
@@ -114,8 +130,13 @@ def set_seed(seed: int) -> None:
 
 
 def destroy() -> None:
+    """Orderly teardown: every rank reaches this point (barrier), then megatron's groups, then the
+    default group. A process that exits with the groups still up can abort in a C++ destructor while
+    its peer is still talking to it ("terminate called without an active exception", exit 250)."""
     from megatron.core import parallel_state as ps
 
+    if dist.is_initialized():
+        dist.barrier()
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     if dist.is_initialized():

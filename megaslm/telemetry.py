@@ -101,11 +101,44 @@ class GpuMonitor:
         return out
 
 
+def truncate_metrics(path: str, step: int) -> None:
+    """Keep only the records of steps <= ``step`` in ``path`` (a resume from the checkpoint of
+    ``step`` re-runs the later ones; they must not appear twice). Written to a temporary name and
+    renamed, so a kill leaves either the old or the new file. A torn last line (a kill mid-write) goes."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    changed = False
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                changed = True
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] > step:
+                changed = True
+                continue
+            keep.append(line if line.endswith("\n") else line + "\n")
+    if not changed:
+        return
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 class MetricsSink:
     """Plain JSONL (``<output_dir>/metrics.jsonl``) and TensorBoard events (``<output_dir>/tensorboard``)."""
 
-    def __init__(self, output_dir: str, jsonl: bool = True, tensorboard: bool = False):
-        self.f = open(os.path.join(output_dir, "metrics.jsonl"), "a") if jsonl else None
+    def __init__(self, output_dir: str, jsonl: bool = True, tensorboard: bool = False,
+                 resume_step: Optional[int] = None):
+        path = os.path.join(output_dir, "metrics.jsonl")
+        if jsonl and resume_step is not None:
+            truncate_metrics(path, resume_step)
+        self.f = open(path, "a") if jsonl else None
         self.tb = None
         if tensorboard:
             try:

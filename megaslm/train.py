@@ -15,20 +15,19 @@ layouts reproduce the single-process losses.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
 import threading
 import time
 from functools import partial
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
-from megaslm import checkpoint, parallel, telemetry
-from megaslm.config import RunConfig, config_digest
+from megaslm import checkpoint, ds_adapter, parallel, telemetry
+from megaslm.config import ConfigError, RunConfig, config_digest
 from megaslm.data import Batch, build_stage_dataset, check_manifest, load_step, stage_plans, step_source_tokens
 from megaslm.model import build_model, num_parameters
 
@@ -38,27 +37,24 @@ class NonFiniteError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------------
-# DeepSpeed pieces
+# What the caller hands in: periodic evaluation and (tests only) fault injection
 # ------------------------------------------------------------------------------------------------
-def deepspeed_config(cfg: RunConfig, dp_size: int, cuda: bool) -> Dict:
-    precision = cfg.resolved_precision(cuda)
-    per_rank = cfg.schedule.global_batch_size // dp_size
-    ds = {
-        "train_batch_size": cfg.schedule.global_batch_size,
-        "train_micro_batch_size_per_gpu": per_rank,  # one engine step sees all of this rank's samples
-        "gradient_accumulation_steps": 1,
-        "managed_gradient_accumulation": False,
-        "gradient_clipping": cfg.optimizer.clip_grad,
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
-        "steps_per_print": 10 ** 9,
-        "wall_clock_breakdown": False,
-        "zero_allow_untested_optimizer": True,
-    }
-    if precision == "bf16":
-        ds["bf16"] = {"enabled": True}
-    elif precision == "fp16":
-        ds["fp16"] = {"enabled": True, "initial_scale_power": 16}
-    return ds
+# ``evaluator(chunks, cfg, step) -> {name: value}``: collective over every rank, called every
+# ``cfg.eval.interval`` steps with the training chunks at the training layout. The launcher passes
+# ``evals.hooks.evaluate_chunks``; megaslm itself never imports evals.
+Evaluator = Callable[[List[torch.nn.Module], RunConfig, int], Dict[str, float]]
+
+
+class Faults:
+    """Fault injection points of the training step. Production runs use this class as it is (every
+    method does nothing); tests hand the Trainer a subclass that plants faults at chosen steps."""
+
+    def loss_factor(self, step: int) -> Optional[float]:
+        """A factor every micro-batch loss of optimizer step ``step`` is multiplied by (None: none)."""
+        return None
+
+    def after_backward(self, step: int, trainer: "Trainer") -> None:
+        """Called after the step's backward, before the finiteness check and the update."""
 
 
 def param_groups(chunks: List[torch.nn.Module], weight_decay: float):
@@ -96,7 +92,11 @@ def lr_lambda(step: int, cfg: RunConfig, total_steps: int) -> float:
 # The trainer
 # ------------------------------------------------------------------------------------------------
 class Trainer:
-    def __init__(self, cfg: RunConfig, log=print):
+    def __init__(self, cfg: RunConfig, log=print, evaluator: Optional[Evaluator] = None,
+                 faults: Optional[Faults] = None):
+        if not torch.cuda.is_available():
+            # name DeepSpeed's accelerator instead of letting it warn on every rank that it guessed
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
         from megatron.core import parallel_state as ps
 
@@ -109,6 +109,12 @@ class Trainer:
         self.dp_rank = ps.get_data_parallel_rank()
         self.pp = cfg.parallel.pipeline
         self._log = log
+        self.evaluator = evaluator
+        self.faults = faults if faults is not None else Faults()
+        # the one rank-set whose loss sum counts: last pipeline stage, first tensor-parallel rank
+        # (every TP rank holds the same loss); summed over DP by the step's one fused all-reduce
+        self._counts_loss = (ps.is_pipeline_last_stage(ignore_virtual=True)
+                             and ps.get_tensor_model_parallel_rank() == 0)
         if not self.cuda:
             # one compute thread per rank on a shared CPU, else ranks thrash each other
             local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
@@ -130,12 +136,12 @@ class Trainer:
         module = self.chunks[0] if len(self.chunks) == 1 and self.pp == 1 else torch.nn.ModuleList(self.chunks)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=opt, lr_scheduler=sched, mpu=parallel.DeepSpeedMpu(),
-            config=deepspeed_config(cfg, self.dp_size, self.cuda), dist_init_required=False,
+            config=ds_adapter.engine_config(cfg, self.dp_size, self.cuda), dist_init_required=False,
         )
         if self.pp > 1:
             self._setup_pipeline_hooks()
         if cfg.parallel.zero_stage == 0:
-            self._keep_zero0_grad_norm()
+            ds_adapter.keep_zero0_grad_norm(self.engine)
         self.plans = stage_plans(cfg)
         self.step = 0                      # optimizer steps done (skipped ones included)
         self.tokens_seen = 0               # input positions trained on (global), exact per stage budget
@@ -149,6 +155,7 @@ class Trainer:
         self._datasets: Dict[int, object] = {}
         self._last_saved: Optional[int] = None
         self.stop_requested = False        # set by the SIGTERM handler
+        self._stop_agreed = False          # some rank had stop_requested at the last step's all-reduce
         self.preempted = False
         self.gpu = telemetry.GpuMonitor()
 
@@ -159,23 +166,6 @@ class Trainer:
     def log(self, msg: str) -> None:
         if self.is_logger():
             self._log(msg)
-
-    def _keep_zero0_grad_norm(self) -> None:
-        """Without ZeRO, DeepSpeed clips fp32 gradients but drops the norm it computed; keep it.
-
-        (ZeRO optimizers record ``_global_grad_norm`` themselves.) Same function, same arguments
-        as the engine's own ``clip_fp32_gradients``; only the return value is kept.
-        """
-        from deepspeed.runtime.utils import clip_grad_norm_
-
-        engine = self.engine
-
-        def clip_and_record():
-            norm = clip_grad_norm_(parameters=engine.module.parameters(), max_norm=engine.gradient_clipping(),
-                                   mpu=engine.mpu)
-            engine._global_grad_norm = norm
-
-        engine.clip_fp32_gradients = clip_and_record
 
     # ---- pipeline plumbing --------------------------------------------------------------
     def _setup_pipeline_hooks(self) -> None:
@@ -203,21 +193,25 @@ class Trainer:
         weight.grad = grad
 
     # ---- one optimizer step -------------------------------------------------------------
-    def train_step(self, batch: Batch) -> Dict[str, float]:
+    def train_step(self, batch: Batch) -> Dict:
         """Forward/backward over this rank's share of the global batch, then the optimizer step.
 
-        Before the update, a non-finite loss (all ranks agree: it is reduced over DP and shared along
-        the pipeline) or a non-finite local gradient (all-reduced as a flag over the world) either
-        raises ``NonFiniteError`` (``faults.nan_policy: stop``) or drops the gradients without an
-        update (``skip``; the lr schedule still advances so it stays aligned with the step count)."""
+        Communication per step, besides what DeepSpeed and megatron do for the gradients: one
+        all-reduce of the global loss-token count (the loss scale), and one fused all-reduce over
+        the world of [loss sum, non-finite local gradient flag, stop flag], read back to the host
+        once. The gradient norm stays on the device (``grad_norm`` is a tensor or None); the
+        trainer converts it once per log interval.
+
+        A non-finite loss or gradient before the update either raises ``NonFiniteError``
+        (``faults.nan_policy: stop``) or drops the gradients without an update (``skip``; the lr
+        schedule still advances so it stays aligned with the step count)."""
         cfg = self.cfg
+        step = self.step + 1
         micro = batch.split(batch.num_sequences // cfg.schedule.micro_batch_size)
-        local_tokens = batch.loss_mask.sum()
-        total = local_tokens.clone().to(self.device)
+        total = batch.loss_mask.sum(dtype=torch.float64).to(self.device)
         dist.all_reduce(total, group=self.ps.get_data_parallel_group())
-        T = float(total.item())
-        scale = self.dp_size / max(T, 1.0)
-        poison = float("nan") if checkpoint.fault("nan_loss", self.step + 1) else None
+        scale = self.dp_size / total.clamp(min=1.0)     # on device: no host sync before backward
+        poison = self.faults.loss_factor(step)
         lsum = torch.zeros((), dtype=torch.float64, device=self.device)
         if self.pp == 1:
             for mb in micro:
@@ -226,43 +220,37 @@ class Trainer:
                 tok = (out.float() * mb.loss_mask).sum()
                 if poison is not None:
                     tok = tok * poison
-                self.engine.backward(tok * scale, scale_wrt_gas=False)
+                self.engine.backward(tok * scale.float(), scale_wrt_gas=False)
                 lsum += tok.detach().double()
         else:
-            lsum = self._pipeline_forward_backward(micro, scale, poison)
-        if checkpoint.fault("nan_grad", self.step + 1) and self.rank == 0:
-            for p in self.engine.module.parameters():
-                if p.grad is not None:
-                    p.grad.view(-1)[0] = float("nan")
-                    break
-        # the step's loss: mean over all loss tokens of the global batch
-        dist.all_reduce(lsum, group=self.ps.get_data_parallel_group())
-        if self.pp > 1:
-            # only the last stage has the loss: share it along the pipeline
-            src = self.ps.get_pipeline_model_parallel_last_rank()
-            dist.broadcast(lsum, src=src, group=self.ps.get_pipeline_model_parallel_group())
-        loss = float(lsum.item()) / max(T, 1.0)
-        bad = torch.tensor([0.0 if math.isfinite(loss) else 1.0, 0.0 if self._local_grads_finite() else 1.0],
-                           device=self.device)
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad.any():
-            what = "loss" if bad[0] else "gradient"
-            return self._non_finite(what, loss, T)
+            lsum = self._pipeline_forward_backward(micro, scale.float(), poison)
+        self.faults.after_backward(step, self)
+        flags = torch.stack([lsum if self._counts_loss else torch.zeros_like(lsum),
+                             self._local_grads_nonfinite(),
+                             torch.tensor(1.0 if self.stop_requested else 0.0, dtype=torch.float64,
+                                          device=self.device)])
+        dist.all_reduce(flags)
+        loss_sum, bad_grad, stop, T = torch.cat([flags, total.reshape(1)]).tolist()   # the step's host sync
+        self._stop_agreed = stop > 0
+        loss = loss_sum / max(T, 1.0)
+        if not math.isfinite(loss) or bad_grad > 0:
+            return self._non_finite("loss" if not math.isfinite(loss) else "gradient", loss, T)
         self.engine.step()
-        raw = self.engine.get_global_grad_norm()
-        gn = float(raw.item() if torch.is_tensor(raw) else (raw if raw is not None else float("nan")))
-        if raw is not None and not math.isfinite(gn):
-            # only reachable where gradients are not visible before the update (ZeRO-2/3 partitions)
-            raise NonFiniteError(f"step {self.step + 1}: non-finite gradient norm ({gn}) detected after the "
+        gn = ds_adapter.grad_norm_tensor(self.engine)
+        if gn is not None and cfg.parallel.zero_stage >= 2 and not math.isfinite(gn.item()):
+            # ZeRO-2/3 partition gradients during backward, so the check above cannot see them:
+            # their norm is only known after the update (one extra sync, at ZeRO-2/3 only)
+            raise NonFiniteError(f"step {step}: non-finite gradient norm ({gn.item()}) detected after the "
                                  f"update; stopping without saving ({self._newest_note()})")
         return {"loss": loss, "grad_norm": gn, "loss_tokens": T, "skipped": False}
 
-    def _local_grads_finite(self) -> bool:
+    def _local_grads_nonfinite(self) -> torch.Tensor:
+        """1.0 if any gradient this rank holds is NaN/Inf, else 0.0 (a device tensor, no sync)."""
         grads = [p.grad for c in self.chunks for p in c.parameters() if p.grad is not None]
         if not grads:
-            return True
-        norms = torch._foreach_norm(grads)
-        return bool(torch.isfinite(torch.stack(norms).sum()).item())
+            return torch.zeros((), dtype=torch.float64, device=self.device)
+        total = torch.stack(torch._foreach_norm(grads)).sum()
+        return (~torch.isfinite(total)).double()
 
     def _newest_note(self) -> str:
         tag = checkpoint.newest_complete(self.checkpoint_dir())
@@ -285,9 +273,9 @@ class Trainer:
         self.steps_skipped += 1
         self.log(f"step {step}: non-finite {what} (loss={loss}); skipped (faults.nan_policy=skip, "
                  f"{self.steps_skipped} skipped so far)")
-        return {"loss": loss, "grad_norm": float("nan"), "loss_tokens": T, "skipped": True}
+        return {"loss": loss, "grad_norm": None, "loss_tokens": T, "skipped": True}
 
-    def _pipeline_forward_backward(self, micro: List[Batch], scale: float, poison=None) -> torch.Tensor:
+    def _pipeline_forward_backward(self, micro: List[Batch], scale: torch.Tensor, poison=None) -> torch.Tensor:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         device = self.device
@@ -373,48 +361,81 @@ class Trainer:
                  f"in stage; {self.tokens_seen:,} tokens seen)")
         return True
 
+    def close(self) -> None:
+        """Release the engine before the process group goes (``parallel.destroy`` after this): every
+        rank finishes together, then DeepSpeed drops its hooks and buffers. Leaving them to the
+        interpreter's exit let a DP=2 ZeRO-2 run abort in a C++ destructor (exit 250)."""
+        dist.barrier()
+        destroy = getattr(self.engine, "destroy", None)
+        if destroy is not None:
+            destroy()
+        self._datasets.clear()
+
     # ---- pre-emption --------------------------------------------------------------------
     def request_stop(self, signum=None, frame=None) -> None:
         self.stop_requested = True
 
-    def _stop_agreed(self) -> bool:
-        """Every rank stops at the same step if any of them got SIGTERM."""
-        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    def stop_agreed(self) -> bool:
+        """Every rank stops at the same step if any of them got SIGTERM (agreed by the step's
+        fused all-reduce, so all ranks read the same answer after the same step)."""
+        return self._stop_agreed
 
     # ---- periodic evaluation ------------------------------------------------------------
     def evaluate(self) -> Dict[str, float]:
         """Score ``cfg.eval.benchmarks`` with the training chunks at the training layout (collective).
 
-        The same code as ``launchers/eval.py`` (evals.runner); full results go to
-        ``<output_dir>/evals/results.jsonl``, accuracies into the metrics log under ``eval``."""
-        from evals.hooks import evaluate_chunks
-
-        flat = evaluate_chunks(self.chunks, self.cfg, self.step)
+        Through the ``evaluator`` handed in (launchers/pretrain.py: ``evals.hooks.evaluate_chunks``, the
+        same code as ``launchers/eval.py``); its scores go into the metrics log under ``eval``."""
+        if self.evaluator is None:
+            raise ConfigError(f"eval.interval={self.cfg.eval.interval}: no evaluator was handed to the trainer "
+                              "(launchers/pretrain.py passes evals.hooks.evaluate_chunks)")
+        flat = self.evaluator(self.chunks, self.cfg, self.step)
         scores = {k[len("eval/"):] if k.startswith("eval/") else k: v for k, v in flat.items()}
         self.log(f"eval at step {self.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(scores.items())))
         return scores
 
     # ---- the loop -----------------------------------------------------------------------
+    def _flush(self, pending: List[Dict], sink, announce: bool = False) -> None:
+        """Write the buffered step records: their gradient norms (device tensors) come to the host
+        together, once per log interval, not once per step."""
+        if not pending:
+            return
+        norms = [r["grad_norm"] for r in pending]
+        on_device = [n for n in norms if n is not None]
+        values = iter(torch.stack(on_device).tolist()) if on_device else iter(())
+        for r, n in zip(pending, norms):
+            r["grad_norm"] = next(values) if n is not None else float("nan")
+            if sink is not None:
+                sink.write(r)
+        rec = pending[-1]
+        if announce:
+            mfu = f" | MFU {rec['mfu'] * 100:.1f}%" if rec["mfu"] is not None else ""
+            self.log(f"step {rec['step']:6d} | {rec['stage']} | loss {rec['loss']:.4f} | lr {rec['lr']:.3e} | "
+                     f"grad norm {rec['grad_norm']:.3f} | tokens {rec['tokens_seen']:,} | "
+                     f"{rec['tokens_per_s']:,.0f} tok/s | {rec['step_time_s'] * 1000:.0f} ms{mfu}")
+        pending.clear()
+
     def fit(self, max_steps: Optional[int] = None) -> List[Dict]:
         cfg = self.cfg
         plans = self.plans
         tokens_per_step = cfg.tokens_per_step
         world = dist.get_world_size()
         precision = cfg.resolved_precision(self.cuda)
-        sink = telemetry.MetricsSink(cfg.output_dir, cfg.logging.jsonl, cfg.logging.tensorboard) \
-            if self.is_logger() else None
+        # on resume, metrics.jsonl is cut back to the checkpoint's step first: re-run steps appear once
+        sink = telemetry.MetricsSink(cfg.output_dir, cfg.logging.jsonl, cfg.logging.tensorboard,
+                                     resume_step=self.step) if self.is_logger() else None
         self.log(f"model: {num_parameters(self.chunks):,} parameters on this rank; layout TP={self.layout.tensor} "
                  f"PP={self.layout.pipeline} DP={self.layout.data} ZeRO-{cfg.parallel.zero_stage}; "
                  f"{self.total_steps} steps x {tokens_per_step:,} tokens; stages: "
                  + ", ".join(f"{p.name} {p.tokens:,} tokens / {p.steps} steps" for p in plans))
         t_last = time.time()
         done = 0
+        pending: List[Dict] = []   # step records not yet written (their grad norms still on the device)
         try:
             while self.stage_index < len(plans):
                 plan = plans[self.stage_index]
                 if self.stage_step >= plan.steps:
+                    self._flush(pending, sink)
                     self.log(f"stage {plan.name} done at step {self.step}: {self.stage_tokens[plan.name]:,} tokens "
                              f"(budget {plan.tokens:,}); per source {self.source_tokens.get(plan.name, {})}")
                     self.stage_index += 1
@@ -450,56 +471,69 @@ class Trainer:
                 if self.cuda:
                     rec.update(self.gpu.read())
                 self.history.append(rec)
-                if sink is not None:
-                    sink.write(rec)
-                if self.step % cfg.logging.interval == 0 or self.step == 1 or self.step == self.total_steps:
-                    mfu = f" | MFU {rec['mfu'] * 100:.1f}%" if rec["mfu"] is not None else ""
-                    self.log(f"step {self.step:6d} | {rec['stage']} | loss {rec['loss']:.4f} | lr {rec['lr']:.3e} | "
-                             f"grad norm {rec['grad_norm']:.3f} | tokens {self.tokens_seen:,} | "
-                             f"{tps:,.0f} tok/s | {dt * 1000:.0f} ms{mfu}")
-                if cfg.checkpoint.save and cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
+                pending.append(rec)
+                saving = bool(cfg.checkpoint.save and cfg.checkpoint.interval
+                              and self.step % cfg.checkpoint.interval == 0)
+                evaluating = bool(cfg.eval.interval and self.step % cfg.eval.interval == 0)
+                stopping = self.stop_agreed()
+                announce = self.step % cfg.logging.interval == 0 or self.step == 1 or self.step == self.total_steps
+                if announce or saving or evaluating or stopping:
+                    # records reach metrics.jsonl before a checkpoint that covers them is written
+                    self._flush(pending, sink, announce)
+                if saving:
                     self.log(f"saved {self.save()}")
-                if cfg.eval.interval and self.step % cfg.eval.interval == 0:
+                if evaluating:
                     scores = self.evaluate()
                     if sink is not None:
                         sink.write({"step": self.step, "eval": scores})
-                if self._stop_agreed():
+                if stopping:
                     self.preempted = True
                     if cfg.checkpoint.save and self._last_saved != self.step:
                         self.log(f"saved {self.save()}")
                     break
         finally:
+            self._flush(pending, sink)
             if sink is not None:
                 sink.close()
         return self.history
 
 
-def run(cfg: RunConfig, log=print, max_steps: Optional[int] = None, allow_config_change: bool = False) -> List[Dict]:
+def run(cfg: RunConfig, log=print, max_steps: Optional[int] = None, evaluator: Optional[Evaluator] = None,
+        faults: Optional[Faults] = None, allow_config_change: bool = False) -> List[Dict]:
     """Train ``cfg`` end to end (used by launchers/pretrain.py): resume, fit, final checkpoint.
 
+    ``cfg`` is final when it comes in (nothing here changes it): every stage names its datasets
+    (launchers/pretrain.py builds the demo corpus and fills them in for ``data.demo``), and with
+    ``eval.interval`` an ``evaluator`` is given (the launcher passes ``evals.hooks.evaluate_chunks``).
+    ``faults``: test-only fault injection (see ``Faults``).
+
     SIGTERM (a cluster's pre-emption) makes every rank finish the current step, save a checkpoint
-    and return normally (the launcher exits 0); the next run resumes from it."""
+    and return normally (the launcher exits 0); the next run resumes from it. The process group is
+    left up for the caller (``parallel.destroy()`` tears it down in order)."""
     world = parallel.env_world()
     cfg.validate(world_size=world["world_size"], cuda=torch.cuda.is_available())
-    # every stage's datasets exist and map units as this run's vocabulary does: checked before any
-    # process group, model or output directory exists (stages left empty take the demo corpus)
+    for i, stage in enumerate(cfg.schedule.stages):
+        if not stage.data:
+            raise ConfigError(f"schedule.stages[{i}].data: no dataset; with data.demo=true the launcher "
+                              "(launchers/pretrain.py) builds the demo corpus and names it here")
+    if cfg.eval.interval and evaluator is None:
+        raise ConfigError(f"eval.interval={cfg.eval.interval}: no evaluator given to megaslm.train.run "
+                          "(pass evaluator=evals.hooks.evaluate_chunks, as launchers/pretrain.py does)")
+    # every stage's datasets exist, are intact and map units as this run's vocabulary does: checked
+    # before any process group, model or output directory exists
     for stage in cfg.schedule.stages:
         for src in stage.data:
-            check_manifest(src.path, cfg.vocab)
+            check_manifest(src.path, cfg.vocab, verify_hash=cfg.data.verify_hash)
     if world["rank"] == 0:
         os.makedirs(cfg.output_dir, exist_ok=True)
-        if cfg.data.demo:
-            prepare_demo_data(cfg, log)
     parallel.init_distributed()
     dist.barrier()
-    if cfg.data.demo:
-        attach_demo_data(cfg)
     # the checkpoint to resume (intact, same run-changing config) is chosen before the model is built
     from megaslm.ckpt_io import select_resume
     resume = select_resume(cfg, world["world_size"], allow_config_change, warn=log)
     if world["rank"] == 0:
         cfg.save(os.path.join(cfg.output_dir, "config.yaml"))
-    trainer = Trainer(cfg, log=log)
+    trainer = Trainer(cfg, log=log, evaluator=evaluator, faults=faults)
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, trainer.request_stop)
@@ -513,35 +547,5 @@ def run(cfg: RunConfig, log=print, max_steps: Optional[int] = None, allow_config
             signal.signal(signal.SIGTERM, previous)
     if trainer.preempted:
         trainer.log(f"pre-empted (SIGTERM): checkpoint saved at step {trainer.step}; exiting cleanly")
+    trainer.close()
     return history
-
-
-def demo_data_dir(cfg: RunConfig) -> str:
-    return os.path.join(cfg.output_dir, "data")
-
-
-def prepare_demo_data(cfg: RunConfig, log=print) -> None:
-    """Build the synthetic EN/FR corpus with data_tools' real pipeline (rank 0, once)."""
-    from data_tools.synthetic import write_demo_corpus
-
-    d = demo_data_dir(cfg)
-    if os.path.exists(os.path.join(d, "prefixes.json")):
-        return
-    prefixes = write_demo_corpus(d, seed=cfg.data.seed, num_stories=cfg.data.demo_stories,
-                                 codebook_size=cfg.vocab.codebook_size)
-    tmp = os.path.join(d, f"prefixes.json.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(prefixes, f)
-    os.replace(tmp, os.path.join(d, "prefixes.json"))
-    log(f"built the demo corpus in {d}: {', '.join(sorted(prefixes))}")
-
-
-def attach_demo_data(cfg: RunConfig) -> None:
-    """Stages without data train on the demo corpus's interleaved EN/FR stream."""
-    from megaslm.config import DataSource
-
-    with open(os.path.join(demo_data_dir(cfg), "prefixes.json")) as f:
-        prefixes = json.load(f)
-    for st in cfg.schedule.stages:
-        if not st.data:
-            st.data = [DataSource(path=prefixes["enfr_interleaved"], weight=1.0)]

@@ -92,3 +92,32 @@ def test_config_module_imports_no_torch():
     code = "import sys; import megaslm.config; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_duplicate_yaml_keys_are_refused_naming_file_line_and_key(tmp_path):
+    p = tmp_path / "dup.yaml"
+    p.write_text("name: a\noptimizer:\n  lr: 1.0e-3\n  beta1: 0.9\n  lr: 5.0e-4\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(p))
+    msg = str(e.value)
+    assert str(p) in msg and ":5:" in msg and "duplicate key 'lr'" in msg and "line 3" in msg, msg
+    assert "\n" not in msg
+    q = tmp_path / "top.yaml"
+    q.write_text("name: a\nseed: 1\nname: b\n")
+    with pytest.raises(ConfigError, match=r"top.yaml:3: .*duplicate key 'name'"):
+        load_config(str(q))
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", ".inf", ".nan", "1e400"])
+def test_non_finite_floats_are_refused(value):
+    with pytest.raises(ConfigError, match=r"optimizer.lr: expected a finite number"):
+        load_config(None, [f"optimizer.lr={value}"])
+    with pytest.raises(ConfigError, match=r"optimizer.clip_grad: expected a finite number"):
+        load_config(None, [f"optimizer.clip_grad={value}"])
+
+
+def test_non_finite_float_in_a_file_is_refused(tmp_path):
+    p = tmp_path / "inf.yaml"
+    p.write_text("optimizer:\n  lr: .inf\n")
+    with pytest.raises(ConfigError, match=r"inf.yaml: optimizer.lr: expected a finite number, got inf"):
+        load_config(str(p))

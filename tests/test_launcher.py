@@ -32,3 +32,42 @@ def test_bad_config_one_line(tmp_path, args, env, expected):
     # stopped before anything ran: no process group, no run directory
     assert not (tmp_path / "run").exists()
     assert "init_process_group" not in r.stderr and "deepspeed" not in r.stdout.lower()
+
+
+def test_taken_rendezvous_port_is_one_line_naming_it(tmp_path):
+    """Another process holds MASTER_PORT: the error names the port and how to choose another."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = _run([f"output_dir={tmp_path}/run", "schedule.stages.0.train_steps=1", "data.demo_stories=40"],
+                 {"WORLD_SIZE": "1", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    assert r.returncode == 2, r.stderr[-2000:]
+    err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and f"rendezvous port {port}" in err[0] and "--master_port" in err[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_lone_process_takes_a_free_port_not_29500(tmp_path):
+    """Without a launcher (no WORLD_SIZE / MASTER_PORT), a run does not need 29500 to be free."""
+    import socket
+
+    try:
+        s = socket.socket()
+        s.bind(("127.0.0.1", 29500))
+        s.listen()
+    except OSError:
+        s = None  # someone else holds it already: the point stands either way
+    try:
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "launchers", "pretrain.py"),
+                            f"output_dir={tmp_path}/run", "schedule.stages.0.train_steps=1", "data.demo_stories=40",
+                            "checkpoint.save=false"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                           env={k: v for k, v in os.environ.items()
+                                if k not in ("WORLD_SIZE", "RANK", "MASTER_PORT", "LOCAL_RANK")})
+    finally:
+        if s is not None:
+            s.close()
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Transformer Engine and Apex" not in r.stderr and "path_to_cache is None" not in r.stderr + r.stdout

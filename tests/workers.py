@@ -42,7 +42,7 @@ def losses_for_layouts(config_path: str, layouts: Sequence[Sequence[str]], steps
         for _ in range(steps):
             out = trainer.train_step(rank_slice(batch, trainer.dp_rank, trainer.dp_size))
             losses.append(out["loss"])
-            norms.append(out["grad_norm"])
+            norms.append(float(out["grad_norm"]) if out["grad_norm"] is not None else float("nan"))
         results.append({"layout": list(overrides), "losses": losses, "grad_norms": norms})
         from megatron.core import parallel_state as ps
 
@@ -64,10 +64,40 @@ def count_parameters(config_path: str) -> int:
     return n
 
 
+def with_demo_corpus(cfg):
+    """``cfg`` with its data-less stages on a demo corpus built in ``<output_dir>/data`` (what
+    launchers/pretrain.py does for data.demo; tests call megaslm.train.run directly). The first rank
+    to take the lock builds it; the others find ``prefixes.json``."""
+    import dataclasses
+    import fcntl
+    import json
+
+    from data_tools.synthetic import write_demo_corpus
+    from megaslm.config import DataSource
+
+    d = os.path.join(cfg.output_dir, "data")
+    os.makedirs(d, exist_ok=True)
+    done = os.path.join(d, "prefixes.json")
+    with open(os.path.join(d, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(done):
+            prefixes = write_demo_corpus(d, seed=cfg.data.seed, num_stories=cfg.data.demo_stories,
+                                         codebook_size=cfg.vocab.codebook_size)
+            with open(done + ".tmp", "w") as f:
+                json.dump(prefixes, f)
+            os.replace(done + ".tmp", done)
+    with open(done) as f:
+        prefixes = json.load(f)
+    stages = [st if st.data else dataclasses.replace(st, data=[DataSource(prefixes["enfr_interleaved"], 1.0)])
+              for st in cfg.schedule.stages]
+    return dataclasses.replace(cfg, schedule=dataclasses.replace(cfg.schedule, stages=stages))
+
+
 def train_with_eval(out_dir: str):
     from data_tools.synthetic import write_demo_corpus
     from evals.synthetic import build_benchmark, read_stories
     from megaslm.config import load_config
+    from evals.hooks import evaluate_chunks
     from megaslm.train import run
 
     data = os.path.join(out_dir, "data")
@@ -79,5 +109,5 @@ def train_with_eval(out_dir: str):
         f"output_dir={out_dir}/run", "data.demo=false", "schedule.stages.0.train_steps=4",
         f"schedule.stages.0.data=[{{path: {prefixes['enfr_interleaved']}, weight: 1.0}}]",
         "eval.interval=2", f"eval.benchmarks=[{bench}]", "eval.batch_size=8", "checkpoint.save=false"])
-    run(cfg, log=lambda *_: None)
+    run(cfg, log=lambda *_: None, evaluator=evaluate_chunks)
     return True

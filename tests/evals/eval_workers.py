@@ -15,7 +15,9 @@ def train_tiny(out_dir: str, steps: int, interval: int) -> str:
     cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny.yaml"),
                       [f"output_dir={out_dir}", "data.demo_stories=200", f"schedule.stages.0.train_steps={steps}",
                        f"checkpoint.interval={interval}", "checkpoint.keep_last=5", "logging.interval=1000"])
-    run(cfg, log=lambda *_: None)
+    from tests.workers import with_demo_corpus
+
+    run(with_demo_corpus(cfg), log=lambda *_: None)
     from megaslm import parallel
 
     parallel.destroy()

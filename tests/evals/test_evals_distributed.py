@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.distributed import run_ranks
+from tests.distributed import free_port, run_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAYOUTS = [["parallel.tensor=1", "parallel.pipeline=1"], ["parallel.tensor=2", "parallel.pipeline=1"],
@@ -107,7 +107,7 @@ def test_launcher_end_to_end(trained):
     p = subprocess.run([sys.executable, os.path.join(ROOT, "launchers", "eval.py"), "--checkpoint", trained["run"],
                         "--benchmarks", trained["bench"], "--out", out, "eval.max_items=10"],
                        capture_output=True, text=True, cwd=ROOT, timeout=300,
-                       env={**os.environ, "MASTER_PORT": "29731"})
+                       env={**os.environ, "MASTER_PORT": str(free_port())})
     assert p.returncode == 0, p.stderr[-2000:]
     res = json.load(open(os.path.join(out, "results.json")))["checkpoints"]
     assert [r["step"] for r in res] == [20, 40]
@@ -126,7 +126,7 @@ def test_launcher_end_to_end(trained):
     write_manifest(bad, UnitVocab(codebook_size=256))
     p = subprocess.run([sys.executable, os.path.join(ROOT, "launchers", "eval.py"), "--checkpoint", trained["ckpt"],
                         "--benchmarks", bad, "--out", out], capture_output=True, text=True, cwd=ROOT, timeout=300,
-                       env={**os.environ, "MASTER_PORT": "29732"})
+                       env={**os.environ, "MASTER_PORT": str(free_port())})
     assert p.returncode == 2
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and "manifest.json" in last and "codebook_size" in last

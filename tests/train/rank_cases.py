@@ -38,6 +38,24 @@ def same_weights(a: Dict, b: Dict) -> float:
     return worst
 
 
+class PlantedFaults:
+    """The test's fault injection, handed to the trainer (megaslm.train.Faults): a NaN factor on the
+    loss at the steps in ``nan_loss``; a NaN in one gradient entry on rank 0 at the steps in ``nan_grad``."""
+
+    def __init__(self, nan_loss=(), nan_grad=()):
+        self.nan_loss, self.nan_grad = set(nan_loss), set(nan_grad)
+
+    def loss_factor(self, step):
+        return float("nan") if step in self.nan_loss else None
+
+    def after_backward(self, step, trainer):
+        if step in self.nan_grad and trainer.rank == 0:
+            for p in trainer.engine.module.parameters():
+                if p.grad is not None:
+                    p.grad.view(-1)[0] = float("nan")
+                    break
+
+
 def cases(config_path: str, base_dir: str) -> Dict:
     """DP=2 budgets + per-source accounting + TensorBoard; NaN stop; NaN skip (loss and gradient);
     PP=2 in-process resume vs an uninterrupted run."""
@@ -64,10 +82,10 @@ def cases(config_path: str, base_dir: str) -> Dict:
         res["tb_files"] = os.listdir(os.path.join(out, "tensorboard"))
 
     # 2. NaN loss at step 3, policy stop (checkpoint every step): error, newest checkpoint stays step 2
-    os.environ["MEGASLM_FAULT"] = "nan_loss:3"
     out = os.path.join(base_dir, "nan_stop")
     try:
-        run(_load(config_path, [f"output_dir={out}", "checkpoint.interval=1"]), log=lambda *_: None)
+        run(_load(config_path, [f"output_dir={out}", "checkpoint.interval=1"]), log=lambda *_: None,
+            faults=PlantedFaults(nan_loss=[3]))
         res["nan_stop"] = None
     except NonFiniteError as e:
         res["nan_stop"] = str(e)
@@ -75,11 +93,10 @@ def cases(config_path: str, base_dir: str) -> Dict:
     res["nan_stop_tags"] = [t for _, t in checkpoint.complete_tags(os.path.join(out, "checkpoints"))]
 
     # 3. NaN loss at step 3 and a NaN gradient (rank 0 only) at step 5, policy skip
-    os.environ["MEGASLM_FAULT"] = "nan_loss:3,nan_grad:5"
     out = os.path.join(base_dir, "nan_skip")
     hist = run(_load(config_path, [f"output_dir={out}", "checkpoint.interval=1", "checkpoint.keep_last=10",
-                                   "faults.nan_policy=skip"]), log=lambda *_: None)
-    os.environ.pop("MEGASLM_FAULT")
+                                   "faults.nan_policy=skip"]), log=lambda *_: None,
+               faults=PlantedFaults(nan_loss=[3], nan_grad=[5]))
     res["nan_skip"] = [{k: r[k] for k in ("step", "loss", "skipped", "tokens_seen")} for r in hist]
     dist.barrier()
     if rank == 0:

@@ -1,11 +1,15 @@
-"""The launcher as a subprocess: kill -9 at a random step, kill -9 inside a checkpoint save, SIGTERM
-pre-emption; each resumed run must end with the weights of an uninterrupted run and exact budgets."""
+"""The launcher as a subprocess: two uninterrupted runs are bit-identical; five kill -9 trials at random
+moments (some inside checkpoint saves) of one run, a kill -9 at a fixed point inside a save, SIGTERM
+pre-emption; each resumed run must end with the weights of an uninterrupted run, exact budgets and a
+metrics.jsonl that holds every step once."""
 import json
 import os
 import random
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 import torch
 
@@ -30,6 +34,47 @@ def final_state(out):
         return model["module"], json.load(f)
 
 
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if "loss" in r]
+
+
+def watch(p):
+    """Collect the run's output lines as they come (a reader thread)."""
+    lines = []
+    threading.Thread(target=lambda: lines.extend(iter(p.stdout.readline, "")), daemon=True).start()
+    return lines
+
+
+def wait_until(p, cond, what, timeout=240):
+    t0 = time.time()
+    while not cond():
+        assert p.poll() is None, f"run ended before {what}"
+        assert time.time() - t0 < timeout, f"no {what} after {timeout} s"
+        time.sleep(0.002)
+
+
+def kill_trial(cfg, out, where, rng):
+    """Start the run; kill -9 it at a random step after its resume point ("step"), or the moment a
+    save of a new step has begun, i.e. its tmp directory exists ("save")."""
+    ck = out / "checkpoints"
+    p = launch(cfg, out)
+    lines = watch(p)
+    steps = lambda: [int(l.split("|")[0].split()[1]) for l in list(lines) if l.startswith("step ")]  # noqa: E731
+    # the first step this run trains (leftovers of an earlier kill are removed before it)
+    wait_until(p, lambda: steps(), "the first step")
+    first = steps()[0]
+    if where == "step":
+        k = first - 1 + rng.randint(1, 4)
+        wait_until(p, lambda: k in steps(), f"step {k}")
+    else:
+        wait_until(p, lambda: ck.is_dir() and any(d.startswith("step") and d.endswith(".tmp")
+                                                  and int(d[4:12]) >= first for d in os.listdir(ck)), "a save")
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL, f"{where}: the run ended before the kill"
+
+
 def test_kill_and_resume(tmp_path, corpus):
     stages = [
         {"name": "en", "train_tokens": 868, "data": [{"path": corpus["en"], "weight": 1.0}]},
@@ -37,7 +82,7 @@ def test_kill_and_resume(tmp_path, corpus):
                                                     {"path": corpus["fr"], "weight": 0.5}]},
     ]
     cfg = tiny_config(tmp_path / "c.yaml", tmp_path / "unused", corpus, stages=stages,
-                      checkpoint={"interval": 3, "keep_last": 2}, logging={"interval": 100})
+                      checkpoint={"interval": 3, "keep_last": 2}, logging={"interval": 1})
 
     ref = tmp_path / "ref"
     rc, log = finish(launch(cfg, ref))
@@ -45,19 +90,32 @@ def test_kill_and_resume(tmp_path, corpus):
     ref_w, ref_meta = final_state(ref)
     assert ref_meta["stage_tokens"] == BUDGETS == ref_meta["stage_budgets"]
 
-    # 1. SIGKILL at a random step, then resume
+    # 0. a second uninterrupted run of the same config is bit-identical (losses and weights)
+    ref2 = tmp_path / "ref2"
+    rc, log = finish(launch(cfg, ref2))
+    assert rc == 0, log[-3000:]
+    w2, _ = final_state(ref2)
+    assert_same_weights(w2, ref_w)
+    assert [r["loss"] for r in metrics(ref2)] == [r["loss"] for r in metrics(ref)]
+
+    # 1. five kill -9 trials at random moments of one run: at a random step, or the moment a save
+    #    has begun (its tmp directory exists); then the last resume finishes the run
+    rng = random.Random()
     killed = tmp_path / "killed"
-    p = launch(cfg, killed)
-    k = random.randint(4, 14)
-    wait_for_step(p, killed, k)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    assert p.returncode == -signal.SIGKILL
+    ck = killed / "checkpoints"
+    inside_save = 0
+    for where in ["step", "save", "step", "save", "save"]:
+        kill_trial(cfg, killed, where, rng)
+        inside_save += any(d.endswith(".tmp") for d in os.listdir(ck))
+    assert inside_save >= 1  # at least one kill landed inside a save (a tmp directory was left)
     rc, log = finish(launch(cfg, killed))
     assert rc == 0 and "resumed from" in log, log[-3000:]
     w, meta = final_state(killed)
     assert_same_weights(w, ref_w)
     assert meta["stage_tokens"] == BUDGETS and meta["source_tokens"] == ref_meta["source_tokens"]
+    steps = [r["step"] for r in metrics(killed)]
+    assert steps == list(range(1, TOTAL_STEPS + 1))  # each step once, re-run steps not repeated
+    assert [r["loss"] for r in metrics(killed)] == [r["loss"] for r in metrics(ref)]
 
     # 2. SIGKILL inside the save of step 6 (after the tmp dir is written, before the rename)
     crashed = tmp_path / "crashed"

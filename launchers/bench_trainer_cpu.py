@@ -1,0 +1,166 @@
+"""Trainer speed on CPU vs a plain PyTorch loop of the same model, batch and sequence length:
+    python launchers/bench_trainer_cpu.py [--sizes tiny demo] [--steps 30] [--out runs/bench_trainer_cpu]
+
+For each size, (1) ``launchers/pretrain.py`` trains ``--steps`` steps in a subprocess (tokens/s from the
+step times in its metrics.jsonl: the lower quartile of the steps after ``--warmup``, as for the plain loop); (2) a plain loop in a second subprocess
+builds the same megatron-core model (``megaslm.model.build_model``, same seed, same demo data, same
+global batch / micro-batches / sequence length), and runs forward, backward, gradient clipping and
+``torch.optim.AdamW`` with nothing else (no DeepSpeed, no accounting, no logging). Prints both figures
+and their ratio and writes ``<out>/results.json`` (device, commit, date, figures).
+Sizes: ``tiny`` = configs/tiny.yaml (~0.2M parameters); ``demo`` = 6 layers x 256 wide (~4.5M).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import ROOT, fail, parse, prepare_demo_data, with_demo_data  # noqa: E402
+
+SIZES = {
+    "tiny": [],
+    "demo": ["model.num_layers=6", "model.hidden_size=256", "model.ffn_hidden_size=704",
+             "model.num_attention_heads=4", "model.num_query_groups=2"],
+}
+
+
+def _extra(p):
+    p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5, help="first steps left out of the figure")
+    p.add_argument("--out", default=os.path.join("runs", "bench_trainer_cpu"))
+    p.add_argument("--plain", default=None, help=argparse.SUPPRESS)  # internal: run the plain loop here
+
+
+def _overrides(size, out, steps):
+    return SIZES[size] + [f"output_dir={out}", f"schedule.stages.0.train_steps={steps}", "checkpoint.save=false",
+                          "logging.interval=1", "data.demo_stories=300"]
+
+
+def lower_quartile(times):
+    """The 25th percentile of step times: on a shared machine the slow steps measure the neighbours."""
+    return statistics.quantiles(times, n=4)[0]
+
+
+def plain_loop(config, overrides, warmup: int) -> float:
+    """tokens/s of a bare loop over the same model and data (lower-quartile step time after ``warmup``)."""
+    import torch
+
+    from megaslm import parallel
+    from megaslm.config import load_config
+    from megaslm.data import build_stage_dataset, load_step
+    from megaslm.model import build_model
+    from megaslm.train import param_groups
+
+    cfg = load_config(config, overrides)
+    cfg = with_demo_data(cfg, prepare_demo_data(cfg, log=lambda *_: None)).validate(world_size=1, cuda=False)
+    parallel.initialize(cfg)
+    [model] = build_model(cfg)
+    opt = torch.optim.AdamW(param_groups([model], cfg.optimizer.weight_decay), lr=cfg.optimizer.lr,
+                            betas=(cfg.optimizer.beta1, cfg.optimizer.beta2), eps=cfg.optimizer.eps)
+    steps = cfg.total_steps()
+    ds = build_stage_dataset(cfg, cfg.schedule.stages[0], steps * cfg.schedule.global_batch_size)
+    n_micro = cfg.schedule.global_batch_size // cfg.schedule.micro_batch_size
+    times = []
+    for step in range(steps):
+        t0 = time.perf_counter()
+        batch = load_step(ds, cfg, step, 0, 1)
+        T = batch.loss_mask.sum()
+        for mb in batch.split(n_micro):
+            out = model(mb.tokens, mb.position_ids, attention_mask=mb.segment_ids, labels=mb.labels)
+            ((out.float() * mb.loss_mask).sum() / T).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.clip_grad)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    parallel.destroy()
+    return cfg.tokens_per_step / lower_quartile(times[warmup:])
+
+
+def trainer_tokens_per_s(config, overrides, out, warmup: int) -> float:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "LOCAL_RANK")}
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "launchers", "pretrain.py"), "--config", config,
+                        *overrides], env=env, cwd=ROOT, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"pretrain.py failed ({p.returncode}): {p.stderr[-2000:]}")
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        recs = [json.loads(line) for line in f if '"loss"' in line]
+    return recs[-1]["step_tokens"] / lower_quartile([r["step_time_s"] for r in recs[warmup:]])
+
+
+def _device() -> str:
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU: {name}, {os.cpu_count()} logical cores"
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def main(argv=None) -> int:
+    args, overrides = parse(__doc__.splitlines()[0], os.path.join(ROOT, "configs", "tiny.yaml"), argv, extra=_extra)
+    if args.steps <= args.warmup + 2:
+        fail(f"--steps: expected more than --warmup + 2 = {args.warmup + 2}, got {args.steps}")
+    if args.plain:   # the plain loop runs in its own process (a fresh interpreter, like the trainer)
+        size, out = args.plain.split(":", 1)
+        print(json.dumps({"plain_tokens_per_s": plain_loop(args.config, _overrides(size, out, args.steps) + overrides,
+                                                          args.warmup)}))
+        return 0
+    results = []
+    for size in args.sizes:
+        out = os.path.abspath(os.path.join(args.out, size))
+        if os.path.exists(os.path.join(out, "metrics.jsonl")):
+            os.remove(os.path.join(out, "metrics.jsonl"))
+        ov = _overrides(size, out, args.steps) + overrides
+        trainer = trainer_tokens_per_s(args.config, ov, out, args.warmup)
+        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--config", args.config, "--steps",
+                            str(args.steps), "--warmup", str(args.warmup), "--plain", f"{size}:{out}-plain", *overrides],
+                           cwd=ROOT, capture_output=True, text=True,
+                           env={k: v for k, v in os.environ.items() if k not in ("MASTER_PORT",)})
+        if p.returncode != 0:
+            fail(f"plain loop failed: {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode}")
+        plain = json.loads(p.stdout.strip().splitlines()[-1])["plain_tokens_per_s"]
+        from megaslm.config import load_config
+
+        n = load_config(args.config, ov).num_parameters()
+        row = {"size": size, "parameters": n, "steps": args.steps, "warmup_steps_left_out": args.warmup, "statistic": "lower quartile of step time",
+               "trainer_tokens_per_s": round(trainer, 1), "plain_tokens_per_s": round(plain, 1),
+               "plain_over_trainer": round(plain / trainer, 3)}
+        print(f"{size:5s} {n:>10,} params: trainer {trainer:,.0f} tok/s | plain loop {plain:,.0f} tok/s | "
+              f"plain/trainer {plain / trainer:.2f}x")
+        results.append(row)
+    rec = {"device": _device(), "torch_threads": None, "commit": _commit(),
+           "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()],  # a busy machine makes both slow
+           "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "command": "python launchers/bench_trainer_cpu.py " + " ".join(sys.argv[1:] if argv is None else argv),
+           "results": results}
+    import torch
+
+    rec["torch_threads"] = torch.get_num_threads()
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "results.json")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(rec, f, indent=2)
+    os.replace(tmp, path)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

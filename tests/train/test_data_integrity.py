@@ -1,0 +1,132 @@
+"""Dataset integrity before the model is built: each planted corruption of an indexed dataset gives one
+line naming the file and what is wrong (exit 2 from the launcher), and nothing is written or changed."""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from _train_helpers import ROOT, launch_env
+
+
+def _copy(prefix, dst_dir):
+    """A private copy of one dataset (tokens, language channel, manifest) under ``dst_dir``."""
+    os.makedirs(dst_dir, exist_ok=True)
+    name = os.path.basename(prefix)
+    for suffix in (".bin", ".idx", ".lang.bin", ".lang.idx", ".manifest.json"):
+        shutil.copy(prefix + suffix, os.path.join(dst_dir, name + suffix))
+    return os.path.join(dst_dir, name)
+
+
+def _digest(prefix):
+    h = hashlib.sha256()
+    for suffix in (".bin", ".idx", ".lang.bin", ".lang.idx", ".manifest.json"):
+        h.update(open(prefix + suffix, "rb").read())
+    return h.hexdigest()
+
+
+def _truncate(path, n):
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(size - n)
+
+
+def _flip_byte(path, at):
+    with open(path, "r+b") as f:
+        f.seek(at)
+        b = f.read(1)
+        f.seek(at)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def _edit_manifest(prefix, **fields):
+    path = prefix + ".manifest.json"
+    m = json.load(open(path))
+    for k, v in fields.items():
+        if "." in k:
+            a, b = k.split(".")
+            m[a][b] = v
+        else:
+            m[k] = v
+    json.dump(m, open(path, "w"))
+
+
+CORRUPTIONS = {
+    # name: (how to plant it, file named in the message, what the message says)
+    "bin_truncated": (lambda p: _truncate(p + ".bin", 6), ".bin", "truncated"),
+    "idx_truncated": (lambda p: _truncate(p + ".idx", 8), ".idx", "truncated or corrupt index"),
+    "idx_garbage": (lambda p: open(p + ".idx", "wb").write(os.urandom(os.path.getsize(p + ".idx"))), ".idx",
+                    "not a megatron indexed-dataset index"),
+    "idx_header_only": (lambda p: _truncate(p + ".idx", os.path.getsize(p + ".idx") - 20), ".idx", "bad or truncated header"),
+    "lang_truncated": (lambda p: _truncate(p + ".lang.bin", 3), ".lang.bin", "truncated"),
+    "lang_misaligned": (None, ".lang.idx", "language side channel does not match"),
+    "manifest_documents": (lambda p: _edit_manifest(p, documents=7), ".idx", "documents=7"),
+    "manifest_tokens": (lambda p: _edit_manifest(p, **{"tokens.total": 5}), ".idx", "tokens.total=5"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CORRUPTIONS))
+def test_each_corruption_is_one_line_naming_the_file(tmp_path, corpus, name):
+    from megaslm.config import ConfigError, load_config
+    from megaslm.data import check_manifest
+
+    vocab = load_config(None, ["vocab.codebook_size=128"]).vocab
+    p = _copy(corpus["en"], tmp_path / "d")
+    check_manifest(p, vocab, verify_hash=True)  # intact copy: passes, hash included
+    plant, file_suffix, what = CORRUPTIONS[name]
+    if plant is None:  # the language channel of another dataset (different lengths)
+        # a language channel whose sequences do not line up with the tokens' (same total length):
+        # the first sequence one longer, the second one shorter
+        import numpy as np
+
+        lengths = np.memmap(p + ".lang.idx", dtype=np.int32, mode="r+", offset=34, shape=(2,))
+        lengths[0] += 1
+        lengths[1] -= 1
+        lengths.flush()
+        del lengths
+    else:
+        plant(p)
+    before = _digest(p)
+    with pytest.raises(ConfigError) as e:
+        check_manifest(p, vocab)
+    msg = str(e.value)
+    assert "\n" not in msg and what in msg and (p + file_suffix) in msg, msg
+    assert _digest(p) == before  # the check reads, never writes
+
+
+def test_content_hash_checked_on_request(tmp_path, corpus):
+    from megaslm.config import ConfigError, load_config
+    from megaslm.data import check_manifest
+
+    vocab = load_config(None, ["vocab.codebook_size=128"]).vocab
+    p = _copy(corpus["en"], tmp_path / "d")
+    _flip_byte(p + ".bin", 10)   # same size, different content: only the hash can tell
+    check_manifest(p, vocab)     # the cheap check (sizes, headers, counts) passes
+    with pytest.raises(ConfigError, match=r"en\.bin: content does not match .*en\.manifest\.json content_hash"):
+        check_manifest(p, vocab, verify_hash=True)
+
+
+def test_launcher_exits_2_before_building_anything(tmp_path, corpus):
+    p = _copy(corpus["en"], tmp_path / "d")
+    _truncate(p + ".bin", 6)
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "launchers", "pretrain.py"), "data.demo=false",
+                        "vocab.codebook_size=128", f"output_dir={out}",
+                        f"schedule.stages=[{{name: a, train_steps: 2, data: [{{path: {p}, weight: 1.0}}]}}]"],
+                       cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    err = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: ") and p + ".bin: truncated" in err[0], r.stderr
+    assert not out.exists()  # no run directory, no model, no process group
+    # with the full hash asked for, a flipped byte is refused the same way
+    p2 = _copy(corpus["fr"], tmp_path / "d2")
+    _flip_byte(p2 + ".bin", 4)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "launchers", "pretrain.py"), "data.demo=false",
+                        "vocab.codebook_size=128", f"output_dir={out}", "data.verify_hash=true",
+                        f"schedule.stages=[{{name: a, train_steps: 2, data: [{{path: {p2}, weight: 1.0}}]}}]"],
+                       cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "content does not match" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
+    assert not out.exists()
