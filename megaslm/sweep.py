@@ -300,12 +300,22 @@ def _recipe_stages(spec: SweepSpec, name: str, where: str, spec_dir: str):
                 raise SweepError(f"{where}: {path}: schedule.stages[{i}]: a recipe run config needs train_tokens "
                                  "per stage (their ratios split the budget)")
             out.append((st.get("name", f"stage{i}"), float(t),
-                        [(d["path"], d.get("weight", 1.0)) for d in st.get("data", [])]))
+                        [(_dataset_for_path(spec, d["path"]), d.get("weight", 1.0)) for d in st.get("data", [])]))
         if not out:
             raise SweepError(f"{where}: {path}: no schedule.stages")
         return out
     raise SweepError(f"{where}: unknown recipe {name!r}; expected one of {', '.join(BUILTIN_RECIPES)}, a name under "
                      "custom_recipes, or a run config path (.yaml)")
+
+
+def _dataset_for_path(spec: SweepSpec, path: str) -> str:
+    """A run config's data path -> the spec's dataset of that name (``data/en`` -> ``en``; the paper
+    recipes' ``data/enfr_interleaved`` -> ``interleaved``), else the path itself."""
+    base = os.path.basename(os.path.normpath(path))
+    for cand in (path, base, {"enfr_interleaved": "interleaved"}.get(base, "")):
+        if cand in spec.datasets:
+            return cand
+    return path
 
 
 def split_budget(tokens: int, fractions: Sequence[float]) -> List[int]:
