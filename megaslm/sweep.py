@@ -176,6 +176,8 @@ class Sweep:
 # Loading and validation
 # ------------------------------------------------------------------------------------------------
 def _fmt_num(x: float) -> str:
+    if isinstance(x, float) and x.is_integer() and abs(x) < 1e18:
+        return str(int(x))
     return f"{x:g}"
 
 
@@ -703,7 +705,7 @@ def plan_rows(sw: Sweep) -> List[Dict]:
         tok_s = t.tokens_per_s * ref_fpt / fpt
         rows.append({"run": r.name, "params": r.config.num_parameters(), "stage_tokens": r.stage_tokens,
                      "tokens": r.tokens, "steps": r.config.total_steps(), "flops": r.flops(),
-                     "device_hours": r.tokens / tok_s / 3600 * sw.spec.world_size})
+                     "device_hours": r.tokens / tok_s / 3600})  # tok_s is per device
     return rows
 
 

@@ -27,7 +27,8 @@ def tiny_spec(tmp, executor=None, **extra):
                       "checkpoint.interval=3", "checkpoint.keep_last=1", "logging.interval=5"],
         "datasets": {
             "world": {"kind": "files", "prefix": "{data}/world",
-                      "build": ["world", "{data}/world", "--stories", "200", "--bench-items", "6", "--seed", "3"]},
+                      "build": ["world", "{data}/world", "--stories", "200", "--bench-items", "6", "--bench-context", "1",
+                                "--seed", "3"]},
             "bench": {"kind": "files", "prefix": "{data}/world/bench", "needs": ["world"]},
             "en": {"prefix": "{data}/en", "needs": ["world"],
                    "build": ["build", "-i", "{data}/world/stories.jsonl", "-o", "{data}/en", "--mode", "mono", "--lang", "en"] + v},
