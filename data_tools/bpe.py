@@ -12,7 +12,9 @@ from typing import Dict, Iterable, List, Sequence
 
 import numpy as np
 
+from data_tools.common import dedup_units, new_builder, sha256_files, token_dtype
 from data_tools.errors import DataError
+from data_tools.formats import InputSpec, check_inputs, iter_items, parse_item
 
 CHAR_BASE = 0x4E00
 MAX_CODEBOOK = 0x9FFF - CHAR_BASE + 1    # 20992 code points in the CJK unified block
@@ -116,9 +118,6 @@ def train_bpe(unit_sequences: Iterable[Sequence[int]], model_prefix: str, vocab_
 def iter_training_sequences(inputs, codebook_size: int, languages: Sequence[str],
                             story_langs: Sequence[str], dedup: bool = False):
     """Unit sequences (utterances; every sentence of every language of stories) from input files."""
-    from data_tools.formats import InputSpec, check_inputs, iter_items, parse_item
-    from data_tools.streams import dedup_units
-
     specs = [s if isinstance(s, InputSpec) else InputSpec.parse(str(s)) for s in inputs]
     check_inputs(specs)
     for fi, line, text in iter_items(specs):
@@ -138,7 +137,6 @@ def encode_dataset(in_prefix: str, out_prefix: str, model_path: str) -> dict:
     import shutil
     from megatron.core.datasets.indexed_dataset import IndexedDataset
     from megaslm.vocab import UnitVocab, lang_prefix, manifest_path, read_manifest
-    from data_tools.build import _builder, _sha256, token_dtype
 
     man = read_manifest(in_prefix)
     if man.get("bpe"):
@@ -153,7 +151,7 @@ def encode_dataset(in_prefix: str, out_prefix: str, model_path: str) -> dict:
     os.makedirs(tmp, exist_ok=True)
     try:
         f = os.path.join(tmp, "final")
-        tb, lb = _builder(f, dtype), _builder(lang_prefix(f), np.uint8)
+        tb, lb = new_builder(f, dtype), new_builder(lang_prefix(f), np.uint8)
         per_lang: Dict[str, int] = {}
         total = 0
         for d in range(len(ds)):
@@ -190,7 +188,7 @@ def encode_dataset(in_prefix: str, out_prefix: str, model_path: str) -> dict:
                       "encoded_from": os.path.abspath(in_prefix)}
         new["tokens"] = dict(man["tokens"], total=int(total),
                              per_language={k: per_lang.get(k, 0) for k in list(vocab.languages) + ["none"]})
-        new["content_hash"] = _sha256([f + ".bin", lang_prefix(f) + ".bin"])
+        new["content_hash"] = sha256_files([f + ".bin", lang_prefix(f) + ".bin"])
         with open(os.path.join(tmp, "manifest.json"), "w") as fh:
             json.dump(new, fh, indent=2)
         if os.path.exists(manifest_path(out_prefix)):

@@ -1,9 +1,12 @@
-"""The build pipeline: inputs -> (worker shards) -> one megatron-core indexed dataset + language channel.
+"""The build pipeline: inputs -> (worker chunks) -> one megatron-core indexed dataset + language channel.
 
-Streaming: the main process reads items lazily and hands chunks to workers (at most 2 chunks per
-worker in flight); each chunk becomes one shard pair (tokens, languages); shards are merged in input
-order with megatron-core's IndexedDatasetBuilder.add_index. Everything is written under
-``<prefix>.tmp-<pid>/`` next to the destination and moved into place at the end, manifest last.
+Streaming: the main process cuts the inputs into chunks of lines (``formats.iter_chunks``) and hands them to
+workers (at most 2 chunks per worker in flight). A worker turns a chunk into one token array, one language
+array and the document lengths: utterance chunks through the vectorised path (``data_tools.fast``), stories,
+BPE and anything unusual record by record (``streams.record_documents``), with the same bytes either way.
+The main process appends the arrays in input order to ``<prefix>.tmp-<pid>/final.bin`` (hashing as it
+writes) and writes the .idx with megatron-core's index writer. Everything is moved into place at the end,
+manifest last.
 """
 from __future__ import annotations
 
@@ -14,43 +17,19 @@ import multiprocessing
 import os
 import shutil
 import sys
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Set, Union
 
 import numpy as np
 
 from megaslm.vocab import LANG_SUFFIX, MANIFEST_VERSION, lang_prefix, manifest_path
 
+from data_tools import fast
+from data_tools.common import token_dtype, write_index
 from data_tools.errors import DataError
-from data_tools.formats import InputSpec, check_inputs, iter_chunks, iter_items, parse_item
-from data_tools.streams import BuildOptions, Encoder, Stats, record_documents, story_rng
+from data_tools.formats import InputSpec, check_inputs, chunk_items, iter_chunks, parse_item
+from data_tools.streams import RANDOM_MODES, BuildOptions, Encoder, Stats, record_documents, story_rng
 
 _CTX: Dict[str, Any] = {}
-
-
-def token_dtype(vocab_size: int):
-    from megatron.core.datasets.indexed_dataset import DType
-    return DType.optimal_dtype(vocab_size)
-
-
-def _builder(path_prefix: str, dtype):
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-    return IndexedDatasetBuilder(path_prefix + ".bin", dtype=dtype)
-
-
-def append_shard(builder, path_prefix: str) -> None:
-    """IndexedDatasetBuilder.add_index without its gc.collect() per call (~0.2 s each once torch is
-    imported): same index arithmetic, same bytes."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    idx = IndexedDataset(path_prefix, mmap=True)
-    if idx.index.dtype != builder.dtype:
-        raise DataError(f"shard dtype {idx.index.dtype} != {builder.dtype}", path=path_prefix)
-    off = len(builder.sequence_lengths)
-    builder.sequence_lengths.extend(idx.sequence_lengths.tolist())
-    builder.document_indices.extend((off + idx.document_indices[1:]).tolist())
-    del idx
-    with open(path_prefix + ".bin", "rb") as f:
-        shutil.copyfileobj(f, builder.data_file)
 
 
 def _init_worker(ctx: Dict[str, Any]) -> None:
@@ -59,16 +38,39 @@ def _init_worker(ctx: Dict[str, Any]) -> None:
     _CTX["encoder"] = Encoder(ctx["opts"].vocab, ctx["opts"].bpe_model)
 
 
+def _fast_chunk(spec: InputSpec, chunk, opts: BuildOptions, dtype):
+    """The vectorised conversion of an utterance chunk, or None (then the record path decides)."""
+    if opts.bpe_model or not _CTX.get("fast", True):
+        return None
+    _, first, payload = chunk
+    try:
+        if spec.kind == "npz":
+            return fast.npz_chunk(spec.path, first, payload, spec.source, opts, dtype)
+        if spec.kind == "npy":
+            return fast.npy_chunk(spec.path, payload, spec.source, opts, dtype)
+        return fast.jsonl_chunk(payload, spec.source, opts, dtype)
+    except DataError:
+        return None             # e.g. an unreadable .npy: the record path reports it where it belongs
+
+
 def _process_chunk(job) -> Dict[str, Any]:
-    """Parse, validate and convert one chunk of items; write its shard. Runs in a worker."""
-    index, items = job
+    """Parse, validate and convert one chunk. Runs in a worker."""
+    index, chunk = job
     opts: BuildOptions = _CTX["opts"]
     inputs: List[InputSpec] = _CTX["inputs"]
+    dtype = _CTX["dtype"]
+    fi = chunk[0]
+    spec = inputs[fi]
+    res = _fast_chunk(spec, chunk, opts, dtype)
+    if res is not None:
+        tokens, langs, lengths, stats, unknown = res
+        return {"tokens": tokens, "langs": langs, "lengths": lengths, "stats": stats, "bad": [],
+                "unknown": {fi: unknown} if unknown else {}}
     vocab = opts.vocab
     stats, bad = Stats(), []
     docs_out = []
-    for fi, line, text in items:
-        spec = inputs[fi]
+    unknown: Set[str] = set()
+    for fi, line, text in chunk_items(chunk):
         try:
             rec = parse_item(spec, line, text, vocab.codebook_size, vocab.languages, opts.story_langs, opts.lang)
             st = Stats()
@@ -82,27 +84,17 @@ def _process_chunk(job) -> Dict[str, Any]:
             bad.append({"input": e.path, "line": e.line, "field": e.field, "error": e.reason, "message": str(e)})
             stats.bad += 1
             continue
+        unknown.update(rec.unknown)
         stats.add(st)
         docs_out.extend(docs)
-    shard = None
     if docs_out:
-        shard = os.path.join(_CTX["tmpdir"], f"shard-{index:06d}")
-        tb, lb = _builder(shard, _CTX["dtype"]), _builder(lang_prefix(shard), np.uint8)
-        for ids, lid in docs_out:
-            tb.add_document(ids, [ids.size])
-            lb.add_document(lid, [lid.size])
-        tb.finalize(shard + ".idx")
-        lb.finalize(lang_prefix(shard) + ".idx")
-    return {"shard": shard, "stats": stats, "bad": bad}
-
-
-def _sha256(paths: Sequence[str]) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
+        tokens = np.concatenate([ids for ids, _ in docs_out]).astype(dtype)
+        langs = np.concatenate([lid for _, lid in docs_out]).astype(np.uint8)
+        lengths = np.array([ids.size for ids, _ in docs_out], dtype=np.int64)
+    else:
+        tokens, langs, lengths = np.zeros(0, dtype), np.zeros(0, np.uint8), np.zeros(0, np.int64)
+    return {"tokens": tokens, "langs": langs, "lengths": lengths, "stats": stats, "bad": bad,
+            "unknown": {fi: unknown} if unknown else {}}
 
 
 def _progress(opts: BuildOptions, desc: str):
@@ -110,18 +102,23 @@ def _progress(opts: BuildOptions, desc: str):
     return tqdm(desc=desc, unit="rec", disable=not (opts.progress and sys.stderr.isatty()), file=sys.stderr)
 
 
+def _chunk_len(chunk) -> int:
+    payload = chunk[2]
+    return payload if isinstance(payload, int) else len(payload)
+
+
 def _run_chunks(jobs, opts: BuildOptions, ctx: Dict[str, Any]):
     """Yield chunk results in input order, with at most 2 chunks per worker in flight."""
     if opts.workers == 1:
         _init_worker(ctx)
         for job in jobs:
-            yield _process_chunk(job), len(job[1])
+            yield _process_chunk(job), _chunk_len(job[1])
         return
     pool = multiprocessing.get_context("fork").Pool(opts.workers, initializer=_init_worker, initargs=(ctx,))
     try:
         pending = collections.deque()
         for job in jobs:
-            pending.append((pool.apply_async(_process_chunk, (job,)), len(job[1])))
+            pending.append((pool.apply_async(_process_chunk, (job,)), _chunk_len(job[1])))
             while len(pending) >= 2 * opts.workers:
                 r, n = pending.popleft()
                 yield r.get(), n
@@ -132,6 +129,11 @@ def _run_chunks(jobs, opts: BuildOptions, ctx: Dict[str, Any]):
     finally:
         pool.terminate()
         pool.join()
+
+
+def _fast_enabled() -> bool:
+    """``DATA_TOOLS_RECORD_PATH=1`` forces the record-by-record path (tests compare both paths' bytes)."""
+    return os.environ.get("DATA_TOOLS_RECORD_PATH", "") in ("", "0")
 
 
 def vocab_size_of(opts: BuildOptions) -> int:
@@ -158,42 +160,53 @@ def build_dataset(inputs: Sequence[Union[str, InputSpec]], output_prefix: str,
     if opts.bpe_model and not os.path.isfile(opts.bpe_model):
         raise DataError("BPE model not found", path=opts.bpe_model)
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
-    os.makedirs(out_dir, exist_ok=True)
     tmpdir = f"{output_prefix}.tmp-{os.getpid()}"
-    shutil.rmtree(tmpdir, ignore_errors=True)
-    os.makedirs(tmpdir)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        shutil.rmtree(tmpdir, ignore_errors=True)
+        os.makedirs(tmpdir)
+    except OSError as e:
+        raise DataError(f"cannot create the output here ({e.strerror or e}); expected a writable "
+                        f"directory for the prefix", path=output_prefix) from None
     try:
         tok_size = vocab_size_of(opts)
         dtype = token_dtype(tok_size)
-        ctx = {"opts": opts, "inputs": specs, "tmpdir": tmpdir, "dtype": dtype}
-        jobs = enumerate(iter_chunks(iter_items(specs), opts.chunk_size))
-        total, shards, bad = Stats(), [], []
+        ctx = {"opts": opts, "inputs": specs, "tmpdir": tmpdir, "dtype": dtype, "fast": _fast_enabled()}
+        jobs = enumerate(iter_chunks(specs, opts.chunk_size))
+        total, bad, lengths = Stats(), [], []
+        unknown: Dict[int, Set[str]] = {}
+        final = os.path.join(tmpdir, "final")
+        h = hashlib.sha256()
         results = _run_chunks(jobs, opts, ctx)
         try:
-            with _progress(opts, f"build {os.path.basename(output_prefix)}") as bar:
+            with _progress(opts, f"build {os.path.basename(output_prefix)}") as bar, \
+                    open(final + ".bin", "wb") as tf, open(lang_prefix(final) + ".bin", "wb") as lf:
                 for res, n in results:
                     total.add(res["stats"])
                     bad.extend(res["bad"])
-                    if res["shard"]:
-                        shards.append(res["shard"])
+                    for fi, names in res["unknown"].items():
+                        unknown.setdefault(fi, set()).update(names)
+                    if res["lengths"].size:
+                        tf.write(res["tokens"])
+                        h.update(res["tokens"])
+                        lf.write(res["langs"])
+                        lengths.append(res["lengths"])
                     bar.update(n)
         finally:
             results.close()     # on error: terminate and join the workers before removing the temps
         if total.documents == 0:
             raise DataError("no valid records: refusing to write an empty dataset"
                             + (f" ({len(bad)} quarantined)" if bad else ""), path=specs[0].path)
-
-        final = os.path.join(tmpdir, "final")
-        tb, lb = _builder(final, dtype), _builder(lang_prefix(final), np.uint8)
-        for s in shards:
-            append_shard(tb, s)
-            append_shard(lb, lang_prefix(s))
-        tb.finalize(final + ".idx")
-        lb.finalize(lang_prefix(final) + ".idx")
-        for s in shards:
-            for p in (s, lang_prefix(s)):
-                os.remove(p + ".bin")
-                os.remove(p + ".idx")
+        lengths = np.concatenate(lengths)
+        write_index(final + ".idx", dtype, lengths)
+        write_index(lang_prefix(final) + ".idx", np.uint8, lengths)
+        with open(lang_prefix(final) + ".bin", "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        ignored = {specs[fi].path: sorted(names) for fi, names in sorted(unknown.items())}
+        for path, names in ignored.items():
+            print(f"warning: {path}: unknown field(s) {names} ignored (data_tools reads only the fields in "
+                  f"docs/data_tools.md)", file=sys.stderr)
 
         quarantine_path = None
         if bad:
@@ -202,9 +215,8 @@ def build_dataset(inputs: Sequence[Union[str, InputSpec]], output_prefix: str,
                 for b in bad:
                     f.write(json.dumps(b) + "\n")
 
-        manifest = make_manifest(opts, specs, total, tok_size, dtype,
-                                 _sha256([final + ".bin", lang_prefix(final) + ".bin"]),
-                                 len(bad), quarantine_path)
+        manifest = make_manifest(opts, specs, total, tok_size, dtype, h.hexdigest(), len(bad), quarantine_path,
+                                 ignored)
         with open(os.path.join(tmpdir, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=2, sort_keys=False)
             f.write("\n")
@@ -227,7 +239,8 @@ def build_dataset(inputs: Sequence[Union[str, InputSpec]], output_prefix: str,
 
 
 def make_manifest(opts: BuildOptions, specs: Sequence[InputSpec], total: Stats, tok_size: int, dtype,
-                  content_hash: str, n_bad: int, quarantine_path: Optional[str]) -> Dict[str, Any]:
+                  content_hash: str, n_bad: int, quarantine_path: Optional[str],
+                  ignored_fields: Optional[Dict[str, List[str]]] = None) -> Dict[str, Any]:
     vocab = opts.vocab
     vd = vocab.to_dict()
     bpe = None
@@ -248,7 +261,7 @@ def make_manifest(opts: BuildOptions, specs: Sequence[InputSpec], total: Stats, 
         "token_vocab_size": tok_size,
         "dtype": np.dtype(dtype).name,
         "mode": opts.mode,
-        "p": opts.p if opts.mode == "random" else None,
+        "p": opts.p if opts.mode in RANDOM_MODES else None,
         "seed": opts.seed,
         "story_languages": list(opts.story_langs),
         "mono_language": opts.lang if opts.mode == "mono" else None,
@@ -265,6 +278,7 @@ def make_manifest(opts: BuildOptions, specs: Sequence[InputSpec], total: Stats, 
         "content_hash": content_hash,
         "bpe": bpe,
         "quarantine": {"count": n_bad, "report": quarantine_path},
+        "ignored_fields": ignored_fields or {},
         "inputs": [{"path": os.path.abspath(s.path), "source": s.source} for s in specs],
         "lang_channel": LANG_SUFFIX,
     }

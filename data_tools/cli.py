@@ -45,12 +45,15 @@ def make_parser() -> argparse.ArgumentParser:
                    help="input file (repeatable): .jsonl (utterances or stories), .npy (+ .bounds.jsonl) or .npz; "
                         "NAME is the source name for per-source counts (default: file stem)")
     b.add_argument("--output", "-o", required=True, metavar="PREFIX", help="output prefix")
-    b.add_argument("--mode", choices=["mono", "random", "alternate"], default="mono",
-                   help="mono: one language; random: per-sentence language draw; alternate: strict alternation")
+    b.add_argument("--mode", choices=["mono", "random", "story-random", "alternate"], default="mono",
+                   help="how parallel stories are rendered: mono: one language; random: per-sentence language "
+                        "draw; story-random: one draw per whole story; alternate: strict alternation. "
+                        "Utterances are copied unchanged (own language) in every mode")
     b.add_argument("--lang", default=None, help="mono: the language (taken from stories; default for utterances)")
     b.add_argument("--pair", default=None, help="the aligned language pair of stories, e.g. en,fr "
                                                 "(default: the first two --languages)")
-    b.add_argument("--p", type=float, default=0.5, help="random: probability of the pair's second language")
+    b.add_argument("--p", type=float, default=0.5, help="random / story-random: probability of the pair's second language "
+                        "(per sentence / per story)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--target-length", type=int, default=2048,
                    help="split stories at sentence boundaries into documents of at most this many tokens (0: never)")
@@ -59,7 +62,7 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--frame-rate", type=float, default=None, help="units per second (overrides --source-type)")
     b.add_argument("--bpe-model", default=None, help="encode units with this unit-BPE model (bpe-train)")
     b.add_argument("--workers", type=int, default=1)
-    b.add_argument("--chunk-size", type=int, default=256, help="records per worker task / shard")
+    b.add_argument("--chunk-size", type=int, default=1024, help="input lines (records) per worker task")
     b.add_argument("--skip-bad", action="store_true",
                    help="quarantine bad records (<output>.quarantine.jsonl, counted in the manifest) instead of failing")
     b.add_argument("--quiet", "-q", action="store_true", help="no progress bar")

@@ -5,6 +5,8 @@ Formats (docs/data_tools.md has an example of each):
 * ``jsonl`` -- one JSON object per line, either
   - an utterance (slamkit features): ``{"file_name": "a.flac", "units": [...], "duration": [...], "lang": "en"}``
     (``duration`` and ``lang`` optional; ``duration`` = frames per unit, used for hours), or
+  - a slamkit tokenised line (what slamkit's ``prepare_tokens`` writes with its unit tokeniser):
+    ``{"file_name": "a.flac", "audio_repr": "<Un12><Un907><Un3>"}`` (units only; other fields kept as metadata), or
   - a sentence-aligned story: ``{"id": "s0", "en": [[...], [...]], "fr": [[...], [...]]}``
     (one list of units per sentence, the same number of sentences in every language).
 * ``npy`` -- ``X.npy``: a 1-D integer array of all units concatenated, with the sidecar
@@ -15,11 +17,13 @@ Formats (docs/data_tools.md has an example of each):
 from __future__ import annotations
 
 import dataclasses
-import json
+import itertools
 import os
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+import re
+from typing import Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import orjson
 
 from data_tools.errors import DataError
 
@@ -66,34 +70,59 @@ def check_inputs(inputs: Sequence[InputSpec]) -> None:
             raise DataError(f"boundaries sidecar {bounds_path(spec.path)} not found", path=spec.path)
 
 
-# An item is (input index, line number (1-based), text or None): small and picklable.
-Item = Tuple[int, int, Optional[str]]
+# A chunk is (input index, first line number (1-based), payload): the payload is the list of raw lines
+# (bytes; JSONL records or .bounds.jsonl lines, blank lines included so that numbering stays exact), or,
+# for .npz, the number of records (line = record index + 1). Small, picklable, cheap to cut.
+Chunk = Tuple[int, int, Union[List[bytes], int]]
+# An item is one record: (input index, line number, raw line or None).
+Item = Tuple[int, int, Optional[bytes]]
 
 
-def iter_items(inputs: Sequence[InputSpec]) -> Iterator[Item]:
-    """Stream the items of every input in order (lines are read lazily: memory stays bounded)."""
+def iter_chunks(inputs: Sequence[InputSpec], chunk_size: int) -> Iterator[Chunk]:
+    """Cut every input, in order, into chunks of ``chunk_size`` lines (read lazily: memory stays bounded;
+    a chunk never spans two files)."""
     for fi, spec in enumerate(inputs):
         if spec.kind == "npz":
             n = len(_load_npz(spec.path)["offsets"]) - 1
-            for i in range(n):
-                yield fi, i + 1, None
+            for a in range(0, n, chunk_size):
+                yield fi, a + 1, min(chunk_size, n - a)
             continue
         path = bounds_path(spec.path) if spec.kind == "npy" else spec.path
-        with open(path, "r", encoding="utf-8") as f:
-            for ln, text in enumerate(f, 1):
-                if text.strip():
-                    yield fi, ln, text
+        try:
+            f = open(path, "rb")
+        except OSError as e:
+            raise DataError(f"cannot read ({e.strerror})", path=path) from None
+        with f:
+            first = 1
+            while True:
+                lines = list(itertools.islice(f, chunk_size))
+                if not lines:
+                    break
+                yield fi, first, lines
+                first += len(lines)
 
 
-def iter_chunks(items: Iterator[Item], chunk_size: int) -> Iterator[List[Item]]:
-    chunk: List[Item] = []
-    for it in items:
-        chunk.append(it)
-        if len(chunk) >= chunk_size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+def chunk_items(chunk: Chunk) -> Iterator[Item]:
+    fi, first, payload = chunk
+    if isinstance(payload, int):
+        for i in range(payload):
+            yield fi, first + i, None
+        return
+    for k, text in enumerate(payload):
+        if text.strip():
+            yield fi, first + k, text
+
+
+def iter_items(inputs: Sequence[InputSpec], chunk_size: int = 4096) -> Iterator[Item]:
+    """Every record of every input, in order."""
+    for chunk in iter_chunks(inputs, chunk_size):
+        yield from chunk_items(chunk)
+
+
+# Fields each kind of line may carry; any other field is reported once per file (warning, see build).
+UTT_FIELDS = frozenset({"file_name", "units", "duration", "lang", "id"})
+AUDIO_REPR_FIELDS = frozenset({"file_name", "audio_repr", "lang", "id"})
+BOUNDS_FIELDS = frozenset({"id", "start", "end", "lang"})
 
 
 @dataclasses.dataclass
@@ -104,6 +133,7 @@ class Record:
     units: Optional[np.ndarray] = None          # utt
     frames: int = 0                             # utt: source frames (hours); stories: per sentence
     sentences: Optional[Dict[str, List[np.ndarray]]] = None   # story
+    unknown: FrozenSet[str] = frozenset()       # fields of the line that no format defines (ignored)
 
 
 def check_units(value, codebook_size: int, path: str, line: int, field: str) -> np.ndarray:
@@ -125,7 +155,9 @@ def check_units(value, codebook_size: int, path: str, line: int, field: str) -> 
             arr = np.asarray(value)
         except (ValueError, OverflowError, TypeError):
             pass
-        if arr is None or arr.ndim != 1 or arr.dtype.kind not in "iu" or arr.dtype == np.bool_:
+        # JSON true/false are not units (np.asarray([True, 1]) would quietly make them 1/0)
+        if arr is None or arr.ndim != 1 or arr.dtype.kind not in "iu" or \
+                any(v is True or v is False for v in value):
             for i, v in enumerate(value):
                 if not isinstance(v, int) or isinstance(v, bool):
                     raise bad(f"unit {v!r} is not an integer", f"{field}[{i}]")
@@ -146,14 +178,44 @@ def check_units(value, codebook_size: int, path: str, line: int, field: str) -> 
     return arr
 
 
-def _json_obj(text: str, path: str, line: int) -> dict:
+def _json_obj(text, path: str, line: int) -> dict:
     try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
+        obj = orjson.loads(text)
+    except orjson.JSONDecodeError as e:
+        if isinstance(text, bytes):
+            try:
+                text.decode("utf-8")
+            except UnicodeDecodeError as u:
+                raise DataError(f"invalid UTF-8 (byte 0x{text[u.start]:02x} at column {u.start + 1}); "
+                                f"expected UTF-8 encoded JSON", path=path, line=line) from None
         raise DataError(f"invalid JSON ({e.msg} at column {e.colno})", path=path, line=line) from None
     if not isinstance(obj, dict):
         raise DataError(f"expected a JSON object, got {type(obj).__name__}", path=path, line=line)
     return obj
+
+
+_AUDIO_REPR = re.compile(r"(?:<Un\d+>)+")
+_UNIT_TOKEN = re.compile(r"<Un(\d+)>")
+
+
+def audio_repr_units(value, codebook_size: int, path: str, line: int) -> np.ndarray:
+    """slamkit's unit-tokeniser string ``"<Un12><Un907>..."`` -> units."""
+    if not isinstance(value, str):
+        raise DataError(f"expected a string of <UnN> unit tokens, got {type(value).__name__}", path=path,
+                        line=line, field="audio_repr")
+    if not value:
+        raise DataError("empty (no units)", path=path, line=line, field="audio_repr")
+    if not _AUDIO_REPR.fullmatch(value):
+        pos = 0
+        for m in _UNIT_TOKEN.finditer(value):
+            if m.start() != pos:
+                break
+            pos = m.end()
+        raise DataError(f"expected only <UnN> unit tokens (slamkit's unit tokeniser; text-interleaved lines are "
+                        f"not supported), got {value[pos:pos + 20]!r} at character {pos}",
+                        path=path, line=line, field="audio_repr")
+    units = [int(m) for m in _UNIT_TOKEN.findall(value)]
+    return check_units(units, codebook_size, path, line, "audio_repr")
 
 
 def _check_lang(lang, languages, path, line, field="lang") -> str:
@@ -227,10 +289,17 @@ def parse_item(spec: InputSpec, line: int, text: Optional[str], codebook_size: i
                             path=bp, line=line, field="end")
         units = check_units(np.asarray(arr[a:b]), codebook_size, bp, line, "units")
         lang = _check_lang(obj.get("lang", default_lang), languages, bp, line)
-        return Record("utt", str(obj.get("id", line)), lang=lang, units=units, frames=int(units.size))
+        return Record("utt", str(obj.get("id", line)), lang=lang, units=units, frames=int(units.size),
+                      unknown=frozenset(obj.keys() - BOUNDS_FIELDS))
 
     path = spec.path
     obj = _json_obj(text, path, line)
+    if "audio_repr" in obj and "units" not in obj:
+        units = audio_repr_units(obj["audio_repr"], codebook_size, path, line)
+        lang = _check_lang(obj.get("lang", default_lang), languages, path, line)
+        rid = obj.get("file_name", obj.get("id", f"line{line}"))
+        return Record("utt", str(rid), lang=lang, units=units, frames=int(units.size),
+                      unknown=frozenset(obj.keys() - AUDIO_REPR_FIELDS))
     if "units" in obj:
         units = check_units(obj["units"], codebook_size, path, line, "units")
         frames = int(units.size)
@@ -243,7 +312,8 @@ def parse_item(spec: InputSpec, line: int, text: Optional[str], codebook_size: i
             frames = int(round(sum(dur)))
         lang = _check_lang(obj.get("lang", default_lang), languages, path, line)
         rid = obj.get("file_name", obj.get("id", f"line{line}"))
-        return Record("utt", str(rid), lang=lang, units=units, frames=frames)
+        return Record("utt", str(rid), lang=lang, units=units, frames=frames,
+                      unknown=frozenset(obj.keys() - UTT_FIELDS))
 
     # a story
     if "id" not in obj:
@@ -265,4 +335,5 @@ def parse_item(spec: InputSpec, line: int, text: Optional[str], codebook_size: i
         if len(sentences[lang]) != len(sentences[first]):
             raise DataError(f"{len(sentences[lang])} sentences but '{first}' has {len(sentences[first])}",
                             path=path, line=line, field=lang)
-    return Record("story", str(obj["id"]), sentences=sentences)
+    return Record("story", str(obj["id"]), sentences=sentences,
+                  unknown=frozenset(obj.keys() - {"id"} - set(languages)))

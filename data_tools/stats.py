@@ -75,8 +75,8 @@ def dataset_stats(prefix: str, histogram_png: Optional[str] = None, block_tokens
         "manifest_tokens": man.get("tokens", {}).get("total"),
     }
     if verify_hash:
-        from data_tools.build import _sha256
-        h = _sha256([prefix + ".bin", lang_prefix(prefix) + ".bin"])
+        from data_tools.common import sha256_files
+        h = sha256_files([prefix + ".bin", lang_prefix(prefix) + ".bin"])
         out["content_hash_ok"] = h == man.get("content_hash")
     if histogram_png:
         import matplotlib

@@ -15,17 +15,19 @@ import numpy as np
 
 from megaslm.vocab import FRAME_RATES, LANG_NONE, UnitVocab
 
+from data_tools.common import dedup_units
 from data_tools.errors import DataError
 from data_tools.formats import Record
 
-MODES = ("mono", "random", "alternate")
+MODES = ("mono", "random", "story-random", "alternate")
+RANDOM_MODES = ("random", "story-random")   # modes that use --p
 
 
 @dataclasses.dataclass
 class BuildOptions:
     vocab: UnitVocab = dataclasses.field(default_factory=UnitVocab)
-    mode: str = "mono"                 # mono | random | alternate
-    p: float = 0.5                     # random: probability that a sentence is in story_langs[1]
+    mode: str = "mono"                 # mono | random | story-random | alternate
+    p: float = 0.5                     # random / story-random: probability of story_langs[1] per sentence / story
     seed: int = 0
     target_length: int = 2048          # max tokens per story document (0 = never split)
     lang: Optional[str] = None         # mono: language taken from stories; default for utterances
@@ -36,7 +38,7 @@ class BuildOptions:
     bpe_model: Optional[str] = None
     skip_bad: bool = False
     workers: int = 1
-    chunk_size: int = 256
+    chunk_size: int = 1024
     progress: bool = True
 
     def __post_init__(self):
@@ -67,15 +69,6 @@ class BuildOptions:
             raise DataError("--target-length: expected >= 0")
         if self.workers < 1 or self.chunk_size < 1:
             raise DataError("--workers and --chunk-size must be >= 1")
-
-
-def dedup_units(units: np.ndarray) -> np.ndarray:
-    if units.size < 2:
-        return units
-    keep = np.empty(units.size, dtype=bool)
-    keep[0] = True
-    np.not_equal(units[1:], units[:-1], out=keep[1:])
-    return units[keep]
 
 
 class Encoder:
@@ -130,6 +123,8 @@ def choose_languages(n: int, opts: BuildOptions, rng: np.random.Generator) -> Li
     if opts.mode == "random":
         pick = rng.random(n) < opts.p
         return [b if x else a for x in pick]
+    if opts.mode == "story-random":      # one draw per story, from the same per-story generator
+        return [b if rng.random() < opts.p else a] * n
     start = int(rng.integers(2))
     return [(a, b)[(start + i) % 2] for i in range(n)]
 
@@ -141,9 +136,8 @@ def record_documents(rec: Record, source: str, opts: BuildOptions, enc: Encoder,
                      rng: Optional[np.random.Generator], stats: Stats) -> List[Document]:
     vocab = opts.vocab
     if rec.kind == "utt":
-        if opts.mode != "mono":
-            raise DataError("an utterance has no aligned sentences to interleave (use --mode mono)",
-                            field="units")
+        # an utterance is one document in its own language in every mode, so one build can mix
+        # utterance files with parallel stories (issue 13 item 7)
         sents = [(rec.lang, enc(rec.units), int(rec.units.size), rec.frames)]
     else:
         n = len(rec.sentences[opts.story_langs[0]])

@@ -1,0 +1,191 @@
+"""Data-build benchmark (issue 14 item 4): megatron-core's per-item builder loop vs ``data_tools build``.
+
+    python -m data_tools.bench_build                 # 20k sequences of 50-400 units, workers 1 and 2
+    python -m data_tools.bench_build --sequences 2000 --repeats 1 --out /tmp/b.json   # quick look
+
+Generates the input (utterance JSONL as ``json.dumps`` writes it, ``.npy`` + ``.bounds.jsonl``, ``.npz``),
+runs the anchor a user would write -- a Python loop of ``IndexedDatasetBuilder.add_item`` +
+``end_document`` per record (``json.loads`` per line for JSONL and for the .npy sidecar) -- and
+``build_dataset`` (what ``python -m data_tools build`` runs) on the same input, checks that the anchor's
+``.bin``/``.idx`` and ours are byte-identical (and ours identical across worker counts), then prints and
+stores units/s and the ratio. Times are in-process wall times of the build call alone (interpreter start
+and the megatron-core/torch import are paid once before timing, for both), median of ``--repeats``.
+The machine may be shared: the JSON records the load average before the run.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import filecmp
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List
+
+import numpy as np
+
+from megaslm.vocab import UnitVocab
+
+CODEBOOK = 2048
+
+
+def generate(d: str, n: int, lo: int, hi: int, seed: int = 0) -> Dict[str, str]:
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(lo, hi + 1, size=n)
+    units = rng.integers(0, CODEBOOK, size=int(lengths.sum()), dtype=np.int64)
+    offsets = np.concatenate(([0], np.cumsum(lengths)))
+    paths = {"jsonl": os.path.join(d, "utt.jsonl"), "npy": os.path.join(d, "utt.npy"),
+             "npz": os.path.join(d, "utt.npz")}
+    with open(paths["jsonl"], "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"file_name": f"spk{i % 50}/utt{i:06d}.flac",
+                                "units": units[offsets[i]:offsets[i + 1]].tolist(), "lang": "en"}) + "\n")
+    np.save(paths["npy"], units)
+    with open(os.path.join(d, "utt.bounds.jsonl"), "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"id": f"utt{i:06d}", "start": int(offsets[i]), "end": int(offsets[i + 1]),
+                                "lang": "en"}) + "\n")
+    np.savez(paths["npz"], units=units, offsets=offsets)
+    return paths
+
+
+def anchor(fmt: str, path: str, prefix: str, vocab: UnitVocab) -> None:
+    """The per-item loop over megatron-core's builder: one document per utterance, units + offset, eod."""
+    import torch
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=DType.optimal_dtype(vocab.size))
+    eod = torch.tensor([vocab.eod_id])
+
+    def add(units):
+        builder.add_item(torch.cat([torch.as_tensor(units, dtype=torch.int64) + vocab.offset, eod]))
+        builder.end_document()
+
+    if fmt == "jsonl":
+        with open(path) as f:
+            for line in f:
+                add(json.loads(line)["units"])
+    elif fmt == "npy":
+        arr = np.load(path, mmap_mode="r")
+        with open(path[:-4] + ".bounds.jsonl") as f:
+            for line in f:
+                b = json.loads(line)
+                add(np.asarray(arr[b["start"]:b["end"]]))
+    else:
+        with np.load(path) as z:
+            units, off = z["units"], z["offsets"]
+        for i in range(len(off) - 1):
+            add(units[off[i]:off[i + 1]])
+    builder.finalize(prefix + ".idx")
+
+
+def ours(path: str, prefix: str, vocab: UnitVocab, workers: int) -> None:
+    from data_tools.build import build_dataset
+    build_dataset([path], prefix, vocab=vocab, mode="mono", lang="en", workers=workers, progress=False)
+
+
+def timed(fn, *args) -> float:
+    t = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t
+
+
+def same(a: str, b: str) -> bool:
+    return all(filecmp.cmp(a + ext, b + ext, shallow=False) for ext in (".bin", ".idx"))
+
+
+def machine() -> Dict[str, str]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = "unknown", False
+    return {"device": "cpu", "cpu": cpu, "cpu_count": str(os.cpu_count()), "commit": commit + ("+dirty" if dirty else ""),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "python": platform.python_version(), "numpy": np.__version__,
+            "load_average_before": " ".join(f"{x:.2f}" for x in os.getloadavg())}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m data_tools.bench_build", description=__doc__.splitlines()[0])
+    ap.add_argument("--sequences", type=int, default=20000)
+    ap.add_argument("--min-len", type=int, default=50)
+    ap.add_argument("--max-len", type=int, default=400)
+    ap.add_argument("--workers", default="1,2", help="comma-separated worker counts")
+    ap.add_argument("--formats", default="jsonl,npy,npz")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per measurement; the median is reported")
+    ap.add_argument("--dir", default=None, help="work directory (default: a temporary one, removed)")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                  "bench_build_results.json"))
+    a = ap.parse_args(argv)
+    import torch  # noqa: F401  -- imported before timing (both sides use it / megatron-core)
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder  # noqa: F401
+
+    info = machine()
+    vocab = UnitVocab(codebook_size=CODEBOOK)
+    workers = [int(w) for w in a.workers.split(",")]
+    work = a.dir or tempfile.mkdtemp(prefix="bench_build_")
+    os.makedirs(work, exist_ok=True)
+    try:
+        paths = generate(work, a.sequences, a.min_len, a.max_len)
+        units = int(np.load(paths["npy"], mmap_mode="r").shape[0])
+        results: List[Dict] = []
+        print(f"{a.sequences} sequences, {units:,} units; {info['cpu']} ({info['cpu_count']} cores), "
+              f"load {info['load_average_before']}; median of {a.repeats}")
+        for fmt in a.formats.split(","):
+            path = paths[fmt]
+            ref = os.path.join(work, f"anchor_{fmt}")
+            t_anchor = statistics.median(timed(anchor, fmt, path, ref, vocab) for _ in range(a.repeats))
+            row = {"format": fmt, "units": units, "sequences": a.sequences, "anchor_s": t_anchor,
+                   "anchor_units_per_s": units / t_anchor, "workers": {}}
+            for w in workers:
+                out = os.path.join(work, f"ours_{fmt}_w{w}")
+                t = statistics.median(timed(ours, path, out, vocab, w) for _ in range(a.repeats))
+                ident = same(ref, out)
+                row["workers"][str(w)] = {"s": t, "units_per_s": units / t, "ratio_vs_anchor": t_anchor / t,
+                                          "byte_identical_to_anchor": ident}
+                print(f"{fmt:5s} anchor {units / t_anchor / 1e6:7.2f} M units/s | data_tools workers={w} "
+                      f"{units / t / 1e6:8.2f} M units/s  ({t_anchor / t:5.1f}x)  byte-identical: {ident}")
+                if not ident:
+                    print(f"error: outputs differ: {ref} vs {out}", file=sys.stderr)
+                    return 1
+            w1 = row["workers"].get("1")
+            for w in workers:
+                if w1 and w != 1:
+                    row["workers"][str(w)]["speedup_vs_1_worker"] = w1["s"] / row["workers"][str(w)]["s"]
+            results.append(row)
+        record = {**info, "benchmark": "data_tools.bench_build", "command": " ".join(["python -m data_tools.bench_build"] + (argv if argv is not None else sys.argv[1:])),
+                  "timing": "in-process wall time of the build call, median of repeats", "repeats": a.repeats,
+                  "results": results}
+        tmp = a.out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, a.out)
+        print(f"wrote {a.out}")
+        return 0
+    finally:
+        if a.dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""The vectorised utterance path (data_tools.fast) writes exactly the bytes of the record-by-record path,
+refuses (falls back on) anything that is not plain JSON integers, and keeps worker-count independence."""
+import filecmp
+import json
+
+import numpy as np
+import pytest
+
+from megaslm.vocab import UnitVocab
+
+from data_tools.build import build_dataset
+from data_tools.fast import parse_int_lists
+
+from conftest import write_jsonl
+
+EXTS = (".bin", ".idx", ".lang.bin", ".lang.idx", ".manifest.json")
+
+
+def _same(a, b):
+    for ext in EXTS:
+        if ext == ".manifest.json":
+            ma, mb = json.load(open(a + ext)), json.load(open(b + ext))
+            for m in (ma, mb):
+                m.pop("inputs")
+            assert ma == mb
+        else:
+            assert filecmp.cmp(a + ext, b + ext, shallow=False), ext
+
+
+def _utterances(rng, n, C):
+    out = []
+    for i in range(n):
+        u = rng.integers(0, C, size=int(rng.integers(1, 40)))
+        if i % 7 == 0:
+            u[: len(u) // 2] = u[0]                      # runs, for dedup
+        r = {"file_name": f"u{i}.flac", "units": u.tolist()}
+        if i % 3 == 0:
+            r["lang"] = "fr"
+        if i % 5 == 0:
+            r["duration"] = [1.5] * len(u)
+        out.append(r)
+    return out
+
+
+@pytest.mark.parametrize("dedup,bos", [(False, False), (True, True)])
+def test_fast_path_equals_record_path(tmp_path, monkeypatch, dedup, bos):
+    rng = np.random.default_rng(0)
+    C = 2048
+    recs = _utterances(rng, 600, C)
+    lines = [json.dumps(r) if i % 2 else json.dumps(r, separators=(",", ":")) for i, r in enumerate(recs)]
+    lines.insert(10, "")                                  # a blank line keeps the numbering
+    src = write_jsonl(tmp_path / "u.jsonl", lines)
+    # slamkit tokenised lines, .npy + bounds, .npz: the same utterances
+    rep = write_jsonl(tmp_path / "rep.jsonl", [{"file_name": r["file_name"], "audio_repr": "".join(
+        f"<Un{u}>" for u in r["units"]), "lang": r.get("lang", "en")} for r in recs])
+    units = np.concatenate([np.array(r["units"]) for r in recs]).astype(np.int32)
+    off = np.concatenate(([0], np.cumsum([len(r["units"]) for r in recs])))
+    np.save(tmp_path / "n.npy", units)
+    write_jsonl(tmp_path / "n.bounds.jsonl", [{"id": str(i), "start": int(off[i]), "end": int(off[i + 1]),
+                                                "lang": r.get("lang", "en")} for i, r in enumerate(recs)])
+    np.savez(tmp_path / "z.npz", units=units, offsets=off, langs=np.array([r.get("lang", "en") for r in recs]))
+    vocab = UnitVocab(codebook_size=C, dedup=dedup)
+    import data_tools.fast as fast
+    taken = []
+    for name in ("jsonl_chunk", "npy_chunk", "npz_chunk"):
+        def spy(*a, _f=getattr(fast, name), _n=name):
+            r = _f(*a)
+            taken.append((_n, r is not None))
+            return r
+        monkeypatch.setattr(fast, name, spy)
+    inputs = [src, rep, str(tmp_path / "n.npy"), str(tmp_path / "z.npz")]
+    for k, inp in enumerate(inputs):
+        common = dict(vocab=vocab, add_bos=bos, progress=False, chunk_size=64)
+        build_dataset([inp], str(tmp_path / f"fast{k}"), **common)
+        build_dataset([inp], str(tmp_path / f"fast2w{k}"), workers=2, **{**common, "chunk_size": 50})
+        monkeypatch.setenv("DATA_TOOLS_RECORD_PATH", "1")
+        build_dataset([inp], str(tmp_path / f"slow{k}"), **common)
+        monkeypatch.delenv("DATA_TOOLS_RECORD_PATH")
+        _same(str(tmp_path / f"fast{k}"), str(tmp_path / f"slow{k}"))
+        _same(str(tmp_path / f"fast{k}"), str(tmp_path / f"fast2w{k}"))
+    # the vectorised path really ran (and vouched for every chunk) for each format
+    assert {n for n, ok in taken if ok} == {"jsonl_chunk", "npy_chunk", "npz_chunk"}
+    assert all(ok for _, ok in taken)
+    for k in (1, 2):                                      # the unit stream does not depend on the format
+        for ext in (".bin", ".idx", ".lang.bin", ".lang.idx"):
+            assert filecmp.cmp(str(tmp_path / "fast0") + ext, str(tmp_path / f"fast{k}") + ext, shallow=False)
+
+
+def test_parse_int_lists_accepts_json_integers_only():
+    vals, counts = parse_int_lists([b"12, 907, 3", b"0", b"5,2047", b"1,10,100,1000"], 2048)
+    assert vals.tolist() == [12, 907, 3, 0, 5, 2047, 1, 10, 100, 1000] and counts.tolist() == [3, 1, 2, 4]
+    for bad in (b"1 2", b"1,,2", b"1, ,2", b"1,2,", b",1", b"", b"012", b"5,00", b"-1", b"1.5", b"1e3", b"+1",
+                b"true", b'"7"', b"20480", b"1/2", b"1,\t2", b"99999999999999999999"):
+        assert parse_int_lists([b"4", bad], 2048) is None, bad
