@@ -21,10 +21,8 @@ The world (all drawn from one seed):
 Files written to ``out_dir``:
 
 * ``stories.jsonl``: the training pool, parallel stories ``{"id", "en": [[units]...], "fr": [...]}``
-  (the data_tools story format: build it with ``--mode random`` for per-sentence interleaving);
-* ``stories.whole_en.jsonl`` / ``stories.whole_fr.jsonl``: the same stories split by a seeded coin
-  per story (probability ``p`` of French): build each with ``--mode mono --lang en|fr`` and blend them by
-  tokens for the "whole story in a random language" baseline;
+  (the data_tools story format: build it with ``--mode random`` for per-sentence interleaving, with
+  ``--mode story-random`` for the whole-story-language baseline);
 * ``bench/``: held-out benchmarks in the evals format (docs/evals.md), from stories the training pool
   never contains: ``sTC`` (topic cloze: the right next sentence vs one from a story of another topic,
   same hero), ``sSC`` (story cloze: the right next sentence vs one with another hero, same topic),
@@ -57,7 +55,6 @@ class WorldSpec:
     min_sentences: int = 4
     max_sentences: int = 8
     noise: float = 0.02
-    p: float = 0.5                # whole-story split: probability of French
     bench_items: int = 200        # per task
     bench_context: int = 2        # context sentences of cloze items
 
@@ -73,8 +70,6 @@ class WorldSpec:
                             f"<= max_sentences, got {self.min_sentences}..{self.max_sentences}")
         if not 0.0 <= self.noise < 0.5:
             raise DataError(f"world: --noise: expected a number in [0, 0.5), got {self.noise}")
-        if not 0.0 <= self.p <= 1.0:
-            raise DataError(f"world: --p: expected a number in [0, 1], got {self.p}")
         if self.codebook_size < 16:
             raise DataError(f"world: --codebook-size: expected >= 16, got {self.codebook_size}")
 
@@ -183,28 +178,22 @@ def _bench_items(world: World, spec: WorldSpec, rng: np.random.Generator) -> Tup
 
 
 def write_world(out_dir: str, spec: WorldSpec) -> Dict[str, object]:
-    """Write the training pool, its whole-story split, the benchmarks and world.json (see the module doc)."""
+    """Write the training pool, the benchmarks and world.json (see the module doc)."""
     from megaslm.vocab import UnitVocab
 
     spec.check()
     world = World(spec)
     os.makedirs(out_dir, exist_ok=True)
     rng = np.random.default_rng(np.random.SeedSequence([spec.seed, 1]))
-    coin = np.random.default_rng(np.random.SeedSequence([spec.seed, 2]))
-    stories, whole = [], {"en": [], "fr": []}
+    stories = []
     for s in range(spec.stories):
         topic = int(rng.integers(spec.topics))
         hero = int(rng.choice(world.character_concepts))
         n = int(rng.integers(spec.min_sentences, spec.max_sentences + 1))
         st = {"id": f"world-{s:06d}", **world.render_story(world.story_concepts(rng, topic, hero, n), rng)}
         stories.append(st)
-        whole["fr" if coin.random() < spec.p else "en"].append(st)
-    paths = {"stories": os.path.join(out_dir, "stories.jsonl"),
-             "whole_en": os.path.join(out_dir, "stories.whole_en.jsonl"),
-             "whole_fr": os.path.join(out_dir, "stories.whole_fr.jsonl")}
+    paths = {"stories": os.path.join(out_dir, "stories.jsonl")}
     _atomic_jsonl(paths["stories"], stories)
-    _atomic_jsonl(paths["whole_en"], whole["en"])
-    _atomic_jsonl(paths["whole_fr"], whole["fr"])
 
     bench = os.path.join(out_dir, "bench")
     os.makedirs(bench, exist_ok=True)
@@ -224,8 +213,7 @@ def write_world(out_dir: str, spec: WorldSpec) -> Dict[str, object]:
     tmp = f"{wj}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump({"spec": asdict(spec), "lexicon": world.lexicon_dict(),
-                   "counts": {"stories": len(stories), "whole_en": len(whole["en"]), "whole_fr": len(whole["fr"]),
-                              "cloze_items": len(cloze), "align_items": len(align)}}, f)
+                   "counts": {"stories": len(stories), "cloze_items": len(cloze), "align_items": len(align)}}, f)
     os.replace(tmp, wj)
     paths["world"] = wj
     return paths
