@@ -129,3 +129,16 @@ def test_plan_prints_the_table(tmp_path):
 def test_spec_error_is_a_sweep_error(tmp_path):
     with pytest.raises(SweepError, match="budgets"):
         expand(tiny_spec(tmp_path, budgets=[0]))
+
+
+def test_sweep_library_is_torch_free_and_imports_no_tools():
+    import subprocess
+    import sys
+
+    code = ("import sys, megaslm.sweep, megaslm.sweep_report\n"
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'evals', 'data_tools', 'launchers', "
+            "'deepspeed', 'megatron')]\n"
+            "assert not bad, bad\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                       env=dict(os.environ, PYTHONPATH=ROOT))
+    assert r.returncode == 0, r.stderr
