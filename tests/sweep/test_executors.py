@@ -1,0 +1,33 @@
+"""Executor plumbing that needs no cluster: the multi-node hostfile and the launch commands."""
+import os
+import shutil
+
+import pytest
+
+from megaslm.sweep import hostfile_from_slurm, train_command
+
+
+@pytest.mark.skipif(shutil.which("scontrol") is None, reason="scontrol (slurm-wlm) not installed")
+def test_hostfile_from_the_allocation(tmp_path, monkeypatch):
+    # scontrol needs a slurm.conf to start (inside an allocation the cluster's); a minimal one here
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("ClusterName=x\nSlurmctldHost=localhost\nNodeName=localhost CPUs=1\nPartitionName=p Nodes=ALL\n")
+    monkeypatch.setenv("SLURM_CONF", str(conf))
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[01-03],big7")
+    path = hostfile_from_slurm(str(tmp_path / "hostfile"), gpus_per_node=8)
+    assert open(path).read() == "gpu01 slots=8\ngpu02 slots=8\ngpu03 slots=8\nbig7 slots=8\n"
+
+
+def test_no_allocation_no_hostfile(tmp_path, monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_NODELIST", raising=False)
+    monkeypatch.delenv("SLURM_NODELIST", raising=False)
+    assert hostfile_from_slurm(str(tmp_path / "hostfile"), 8) is None
+
+
+def test_train_commands():
+    one = train_command("c.yaml", "py", gpus=0, nodes=1, hostfile=None)
+    assert one[0] == "py" and one[1].endswith(os.path.join("launchers", "pretrain.py")) and one[-2:] == ["--config", "c.yaml"]
+    node = train_command("c.yaml", "py", gpus=4, nodes=1, hostfile=None)
+    assert node[:5] == ["py", "-m", "deepspeed.launcher.runner", "--num_gpus", "4"]
+    multi = train_command("c.yaml", "py", gpus=8, nodes=2, hostfile="/x/hostfile")
+    assert multi[3:7] == ["--hostfile", "/x/hostfile", "--num_gpus", "8"] and "--no_local_rank" in multi
