@@ -100,11 +100,19 @@ def _executor_runs(sw, todo, log):
         n = len(todo)
         jobs = executor.map_array(execute_run, [sj] * n, [r.name for r in todo], [python] * n, [gpus] * n,
                                   [ex.nodes] * n)
+    elif ex.kind == "submitit-local":
+        # LocalExecutor starts every submitted job at once: submit executor.parallel at a time
+        jobs = []
+        for i, r in enumerate(todo):
+            if i >= ex.parallel:
+                jobs[i - ex.parallel].wait()
+            jobs.append(executor.submit(execute_run, sj, r.name, python, gpus, 1))
+            log(f"[{time.strftime('%H:%M:%S')}] {r.name}: submitted as job {jobs[-1].job_id}")
     else:
-        jobs = [executor.submit(execute_run, sj, r.name, python, gpus, ex.nodes if ex.kind == "slurm" else 1)
-                for r in todo]
-    for r, j in zip(todo, jobs):
-        log(f"[{time.strftime('%H:%M:%S')}] {r.name}: submitted as job {j.job_id}")
+        jobs = [executor.submit(execute_run, sj, r.name, python, gpus, ex.nodes) for r in todo]
+    if ex.kind != "submitit-local":
+        for r, j in zip(todo, jobs):
+            log(f"[{time.strftime('%H:%M:%S')}] {r.name}: submitted as job {j.job_id}")
     for r, j in zip(todo, jobs):
         try:
             j.result()

@@ -857,13 +857,24 @@ def hostfile_from_slurm(path: str, gpus_per_node: int) -> Optional[str]:
     return path
 
 
-def train_command(cfg_path: str, python: str, gpus: int, nodes: int, hostfile: Optional[str]) -> List[str]:
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_command(cfg_path: str, python: str, gpus: int, nodes: int, hostfile: Optional[str],
+                  port: Optional[int] = None) -> List[str]:
+    """The trainer's command line; runs of one node never share a rendezvous port (``port``)."""
     script = os.path.join(ROOT, "launchers", "pretrain.py")
+    mp = ["--master_port", str(port)] if port else []
     if nodes > 1 and hostfile:
         return [python, "-m", "deepspeed.launcher.runner", "--hostfile", hostfile, "--num_gpus", str(gpus),
-                "--no_local_rank", script, "--config", cfg_path]
+                *mp, "--no_local_rank", script, "--config", cfg_path]
     if gpus > 1:
-        return [python, "-m", "deepspeed.launcher.runner", "--num_gpus", str(gpus), "--no_local_rank", script,
+        return [python, "-m", "deepspeed.launcher.runner", "--num_gpus", str(gpus), *mp, "--no_local_rank", script,
                 "--config", cfg_path]
     return [python, script, "--config", cfg_path]
 
@@ -891,7 +902,10 @@ def execute_run(sweep_json: str, name: str, python: Optional[str] = None, gpus: 
     st = run_state(run)
     if st["state"] == "partial" or st["state"] == "pending":
         hf = hostfile_from_slurm(os.path.join(run.dir, "hostfile"), gpus) if nodes > 1 else None
-        _call(train_command(cfg_path, python, gpus, nodes, hf), os.path.join(logs, "train.log"), env, f"training {name}")
+        port = free_port()
+        env["MASTER_PORT"] = str(port)   # a single process picks its rendezvous from here; deepspeed from --master_port
+        _call(train_command(cfg_path, python, gpus, nodes, hf, port), os.path.join(logs, "train.log"), env,
+              f"training {name}")
         st = run_state(run)
         if st["state"] not in ("trained", "evaluated"):
             raise SweepError(f"training {name} stopped at {st['tokens_seen']:,} of {run.tokens:,} tokens "
@@ -902,6 +916,7 @@ def execute_run(sweep_json: str, name: str, python: Optional[str] = None, gpus: 
         if os.path.isdir(tmp):
             import shutil
             shutil.rmtree(tmp)
+        env["MASTER_PORT"] = str(free_port())   # launchers/eval.py alone would take 29500: parallel runs collide
         _call([python, os.path.join(ROOT, "launchers", "eval.py"), "--checkpoint", st["checkpoint"],
                "--benchmarks", *sw.benchmarks, "--out", tmp, *sw.spec.eval_overrides],
               os.path.join(logs, "eval.log"), env, f"evaluation {name}")

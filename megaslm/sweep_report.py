@@ -223,7 +223,7 @@ def write_plots(rows: Sequence[Dict], arm_rows: Sequence[Dict], plot_dir: str) -
             lo, hi = pts[0][0], pts[-1][0]
             xs = [lo * (hi / lo) ** (i / 20) for i in range(21)]
             ax.plot(xs, [a_ * x ** -b_ for x in xs], "--", color=line.get_color())
-            fits.append(f"{rec}: loss = {a_:.4g} * FLOPs^-{b_:.4f}")
+            fits.append(f"{rec}: loss = {a_:.4g} * FLOPs^({-b_:+.4f})")
         else:
             fits.append(f"{rec}: no power-law fit (fewer than 2 distinct FLOPs)")
     ax.set_xscale("log")

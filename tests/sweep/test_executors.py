@@ -31,3 +31,4 @@ def test_train_commands():
     assert node[:5] == ["py", "-m", "deepspeed.launcher.runner", "--num_gpus", "4"]
     multi = train_command("c.yaml", "py", gpus=8, nodes=2, hostfile="/x/hostfile")
     assert multi[3:7] == ["--hostfile", "/x/hostfile", "--num_gpus", "8"] and "--no_local_rank" in multi
+    assert train_command("c.yaml", "py", gpus=2, nodes=1, hostfile=None, port=1234)[5:7] == ["--master_port", "1234"]
