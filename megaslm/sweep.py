@@ -800,12 +800,14 @@ def _env() -> Dict[str, str]:
     return env
 
 
-def _call(cmd: List[str], log_path: str, env: Optional[Dict[str, str]] = None, what: str = "") -> None:
+def _call(cmd: List[str], log_path: str, env: Optional[Dict[str, str]] = None, what: str = "",
+          pass_fds: Tuple[int, ...] = ()) -> None:
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     with open(log_path, "a") as log:
         log.write(f"\n$ {' '.join(shlex.quote(c) for c in cmd)}\n")
         log.flush()
-        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env or _env(), cwd=ROOT)
+        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env or _env(), cwd=ROOT,
+                             pass_fds=pass_fds)
     if rc != 0:
         tail = ""
         try:
@@ -891,6 +893,25 @@ def execute_run(sweep_json: str, name: str, python: Optional[str] = None, gpus: 
     if run is None:
         raise SweepError(f"run {name}: not in the sweep spec any more")
     logs = os.path.join(run.dir, "logs")
+    # One process per run at a time. The lock's descriptor is handed to the trainer and the evaluator
+    # (pass_fds), so it stays held while they live even if this process is killed: a second sweep
+    # started meanwhile refuses the run instead of training it twice into the same directory.
+    os.makedirs(run.dir, exist_ok=True)
+    lock = open(os.path.join(run.dir, ".sweep.lock"), "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise SweepError(f"run {name}: another process is running it (lock {run.dir}/.sweep.lock); "
+                         "run the sweep again when it has finished") from None
+    try:
+        return _execute_locked(sw, run, name, python, gpus, nodes, devices, logs, (lock.fileno(),))
+    finally:
+        lock.close()
+
+
+def _execute_locked(sw: Sweep, run: Run, name: str, python: str, gpus: int, nodes: int, devices: Optional[str],
+                    logs: str, fds: Tuple[int, ...]) -> Dict:
     for k in run.datasets:
         ensure_dataset(sw.datasets, k, sw.data_dir, python, log=lambda m: None)
     refresh_token_weights(run)
@@ -905,7 +926,7 @@ def execute_run(sweep_json: str, name: str, python: Optional[str] = None, gpus: 
         port = free_port()
         env["MASTER_PORT"] = str(port)   # a single process picks its rendezvous from here; deepspeed from --master_port
         _call(train_command(cfg_path, python, gpus, nodes, hf, port), os.path.join(logs, "train.log"), env,
-              f"training {name}")
+              f"training {name}", fds)
         st = run_state(run)
         if st["state"] not in ("trained", "evaluated"):
             raise SweepError(f"training {name} stopped at {st['tokens_seen']:,} of {run.tokens:,} tokens "
@@ -919,7 +940,7 @@ def execute_run(sweep_json: str, name: str, python: Optional[str] = None, gpus: 
         env["MASTER_PORT"] = str(free_port())   # launchers/eval.py alone would take 29500: parallel runs collide
         _call([python, os.path.join(ROOT, "launchers", "eval.py"), "--checkpoint", st["checkpoint"],
                "--benchmarks", *sw.benchmarks, "--out", tmp, *sw.spec.eval_overrides],
-              os.path.join(logs, "eval.log"), env, f"evaluation {name}")
+              os.path.join(logs, "eval.log"), env, f"evaluation {name}", fds)
         if os.path.isdir(out):
             import shutil
             shutil.rmtree(out)

@@ -32,3 +32,33 @@ def test_train_commands():
     multi = train_command("c.yaml", "py", gpus=8, nodes=2, hostfile="/x/hostfile")
     assert multi[3:7] == ["--hostfile", "/x/hostfile", "--num_gpus", "8"] and "--no_local_rank" in multi
     assert train_command("c.yaml", "py", gpus=2, nodes=1, hostfile=None, port=1234)[5:7] == ["--master_port", "1234"]
+
+
+def test_a_run_held_by_another_process_is_refused(tmp_path):
+    import fcntl
+    import subprocess
+    import sys
+
+    from helpers import ROOT, tiny_spec
+
+    from megaslm.sweep import SweepError, execute_run, expand, write_configs
+
+    sw = expand(tiny_spec(tmp_path))
+    write_configs(sw)
+    run = sw.runs[0]
+    os.makedirs(run.dir, exist_ok=True)
+    # another process (think: a trainer whose sweep driver was killed) holds the run's lock
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time\n"
+        f"f = open({os.path.join(run.dir, '.sweep.lock')!r}, 'a'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+        "print('held', flush=True); time.sleep(60)\n")], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SweepError, match="another process is running it"):
+            execute_run(os.path.join(sw.dir, "sweep.json"), run.name)
+        assert not os.path.exists(os.path.join(run.dir, "logs", "train.log"))   # nothing started
+    finally:
+        holder.kill()
+        holder.wait()
+    lock = open(os.path.join(run.dir, ".sweep.lock"), "a")   # released with its holder
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
