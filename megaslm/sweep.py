@@ -85,6 +85,7 @@ class ExecutorSpec:
     array: bool = False            # slurm: one job array instead of one job per run
     array_parallelism: int = 16
     python: Optional[str] = None   # interpreter for the jobs (default: this one)
+    env: List[str] = field(default_factory=list)   # KEY=VALUE for the trainer/evaluator, e.g. OMP_NUM_THREADS=1
 
 
 @dataclass
@@ -410,6 +411,9 @@ def expand(path: str, overrides: Sequence[str] = (), output_dir: Optional[str] =
           f"{_line_of(src, 'kind')}: executor.kind: expected local, slurm or submitit-local, got {ex.kind!r}")
     _need(ex.parallel >= 1 and ex.gpus_per_run >= 0 and ex.nodes >= 1,
           f"{_line_of(src, 'executor')}: executor: expected parallel >= 1, gpus_per_run >= 0, nodes >= 1")
+    for kv in ex.env:
+        _need("=" in kv and kv.partition("=")[0].isidentifier(),
+              f"{_line_of(src, 'env')}: executor.env: expected KEY=VALUE, got {kv!r}")
     for i, b in enumerate(spec.budgets):
         _need(b > 0 and (spec.matching == "flops" or float(b).is_integer()),
               f"{_line_of(src, 'budgets')}: budgets[{i}]: expected a positive integer token count"
@@ -918,6 +922,9 @@ def _execute_locked(sw: Sweep, run: Run, name: str, python: str, gpus: int, node
     cfg_path = run_config_path(sw, run)
     atomic_write(cfg_path, run.config.to_yaml())
     env = _env()
+    for kv in sw.spec.executor.env:
+        k, _, v = kv.partition("=")
+        env[k] = v
     if devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = devices
     st = run_state(run)
