@@ -83,7 +83,7 @@ def _executor_runs(sw, todo, log):
         executor = submitit.LocalExecutor(folder=folder, python=python)
         executor.update_parameters(timeout_min=ex.time_min)
     else:
-        executor = submitit.AutoExecutor(folder=folder, cluster="slurm", python=python)
+        executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_python=python)
         params = dict(timeout_min=ex.time_min, nodes=ex.nodes, tasks_per_node=1, cpus_per_task=ex.cpus_per_task,
                       name=f"sweep-{sw.spec.name}")
         if ex.gpus_per_node:
