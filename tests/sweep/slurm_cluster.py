@@ -73,6 +73,14 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
     env["SLURM_CONF"] = conf
 
     def stop():
+        # end every job step first (a job step outlives slurmd and its srun waits for slurmctld forever)
+        if len(procs) == 3 and all(p.poll() is None for p in procs):
+            subprocess.run(["scancel", "--user=root"], env=env, capture_output=True)
+            for _ in range(60):
+                r = subprocess.run(["squeue", "-h"], env=env, capture_output=True, text=True)
+                if r.returncode != 0 or not r.stdout.strip():
+                    break
+                time.sleep(0.5)
         for p in reversed(procs):
             try:
                 p.terminate()
