@@ -440,6 +440,10 @@ def expand(path: str, overrides: Sequence[str] = (), output_dir: Optional[str] =
     names = [s[0] for s in sizes]
     dup = {n for n in names if names.count(n) > 1}
     _need(not dup, f"{_line_of(src, 'sizes')}: sizes: duplicate size name(s) {sorted(dup)}")
+    _need(spec.throughput.reference in names or spec.throughput.reference in PRESETS,
+          f"{_line_of(src, 'throughput')}: throughput.reference: {spec.throughput.reference!r} is neither a size of "
+          f"this sweep ({', '.join(names)}) nor a preset ({', '.join(PRESETS)})")
+    _need(spec.throughput.tokens_per_s > 0, f"{_line_of(src, 'throughput')}: throughput.tokens_per_s: expected > 0")
 
     # datasets: which use {p}
     def ds_uses_p(name: str, seen=()) -> bool:

@@ -31,6 +31,7 @@ BAD = [
     ("bad matching rule", lambda s: s.update(matching="steps"), "matching: expected tokens or flops"),
     ("wrong type", lambda s: s.update(seeds="one"), "seeds: expected a list"),
     ("bad size", lambda s: s.update(sizes=["huge"]), "unknown size 'huge'"),
+    ("bad throughput reference", lambda s: s["throughput"].update(reference="xl"), "throughput.reference: 'xl'"),
 ]
 
 
@@ -93,7 +94,8 @@ def test_flops_matching_uses_the_telemetry_formula(tmp_path):
 
 def test_size_ladder_and_axes(tmp_path):
     spec = tiny_spec(tmp_path, sizes=[{"ladder": {"params": [3.5e4, 9e4, 2.2e5, 6e5], "aspect": 16}}],
-                     recipes=["interleaving"], p=[0.25, 0.5], seeds=[1, 2], grid={"optimizer.lr": [1e-3, 3e-3]})
+                     recipes=["interleaving"], p=[0.25, 0.5], seeds=[1, 2], grid={"optimizer.lr": [1e-3, 3e-3]},
+                     throughput={"tokens_per_s": 20000, "reference": "tiny"})
     sw = expand(spec)
     sizes = sorted({(r.config.num_parameters(), r.size) for r in sw.runs})
     assert len(sizes) >= 4
@@ -107,7 +109,7 @@ def test_size_ladder_and_axes(tmp_path):
     # a preset and a recipe given as a run config path
     sw2 = expand(tiny_spec(tmp_path, sizes=["tiny"], recipes=[os.path.join(ROOT, "configs", "recipes", "qwen2-360m",
                                                                          "interleaving_ft.yaml")],
-                           budgets=[100_000]))
+                           budgets=[100_000], throughput={"tokens_per_s": 20000, "reference": "tiny"}))
     r = sw2.runs[0]
     assert [s.name for s in r.config.schedule.stages][:2] == ["en_only", "interleaving"]
     assert sum(r.stage_tokens) == 100_000
