@@ -906,9 +906,15 @@ def execute_run(sweep_json: str, name: str, python: Optional[str] = None, gpus: 
     # started meanwhile refuses the run instead of training it twice into the same directory.
     os.makedirs(run.dir, exist_ok=True)
     lock = open(os.path.join(run.dir, ".sweep.lock"), "a")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    deadline = time.time() + 30.0   # a just-killed holder may take a moment to exit (and release it)
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.time() < deadline:
+                time.sleep(0.5)
+                continue
         lock.close()
         raise SweepError(f"run {name}: another process is running it (lock {run.dir}/.sweep.lock); "
                          "run the sweep again when it has finished") from None
