@@ -100,9 +100,9 @@ def test_local_sweep_killed_midway_resumes_without_retraining(tmp_path):
     assert st.returncode == 0 and "4 evaluated" in st.stdout
     # the data were built once and shared: one marker per built dataset (bench is made by world's build)
     built = sorted(os.listdir(os.path.join(sw.data_dir, ".built")))
-    assert [b for b in built if b.endswith(".done")] == ["en.done", "fr.done", "interleaved@p0.5.done", "world.done"]
+    assert [b for b in built if b.endswith(".done")] == ["en.done", "fr.done", "interleaved_p0.5.done", "world.done"]
     logs = os.listdir(os.path.join(sw.data_dir, "logs"))
-    for name in ("world", "en", "fr", "interleaved@p0.5"):   # each build command ran exactly once
+    for name in ("world", "en", "fr", "interleaved_p0.5"):   # each build command ran exactly once
         assert open(os.path.join(sw.data_dir, "logs", f"{name}.log")).read().count("$ ") == 1, logs
 
 
