@@ -109,6 +109,8 @@ def make_parser() -> argparse.ArgumentParser:
     d.add_argument("--codebook-size", type=int, default=128)
     d.add_argument("--p", type=float, default=0.5)
     d.add_argument("--workers", type=int, default=1)
+    from data_tools.world import add_parser as _world_parser
+    _world_parser(sub)  # `world`: the synthetic bilingual spoken world of the demo sweep (data_tools/world.py)
     return ap
 
 
@@ -163,6 +165,9 @@ def run(argv: Optional[List[str]] = None) -> int:
         p = write_demo_corpus(a.out_dir, seed=a.seed, num_stories=a.num_stories,
                               codebook_size=a.codebook_size, p=a.p, workers=a.workers)
         print(json.dumps(p, indent=2))
+    elif a.cmd == "world":
+        from data_tools.world import run_cli
+        print(json.dumps(run_cli(a), indent=2))
     return 0
 
 

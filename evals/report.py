@@ -13,6 +13,10 @@ from typing import Dict, List, Sequence
 
 from evals.benchmarks import CROSSLINGUAL, MONOLINGUAL, SYNTAX_LEXICON
 
+SCORING_TEXT = {"mean": "mean log-likelihood per token of the whole utterance, context included",
+                "sum_continuation": "summed log-likelihood of the ending given the context",
+                "mean_continuation": "mean log-likelihood per token of the ending only, given the context"}
+
 
 def _columns(results: Sequence[Dict]) -> List[str]:
     fixed = MONOLINGUAL + CROSSLINGUAL + SYNTAX_LEXICON
@@ -38,7 +42,8 @@ def markdown_table(results: Sequence[Dict]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     scoring = {r.get("scoring") for r in results}
     lines.append("")
-    lines.append(f"Accuracy in % (ties count one half); scoring: {', '.join(sorted(s for s in scoring if s))}. "
+    lines.append(f"Accuracy in % (ties count one half); scoring: "
+                 f"{', '.join(f'{s} ({SCORING_TEXT.get(s, s)})' for s in sorted(s for s in scoring if s))}. "
                  f"Alignment: mean over layers of the cosine of mean-pooled hidden states of parallel utterances.")
     return "\n".join(lines) + "\n"
 

@@ -9,6 +9,8 @@ is never predicted).
   token of the whole utterance (context and candidate).
 * ``sum_continuation``: sum of the log-probabilities of the candidate's tokens only, given the
   context (for a context-free item without bos, the candidate's first token is not predicted).
+* ``mean_continuation``: the mean of those same candidate-token log-probabilities (the ending only,
+  length-normalised; a common choice in the literature for endings of different lengths).
 
 An item is right when the correct candidate scores strictly highest; a tie at the top counts
 1 / (number tied) (one half for a pair).
@@ -25,7 +27,7 @@ from evals.benchmarks import Item, encode
 from evals.engine import sequence_logprobs
 from evals.errors import EvalError
 
-SCORINGS = ("mean", "sum_continuation")
+SCORINGS = ("mean", "sum_continuation", "mean_continuation")
 
 
 def utterance_score(lp: Sequence[float], start: int, scoring: str) -> float:
@@ -34,6 +36,9 @@ def utterance_score(lp: Sequence[float], start: int, scoring: str) -> float:
         return float(sum(lp) / len(lp))
     if scoring == "sum_continuation":
         return float(sum(lp[max(start, 1) - 1:]))
+    if scoring == "mean_continuation":
+        ending = lp[max(start, 1) - 1:]
+        return float(sum(ending) / len(ending))
     raise EvalError(f"scoring: {scoring!r} is not one of {SCORINGS}")
 
 

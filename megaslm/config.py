@@ -135,14 +135,14 @@ class EvalConfig:
     """Benchmarks scored by evals/ (launchers/eval.py, and every ``interval`` steps during training)."""
     interval: int = 0                  # optimizer steps between evaluations during training; 0: off
     benchmarks: List[str] = field(default_factory=list)  # benchmark folders / .jsonl files (docs/evals.md)
-    scoring: str = "mean"              # mean (per-token mean over the utterance) | sum_continuation
+    scoring: str = "mean"              # mean (whole utterance) | sum_continuation | mean_continuation (ending only)
     add_bos: bool = False              # prefix utterances with bos (only if the training data had it)
     batch_size: int = 16               # sequences per forward (length-bucketed)
     max_items: int = 0                 # per task; 0: all
 
     def __post_init__(self):
-        if self.scoring not in ("mean", "sum_continuation"):
-            raise ConfigError(f"eval.scoring: expected mean or sum_continuation, got {self.scoring!r}")
+        if self.scoring not in ("mean", "sum_continuation", "mean_continuation"):
+            raise ConfigError(f"eval.scoring: expected mean, sum_continuation or mean_continuation, got {self.scoring!r}")
         if self.interval < 0 or self.batch_size < 1 or self.max_items < 0:
             raise ConfigError("eval: expected interval >= 0, batch_size >= 1, max_items >= 0, got "
                               f"{self.interval}, {self.batch_size}, {self.max_items}")

@@ -1,0 +1,275 @@
+"""The report of a sweep: results.csv, results.md (the paper's table, one row per arm) and PNG plots.
+
+Reads only what the processes wrote: ``<sweep>/sweep.json`` (the expansion), each run's
+``metrics.jsonl`` (training loss per step, tokens seen), its newest checkpoint ``meta.json`` (the token
+budget actually trained) and ``evals/results.json`` (launchers/eval.py). Torch-free.
+
+Loss: the trainer logs no held-out loss, so the curves are the TRAINING loss per step (a moving mean
+over 10% of the steps); "final loss" is the mean training loss over the last 10% of the steps.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from megaslm.sweep import atomic_write, newest_meta
+
+# the paper's column order (as evals.benchmarks names the tasks; megaslm may not import evals)
+MONOLINGUAL = ["sSC-EN", "sSC-FR", "sTC-EN", "sTC-FR"]
+CROSSLINGUAL = ["sSC EN→FR", "sSC FR→EN", "sTC EN→FR", "sTC FR→EN"]
+SYNTAX_LEXICON = ["sBLIMP", "sWUGGY"]
+
+
+def _metrics(run_dir: str) -> List[Dict]:
+    out = []
+    try:
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:
+                    continue   # a line cut by a kill
+                if "loss" in r and "tokens_seen" in r:
+                    out.append(r)
+    except OSError:
+        pass
+    # a resumed run re-logs steps after its checkpoint: keep the last record of each step
+    by_step = {r["step"]: r for r in out}
+    return [by_step[k] for k in sorted(by_step)]
+
+
+def collect(sweep_dir: str) -> Tuple[Dict, List[Dict]]:
+    with open(os.path.join(sweep_dir, "sweep.json")) as f:
+        sj = json.load(f)
+    rows = []
+    for r in sj["runs"]:
+        row = dict(r)
+        meta = newest_meta(r["dir"])
+        row["tokens_trained"] = meta.get("tokens_seen") if meta else None
+        row["finished"] = bool(meta) and meta.get("tokens_seen") == r["tokens"]
+        hist = _metrics(r["dir"])
+        row["curve"] = [(h["tokens_seen"], h["loss"]) for h in hist]
+        tail = [h["loss"] for h in hist[-max(1, len(hist) // 10):]] if hist else []
+        row["final_loss"] = sum(tail) / len(tail) if tail else None
+        res_path = os.path.join(r["dir"], "evals", "results.json")
+        row["tasks"], row["alignment"], row["scoring"] = {}, {}, None
+        if os.path.exists(res_path):
+            with open(res_path) as f:
+                res = json.load(f)["checkpoints"][-1]
+            row["tasks"] = {k: v["accuracy"] * 100 for k, v in res.get("tasks", {}).items()}
+            row["alignment"] = {k: v["cosine"] for k, v in res.get("alignment", {}).items()}
+            row["scoring"] = res.get("scoring")
+        rows.append(row)
+    return sj, rows
+
+
+def _mean_sd(xs: Sequence[float]) -> Tuple[float, float]:
+    m = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return m, sd
+
+
+def arms(rows: Sequence[Dict]) -> List[Dict]:
+    """Runs grouped over seeds: per metric the mean and the sample standard deviation (spread)."""
+    groups: Dict[str, List[Dict]] = {}
+    for r in rows:
+        groups.setdefault(r["arm"], []).append(r)
+    out = []
+    for arm, rs in groups.items():
+        a = {"arm": arm, "size": rs[0]["size"], "recipe": rs[0]["recipe"], "budget": rs[0]["budget"], "p": rs[0]["p"],
+             "params": rs[0]["params"], "tokens": rs[0]["tokens"], "flops": rs[0]["flops"],
+             "seeds": [r["seed"] for r in rs], "runs": rs, "metrics": {}}
+        keys = {k for r in rs for k in r["tasks"]} | {f"align {k}" for r in rs for k in r["alignment"]} | {"final_loss"}
+        for k in keys:
+            vals = []
+            for r in rs:
+                v = r["final_loss"] if k == "final_loss" else (
+                    r["alignment"].get(k[6:]) if k.startswith("align ") else r["tasks"].get(k))
+                if v is not None:
+                    vals.append(v)
+            if vals:
+                a["metrics"][k] = _mean_sd(vals) + (len(vals),)
+        out.append(a)
+    return out
+
+
+def write_csv(rows: Sequence[Dict], path: str) -> None:
+    tasks = sorted({k for r in rows for k in r["tasks"]})
+    aligns = sorted({k for r in rows for k in r["alignment"]})
+    cols = ["run", "arm", "size", "recipe", "budget", "p", "seed", "params", "tokens", "tokens_trained", "flops",
+            "final_loss", "scoring"] + tasks + [f"{a} cosine" for a in aligns]
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(cols)
+    for r in rows:
+        w.writerow([r["name"], r["arm"], r["size"], r["recipe"], r["budget"], r["p"], r["seed"], r["params"],
+                    r["tokens"], r["tokens_trained"], f"{r['flops']:.6e}",
+                    "" if r["final_loss"] is None else f"{r['final_loss']:.5f}", r["scoring"] or ""]
+                   + [("" if t not in r["tasks"] else f"{r['tasks'][t]:.2f}") for t in tasks]
+                   + [("" if a not in r["alignment"] else f"{r['alignment'][a]:.4f}") for a in aligns])
+    atomic_write(path, buf.getvalue())
+
+
+def _cell(m: Optional[Tuple], fmt: str) -> str:
+    if not m:
+        return "–"
+    mean, sd, n = m
+    return (fmt % mean) + (f" ± {fmt % sd}" if n > 1 else "")
+
+
+def markdown(sj: Dict, rows: Sequence[Dict], arm_rows: Sequence[Dict]) -> str:
+    present = {k for r in rows for k in r["tasks"]}
+    cols = [c for c in MONOLINGUAL + CROSSLINGUAL + SYNTAX_LEXICON if c in present] + \
+        sorted(present - set(MONOLINGUAL + CROSSLINGUAL + SYNTAX_LEXICON))
+    aligns = sorted({k for r in rows for k in r["alignment"]})
+    head = ["arm", "params", "tokens", "seeds", "final loss"] + cols + [f"{a} (cos)" for a in aligns]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for a in arm_rows:
+        cells = [a["arm"], f"{a['params']:,}", f"{a['tokens']:,}", str(len(a["seeds"])),
+                 _cell(a["metrics"].get("final_loss"), "%.3f")]
+        cells += [_cell(a["metrics"].get(c), "%.1f") for c in cols]
+        cells += [_cell(a["metrics"].get(f"align {x}"), "%.3f") for x in aligns]
+        lines.append("| " + " | ".join(cells) + " |")
+    budgets = sorted({(r["budget"]) for r in rows})
+    scorings = sorted({r["scoring"] for r in rows if r["scoring"]})
+    unit = "tokens" if sj.get("matching", "tokens") == "tokens" else "FLOPs"
+    lines += ["", f"Matched budget ({sj.get('matching', 'tokens')}): every arm of a budget trains on exactly "
+              f"{', '.join(f'{b:g}' for b in budgets)} {unit}"
+              + (" (tokens differ by size at one FLOPs budget)" if unit == "FLOPs" else "")
+              + f". Accuracy in % (ties count one half), mean ± sample standard deviation over seeds; scoring: "
+              f"{', '.join(scorings) or 'n/a'}. Alignment: mean over layers of the cosine of mean-pooled hidden "
+              "states of parallel EN/FR utterances. Final loss: mean training loss over the last 10% of steps."]
+    unfinished = [r["name"] for r in rows if not r["finished"]]
+    if unfinished:
+        lines.append(f"Not finished (their values are as measured so far): {', '.join(unfinished)}.")
+    return "\n".join(lines) + "\n"
+
+
+def fit_power_law(xs: Sequence[float], ys: Sequence[float]) -> Optional[Tuple[float, float]]:
+    """Least squares in log-log: ``y = a * x^(-b)`` -> (a, b); None with fewer than 2 distinct x."""
+    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if x > 0 and y > 0]
+    if len({p[0] for p in pts}) < 2:
+        return None
+    n = len(pts)
+    mx = sum(p[0] for p in pts) / n
+    my = sum(p[1] for p in pts) / n
+    sxx = sum((p[0] - mx) ** 2 for p in pts)
+    sxy = sum((p[0] - mx) * (p[1] - my) for p in pts)
+    slope = sxy / sxx
+    return math.exp(my - slope * mx), -slope
+
+
+def _smooth(ys: Sequence[float], k: int) -> List[float]:
+    out, acc = [], 0.0
+    for i, y in enumerate(ys):
+        acc += y
+        if i >= k:
+            acc -= ys[i - k]
+        out.append(acc / min(i + 1, k))
+    return out
+
+
+def write_plots(rows: Sequence[Dict], arm_rows: Sequence[Dict], plot_dir: str) -> Tuple[List[str], List[str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(plot_dir, exist_ok=True)
+    paths, fits = [], []
+
+    def save(fig, name):
+        p = os.path.join(plot_dir, name)
+        tmp = p + ".tmp.png"
+        fig.tight_layout()
+        fig.savefig(tmp)
+        plt.close(fig)
+        os.replace(tmp, p)
+        paths.append(p)
+
+    # 1. loss vs tokens, one line per arm (seeds averaged step by step)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for a in arm_rows:
+        curves = [r["curve"] for r in a["runs"] if r["curve"]]
+        if not curves:
+            continue
+        n = min(len(c) for c in curves)
+        xs = [curves[0][i][0] for i in range(n)]
+        ys = [sum(c[i][1] for c in curves) / len(curves) for i in range(n)]
+        ax.plot(xs, _smooth(ys, max(1, n // 10)), label=a["arm"])
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("training loss (moving mean)")
+    ax.set_title("loss vs tokens per arm")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    save(fig, "loss_vs_tokens.png")
+
+    # 2. final loss vs FLOPs per recipe, with a fitted power law
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    recipes = sorted({a["recipe"] for a in arm_rows})
+    for rec in recipes:
+        pts = sorted((a["flops"], a["metrics"]["final_loss"][0]) for a in arm_rows
+                     if a["recipe"] == rec and "final_loss" in a["metrics"])
+        if not pts:
+            continue
+        line = ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", label=rec)[0]
+        fit = fit_power_law([p[0] for p in pts], [p[1] for p in pts])
+        if fit:
+            a_, b_ = fit
+            lo, hi = pts[0][0], pts[-1][0]
+            xs = [lo * (hi / lo) ** (i / 20) for i in range(21)]
+            ax.plot(xs, [a_ * x ** -b_ for x in xs], "--", color=line.get_color())
+            fits.append(f"{rec}: loss = {a_:.4g} * FLOPs^({-b_:+.4f})")
+        else:
+            fits.append(f"{rec}: no power-law fit (fewer than 2 distinct FLOPs)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("training FLOPs (6N + 12LHS per token)")
+    ax.set_ylabel("final training loss")
+    ax.set_title("final loss vs compute per recipe")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    save(fig, "loss_vs_flops.png")
+
+    # 3. benchmark accuracy vs compute per recipe (one panel per task), error bars = spread over seeds
+    tasks = [t for t in MONOLINGUAL + CROSSLINGUAL + SYNTAX_LEXICON if any(t in a["metrics"] for a in arm_rows)]
+    tasks += sorted({k for a in arm_rows for k in a["metrics"]} - set(tasks) - {"final_loss"})
+    if tasks:
+        ncol = min(4, len(tasks))
+        nrow = -(-len(tasks) // ncol)
+        fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 2.6 * nrow), dpi=100, squeeze=False)
+        for i, t in enumerate(tasks):
+            ax = axes[i // ncol][i % ncol]
+            for rec in recipes:
+                pts = sorted((a["flops"],) + a["metrics"][t][:2] for a in arm_rows if a["recipe"] == rec and t in a["metrics"])
+                if pts:
+                    ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
+                                capsize=3, label=rec)
+            ax.set_xscale("log")
+            ax.set_title(t, fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.set_xlabel("FLOPs", fontsize=8)
+            ax.set_ylabel("cosine" if t.startswith("align") else "accuracy (%)", fontsize=8)
+        for j in range(len(tasks), nrow * ncol):
+            axes[j // ncol][j % ncol].axis("off")
+        axes[0][0].legend(fontsize=7)
+        save(fig, "accuracy_vs_flops.png")
+    return paths, fits
+
+
+def write_report(sweep_dir: str) -> Dict[str, object]:
+    sj, rows = collect(sweep_dir)
+    arm_rows = arms(rows)
+    out = os.path.join(sweep_dir, "report")
+    os.makedirs(out, exist_ok=True)
+    write_csv(rows, os.path.join(out, "results.csv"))
+    plots, fits = write_plots(rows, arm_rows, os.path.join(out, "plots"))
+    md = markdown(sj, rows, arm_rows)
+    md += "\nPower-law fits of final loss vs FLOPs per recipe: " + "; ".join(fits) + ".\n"
+    atomic_write(os.path.join(out, "results.md"), md)
+    return {"csv": os.path.join(out, "results.csv"), "markdown": os.path.join(out, "results.md"), "plots": plots,
+            "fits": fits, "table": md, "arms": arm_rows, "rows": rows}

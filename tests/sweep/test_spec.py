@@ -1,0 +1,146 @@
+"""Sweep specs: strict validation (one line naming the field, exit 2), expansion, matching, plan."""
+import os
+import time
+
+import pytest
+import yaml
+
+from helpers import BUDGET, ROOT, sweep, tiny_spec
+
+from megaslm.config import load_config
+from megaslm.sweep import SweepError, expand, format_plan, split_budget, write_configs
+from megaslm.telemetry import flops_per_token
+
+
+def _edit(path, fn):
+    with open(path) as f:
+        spec = yaml.safe_load(f)
+    fn(spec)
+    with open(path, "w") as f:
+        yaml.safe_dump(spec, f, sort_keys=False)
+    return path
+
+
+BAD = [
+    ("unknown axis", lambda s: s.update(sizez=["tiny"]), "sizez: unknown key"),
+    ("unknown key in a dataset", lambda s: s["datasets"]["en"].update(prefx="x"), "datasets.en.prefx: unknown key"),
+    ("budget cannot be matched", lambda s: s.update(budgets=[300]), "budgets"),
+    ("recipe does not exist", lambda s: s.update(recipes=["en_fr", "interleavng"]), "unknown recipe 'interleavng'"),
+    ("missing data, no build", lambda s: s["datasets"].pop("interleaved"), "data 'interleaved' is neither a dataset of this spec"),
+    ("dataset path missing, no build", lambda s: s["datasets"].update(fr={"prefix": "{data}/fr"}), "no way to build it"),
+    ("bad matching rule", lambda s: s.update(matching="steps"), "matching: expected tokens or flops"),
+    ("wrong type", lambda s: s.update(seeds="one"), "seeds: expected a list"),
+    ("bad size", lambda s: s.update(sizes=["huge"]), "unknown size 'huge'"),
+    ("bad throughput reference", lambda s: s["throughput"].update(reference="xl"), "throughput.reference: 'xl'"),
+]
+
+
+@pytest.mark.parametrize("what,edit,needle", BAD, ids=[b[0] for b in BAD])
+def test_bad_spec_fails_fast_with_one_line(tmp_path, what, edit, needle):
+    path = _edit(tiny_spec(tmp_path), edit)
+    t0 = time.time()
+    r = sweep("run", "--spec", path)
+    took = time.time() - t0
+    print(f"{what}: exit {r.returncode} after {took:.2f} s: {r.stderr.strip()}")
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert needle in lines[0], lines[0]
+    assert "Traceback" not in r.stderr
+    # nothing started: no sweep directory, no data build
+    assert not os.path.exists(os.path.join(str(tmp_path), "sweep"))
+
+
+def test_expansion_matches_tokens_exactly(tmp_path):
+    sw = expand(tiny_spec(tmp_path))
+    assert len(sw.runs) == 4
+    names = sorted(r.name for r in sw.runs)
+    assert names == sorted(f"{s}.{r}.b{BUDGET}{'.p0-5' if r == 'interleaving' else ''}.s7"
+                           for s in ("xs", "s") for r in ("en_fr", "interleaving"))
+    for r in sw.runs:
+        stages = r.config.schedule.stages
+        assert sum(st.train_tokens for st in stages) == BUDGET
+        if r.recipe == "interleaving":   # the paper's 75k/10k split of an 85k-step run
+            assert [st.name for st in stages] == ["en_only", "interleaving"]
+            assert abs(stages[1].train_tokens / BUDGET - 10 / 85) < 1e-3
+            assert stages[1].data[0].path.endswith("inter_p0.5")
+    paths = write_configs(sw)
+    for p, r in zip(paths, sw.runs):   # every resolved config loads back as the same run config
+        cfg = load_config(p)
+        assert cfg.to_dict() == r.config.to_dict()
+        assert cfg.output_dir.endswith(os.path.join("runs", r.name))
+    # stable: a second expansion gives the same names and files
+    assert [r.name for r in expand(tiny_spec(tmp_path)).runs] == [r.name for r in sw.runs]
+
+
+def test_split_budget_is_exact():
+    for total in (1, 7, 1000, 61_440_000_000, 12345):
+        for fr in ([1], [75, 10], [0.75, 0.1, 0.0375, 0.0375, 0.0375, 0.0375], [1, 1, 1]):
+            parts = split_budget(total, fr)
+            assert sum(parts) == total and all(p >= 0 for p in parts)
+
+
+def test_flops_matching_uses_the_telemetry_formula(tmp_path):
+    fl = 5e10
+    sw = expand(tiny_spec(tmp_path, matching="flops", budgets=[fl]))
+    sizes = {}
+    for r in sw.runs:
+        fpt = flops_per_token(r.config)
+        assert r.tokens == int(fl // fpt)
+        assert abs(r.flops() - fl) <= fpt
+        sizes[r.size] = r.tokens
+    assert sizes["xs"] > sizes["s"]      # the smaller model gets more tokens at one compute budget
+
+
+def test_size_ladder_and_axes(tmp_path):
+    spec = tiny_spec(tmp_path, sizes=[{"ladder": {"params": [3.5e4, 9e4, 2.2e5, 6e5], "aspect": 16}}],
+                     recipes=["interleaving"], p=[0.25, 0.5], seeds=[1, 2], grid={"optimizer.lr": [1e-3, 3e-3]},
+                     throughput={"tokens_per_s": 20000, "reference": "tiny"})
+    sw = expand(spec)
+    sizes = sorted({(r.config.num_parameters(), r.size) for r in sw.runs})
+    assert len(sizes) >= 4
+    for (n, _), target in zip(sizes, [3.5e4, 9e4, 2.2e5, 6e5]):
+        assert target / 2 <= n <= target * 2
+    assert len(sw.runs) == 4 * 2 * 2 * 2
+    assert {r.config.optimizer.lr for r in sw.runs} == {1e-3, 3e-3}
+    assert {r.p for r in sw.runs} == {0.25, 0.5}
+    assert {k for k in sw.datasets if k.startswith("interleaved")} == {"interleaved@p0.25", "interleaved@p0.5"}
+    assert {(r.seed, r.config.data.seed) for r in sw.runs} == {(1, 1), (2, 2)}
+    # a preset and a recipe given as a run config path
+    sw2 = expand(tiny_spec(tmp_path, sizes=["tiny"], recipes=[os.path.join(ROOT, "configs", "recipes", "qwen2-360m",
+                                                                         "interleaving_ft.yaml")],
+                           budgets=[100_000], throughput={"tokens_per_s": 20000, "reference": "tiny"}))
+    r = sw2.runs[0]
+    assert [s.name for s in r.config.schedule.stages][:2] == ["en_only", "interleaving"]
+    assert sum(r.stage_tokens) == 100_000
+    assert r.config.model.num_layers == 4
+
+
+def test_plan_prints_the_table(tmp_path):
+    r = sweep("plan", "--spec", tiny_spec(tmp_path))
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    for col in ("params", "tokens per stage", "steps", "FLOPs", "device-h"):
+        assert col in out
+    assert out.count(f".b{BUDGET}") == 4
+    assert "20,000 tokens/s on 2 CPU cores" in out
+    sw = expand(tiny_spec(tmp_path))
+    assert format_plan(sw) in out
+
+
+def test_spec_error_is_a_sweep_error(tmp_path):
+    with pytest.raises(SweepError, match="budgets"):
+        expand(tiny_spec(tmp_path, budgets=[0]))
+
+
+def test_sweep_library_is_torch_free_and_imports_no_tools():
+    import subprocess
+    import sys
+
+    code = ("import sys, megaslm.sweep, megaslm.sweep_report\n"
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'evals', 'data_tools', 'launchers', "
+            "'deepspeed', 'megatron')]\n"
+            "assert not bad, bad\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                       env=dict(os.environ, PYTHONPATH=ROOT))
+    assert r.returncode == 0, r.stderr

@@ -1,0 +1,133 @@
+"""A 2 sizes x 2 recipes tiny sweep end to end: local executor (killed mid-way and re-run), submitit's
+LocalExecutor, and a real single-node SLURM where slurm-wlm + munge are installed."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from helpers import BUDGET, PY, ROOT, SWEEP, sweep, tiny_spec
+
+from megaslm.sweep import expand, newest_meta, run_state
+
+
+def _train_log(run):
+    p = os.path.join(run.dir, "logs", "train.log")
+    return open(p).read() if os.path.exists(p) else ""
+
+
+def check_finished_sweep(spec_path, n_runs=4):
+    sw = expand(spec_path)
+    assert len(sw.runs) == n_runs
+    for r in sw.runs:
+        st = run_state(r)
+        assert st["state"] == "evaluated", (r.name, st)
+        meta = newest_meta(r.dir)
+        # exactly the matched budget, per stage as the recipe splits it
+        assert meta["tokens_seen"] == BUDGET, (r.name, meta["tokens_seen"])
+        assert meta["stage_tokens"] == {s.name: s.train_tokens for s in r.config.schedule.stages}
+        assert sum(meta["stage_tokens"].values()) == BUDGET
+        res = json.load(open(os.path.join(r.dir, "evals", "results.json")))["checkpoints"][-1]
+        assert res["scoring"] == "mean_continuation"
+        assert {"sTC EN→FR", "sTC-EN", "sSC FR→EN"} <= set(res["tasks"]) and "align EN-FR" in res["alignment"]
+    rep = os.path.join(sw.dir, "report")
+    rows = list(csv.DictReader(open(os.path.join(rep, "results.csv"))))
+    assert sorted(r["run"] for r in rows) == sorted(r.name for r in sw.runs)
+    assert all(int(r["tokens_trained"]) == BUDGET for r in rows)
+    md = open(os.path.join(rep, "results.md")).read()
+    table = [l for l in md.splitlines() if l.startswith("| ") and not l.startswith("| arm")]
+    assert len(table) == n_runs          # one seed: one row per arm = one row per run
+    assert f"exactly {BUDGET} tokens" in md and "scoring: mean_continuation" in md
+    for png in ("loss_vs_tokens.png", "loss_vs_flops.png", "accuracy_vs_flops.png"):
+        p = os.path.join(rep, "plots", png)
+        assert os.path.getsize(p) > 1000
+        assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    return sw
+
+
+def test_local_sweep_killed_midway_resumes_without_retraining(tmp_path):
+    spec = tiny_spec(tmp_path)
+    sw = expand(spec)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    log = open(os.path.join(str(tmp_path), "first.log"), "w")
+    proc = subprocess.Popen([PY, SWEEP, "run", "--spec", spec], stdout=log, stderr=subprocess.STDOUT, env=env,
+                            cwd=ROOT, start_new_session=True)
+    # kill the whole sweep (driver, trainer, evaluator) as soon as one run is evaluated and another has
+    # started: a SIGKILL leaves no chance to clean up
+    deadline = time.time() + 900
+    states = {}
+    try:
+        while time.time() < deadline:
+            states = {r.name: run_state(r)["state"] for r in sw.runs}
+            started = [r for r in sw.runs if states[r.name] in ("pending", "partial") and os.path.exists(
+                os.path.join(r.dir, "logs", "train.log"))]
+            if "evaluated" in states.values() and started and states[started[0].name] == "partial":
+                break
+            if proc.poll() is not None:
+                break
+            with open(log.name) as f:
+                assert " failed (exit" not in f.read(), open(log.name).read()[-3000:]
+            time.sleep(0.3)
+        assert proc.poll() is None, "the sweep ended before it could be killed mid-way"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finished = [r for r in sw.runs if states[r.name] == "evaluated"]
+    partial = [r for r in sw.runs if states[r.name] == "partial"]
+    assert finished and partial, states
+    before = {r.name: (_train_log(r), os.path.getmtime(os.path.join(newest_meta(r.dir)["_path"], "meta.json")))
+              for r in finished}
+    partial_step = {r.name: run_state(r)["step"] for r in partial}
+
+    r = sweep("run", "--spec", spec)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "already finished and evaluated (skipped): " in r.stdout
+    for run in finished:    # never trained again: no new training command, same checkpoint
+        assert _train_log(run) == before[run.name][0]
+        assert os.path.getmtime(os.path.join(newest_meta(run.dir)["_path"], "meta.json")) == before[run.name][1]
+    for run in partial:     # resumed from its own checkpoint, through the trainer's resume
+        assert f"resumed from" in _train_log(run), run.name
+        assert partial_step[run.name] > 0
+    check_finished_sweep(spec)
+
+    # a third call has nothing to do
+    r = sweep("run", "--spec", spec)
+    assert r.returncode == 0 and "0 run(s) processed" in r.stdout, r.stdout[-2000:]
+    st = sweep("status", "--spec", spec)
+    assert st.returncode == 0 and "4 evaluated" in st.stdout
+    # the data were built once and shared: one marker per built dataset (bench is made by world's build)
+    built = sorted(os.listdir(os.path.join(sw.data_dir, ".built")))
+    assert [b for b in built if b.endswith(".done")] == ["en.done", "fr.done", "interleaved_p0.5.done", "world.done"]
+    logs = os.listdir(os.path.join(sw.data_dir, "logs"))
+    for name in ("world", "en", "fr", "interleaved_p0.5"):   # each build command ran exactly once
+        assert open(os.path.join(sw.data_dir, "logs", f"{name}.log")).read().count("$ ") == 1, logs
+
+
+def test_submitit_local_executor(tmp_path):
+    spec = tiny_spec(tmp_path, executor={"kind": "submitit-local", "time_min": 30})
+    r = sweep("run", "--spec", spec)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count("submitted as job") == 4
+    check_finished_sweep(spec)
+
+
+def test_real_slurm(tmp_path):
+    from slurm_cluster import Unavailable, start
+
+    try:
+        env, stop = start(tmp_path)
+    except Unavailable as e:
+        pytest.skip(f"no real SLURM here: {e}")
+    try:
+        spec = tiny_spec(tmp_path, executor={"kind": "slurm", "time_min": 30, "cpus_per_task": 1, "array": True})
+        env = dict(env, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        r = subprocess.run([PY, SWEEP, "run", "--spec", spec], capture_output=True, text=True, env=env, cwd=ROOT,
+                           timeout=1500)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert r.stdout.count("submitted as job") == 4
+        check_finished_sweep(spec)
+    finally:
+        stop()
