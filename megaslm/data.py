@@ -45,8 +45,7 @@ def check_manifest(prefix: str, vocab: UnitVocab) -> Dict:
     mv = UnitVocab.from_dict(m["vocab"], where=manifest_path(prefix) + ":vocab")
     if mv != vocab:
         diffs = [f"{k}: dataset {getattr(mv, k)!r} vs config {getattr(vocab, k)!r}"
-                 for k in ("codebook_size", "languages", "lang_tags", "sentence_sep", "dedup")
-                 if getattr(mv, k) != getattr(vocab, k)]
+                 for k in mv.differences(vocab)]
         raise ConfigError(f"{manifest_path(prefix)}: vocabulary does not match the run's `vocab` ({'; '.join(diffs)})")
     return m
 
