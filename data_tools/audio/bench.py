@@ -191,7 +191,8 @@ def convert_benchmark(kind: str, root: str, out_dir: str, tok, like: str, langua
     os.makedirs(out_dir, exist_ok=True)
     _atomic_write(os.path.join(out_dir, f"{kind}.jsonl"), "".join(l + "\n" for l in lines))
     _atomic_write(os.path.join(out_dir, "manifest.json"),
-                  json.dumps({"format": "megaslm-evals", "version": 1,  # evals/benchmarks.py FORMAT "vocab": vocab.to_dict(),
+                  # the format of evals/benchmarks.py (FORMAT, FORMAT_VERSION), written here: data_tools does not import evals
+                  json.dumps({"format": "megaslm-evals", "version": 1, "vocab": vocab.to_dict(),
                               "unit_source": src, "tokenizer": tok.describe(), "source": os.path.abspath(root)},
                              indent=1))
     return {"benchmark": bench, "items": len(lines), "files": len(paths), "output": out_dir,

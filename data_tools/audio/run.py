@@ -300,7 +300,7 @@ def merge(entries: List[AudioEntry], tok, opts: TokenizeOptions, work: str) -> D
             out_lines.append(json.dumps(obj))
         quarantined += dropped
     text = "".join(l + "\n" for l in out_lines)
-    qpath = opts.output + ".quarantine.jsonl"
+    qpath = sidecar_path(opts.output)[: -len(".units.json")] + ".quarantine.jsonl"
     if quarantined:
         _atomic_write(qpath, "".join(json.dumps(q) + "\n" for q in quarantined))
     elif os.path.exists(qpath):
