@@ -16,6 +16,7 @@ def _tokenizer_args(p: argparse.ArgumentParser, kmeans: bool = True) -> None:
     if kmeans:
         g.add_argument("--kmeans", default=None, help="hubert: the (K, hidden) centroid .npy")
     g.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if a GPU is there, else cpu")
+    g.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 on GPU, fp32 on CPU")
 
 
 def _input_args(p: argparse.ArgumentParser) -> None:
@@ -41,7 +42,7 @@ def _device(a):
 
 def _load(a):
     from data_tools.audio.tokenizers import load_tokenizer
-    return load_tokenizer(a.tokenizer, a.model_dir, a.layer, getattr(a, "kmeans", None), _device(a))
+    return load_tokenizer(a.tokenizer, a.model_dir, a.layer, getattr(a, "kmeans", None), _device(a), a.dtype)
 
 
 def cmd_tokenize(a) -> int:

@@ -233,6 +233,7 @@ def tokenize(entries: List[AudioEntry], tok, opts: TokenizeOptions) -> Optional[
     result = merge(entries, tok, opts, work) if rank == 0 else None
     if dist is not None:
         dist.barrier()
+        dist.destroy_process_group()
     return result
 
 

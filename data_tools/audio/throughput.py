@@ -51,6 +51,7 @@ def main(argv=None) -> int:
     ap.add_argument("--minutes", type=float, default=10.0, help="audio minutes to tokenise (after a warm-up)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="JSON results file")
     a = ap.parse_args(argv)
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
         hidden = AutoConfig.from_pretrained(model_dir, local_files_only=True).hidden_size
         kmeans = os.path.join(tmp, "km.npy")
         np.save(kmeans, np.random.RandomState(a.seed).randn(a.clusters, hidden).astype(np.float32))
-    tok = load_tokenizer(a.tokenizer, model_dir, a.layer if a.tokenizer == "hubert" else None, kmeans, dev)
+    tok = load_tokenizer(a.tokenizer, model_dir, a.layer if a.tokenizer == "hubert" else None, kmeans, dev, a.dtype)
     rs = np.random.RandomState(a.seed)
     total, waves = 0.0, []
     while total < a.minutes * 60:

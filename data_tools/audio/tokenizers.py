@@ -51,11 +51,16 @@ def checkpoint_hash(model_dir: str, extra_files: Sequence[str] = ()) -> str:
     return h.hexdigest()[:12]
 
 
-def _device_dtype(device: Optional[str]):
+def _device_dtype(device: Optional[str], dtype: str = "auto"):
     import torch
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    # bf16 on GPU (throughput), fp32 on CPU (CPU bf16 is slow and gains nothing).
-    return dev, (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    if dtype not in ("auto", "bf16", "fp32"):
+        raise DataError(f"--dtype {dtype!r}: expected auto, bf16 or fp32")
+    # auto: bf16 on GPU (throughput), fp32 on CPU (CPU bf16 is slow and gains nothing). Codebook / k-means
+    # distances are computed in fp32 either way.
+    if dtype == "auto":
+        dtype = "bf16" if dev.type == "cuda" else "fp32"
+    return dev, (torch.bfloat16 if dtype == "bf16" else torch.float32)
 
 
 class UnitTokenizer:
@@ -84,13 +89,13 @@ class UnitTokenizer:
 class MimiUnits(UnitTokenizer):
     name = "mimi"
 
-    def __init__(self, model_dir: str, device: Optional[str] = None):
+    def __init__(self, model_dir: str, device: Optional[str] = None, dtype: str = "auto"):
         import torch
         from transformers import MimiModel
         self.model_dir = model_dir
         if not os.path.isfile(os.path.join(model_dir, "config.json")):
             raise DataError("not a Mimi model folder (config.json missing)", path=model_dir)
-        self.device, self.dtype = _device_dtype(device)
+        self.device, self.dtype = _device_dtype(device, dtype)
         self.model = MimiModel.from_pretrained(model_dir, local_files_only=True, dtype=self.dtype).to(self.device).eval()
         c = self.model.config
         self.sample_rate = int(c.sampling_rate)
@@ -131,13 +136,14 @@ class MimiUnits(UnitTokenizer):
 class HubertUnits(UnitTokenizer):
     name = "hubert"
 
-    def __init__(self, model_dir: str, layer: int, kmeans: Optional[str] = None, device: Optional[str] = None):
+    def __init__(self, model_dir: str, layer: int, kmeans: Optional[str] = None, device: Optional[str] = None,
+                 dtype: str = "auto"):
         import torch
         from transformers import HubertModel
         self.model_dir, self.layer, self.kmeans_path = model_dir, int(layer), kmeans
         if not os.path.isfile(os.path.join(model_dir, "config.json")):
             raise DataError("not a HuBERT model folder (config.json missing)", path=model_dir)
-        self.device, self.dtype = _device_dtype(device)
+        self.device, self.dtype = _device_dtype(device, dtype)
         model = HubertModel.from_pretrained(model_dir, local_files_only=True, dtype=self.dtype)
         c = model.config
         if not 1 <= self.layer <= c.num_hidden_layers:
@@ -238,15 +244,15 @@ class HubertUnits(UnitTokenizer):
 
 
 def load_tokenizer(kind: str, model_dir: str, layer: Optional[int] = None, kmeans: Optional[str] = None,
-                   device: Optional[str] = None) -> UnitTokenizer:
+                   device: Optional[str] = None, dtype: str = "auto") -> UnitTokenizer:
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # "Loading weights" bars: noise next to our own progress
     if not model_dir or not os.path.isdir(model_dir):
         raise DataError("model folder not found (a local directory: no hub downloads)", path=model_dir)
     if kind == "mimi":
-        return MimiUnits(model_dir, device)
+        return MimiUnits(model_dir, device, dtype)
     if kind == "hubert":
         if layer is None:
             raise DataError("--layer is required for the HuBERT tokeniser (e.g. 6 for base, 11 for mHuBERT)")
-        return HubertUnits(model_dir, layer, kmeans, device)
+        return HubertUnits(model_dir, layer, kmeans, device, dtype)
     raise DataError(f"--tokenizer {kind!r}: expected one of {list(TOKENIZERS)}")
