@@ -35,6 +35,7 @@ setup(
         "transformers>=4.45",
         "soundfile>=0.12",
         "scikit-learn>=1.3",
+        "scipy>=1.10",  # polyphase resampling of audio (data_tools/audio/io.py)
         # sweeps on SLURM
         "submitit>=1.5",
     ],

@@ -111,6 +111,8 @@ def make_parser() -> argparse.ArgumentParser:
     d.add_argument("--workers", type=int, default=1)
     from data_tools.world import add_parser as _world_parser
     _world_parser(sub)  # `world`: the synthetic bilingual spoken world of the demo sweep (data_tools/world.py)
+    from data_tools.audio.cli import register_audio  # audio -> units: tokenize, tokenize-kmeans-train, tokenize-bench
+    register_audio(sub)
     return ap
 
 
@@ -126,10 +128,13 @@ def _kv_list(items: List[str], flag: str):
 
 def run(argv: Optional[List[str]] = None) -> int:
     a = make_parser().parse_args(argv)
+    if getattr(a, "audio_cmd", None):
+        return a.audio_cmd(a)
     if a.cmd == "build":
         from data_tools.build import build_dataset
         from data_tools.streams import BuildOptions
-        vocab = _vocab(a)
+        from data_tools.audio.provenance import apply_unit_source  # record the inputs' tokeniser; refuse mixes
+        vocab = apply_unit_source(a, _vocab(a))
         opts = BuildOptions(vocab=vocab, mode=a.mode, p=a.p, seed=a.seed, target_length=a.target_length,
                             lang=a.lang, story_langs=tuple(a.pair.split(",")) if a.pair else None,
                             add_bos=a.bos, source_type=a.source_type, frame_rate=a.frame_rate,

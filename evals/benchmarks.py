@@ -229,8 +229,7 @@ def check_vocab(bench_vocab: UnitVocab, model_vocab: UnitVocab, where: str) -> N
     """The benchmark's units must map exactly as the checkpoint's training data did."""
     if bench_vocab != model_vocab:
         diffs = [f"{k}: benchmark {getattr(bench_vocab, k)!r} vs checkpoint {getattr(model_vocab, k)!r}"
-                 for k in ("codebook_size", "languages", "lang_tags", "sentence_sep", "dedup")
-                 if getattr(bench_vocab, k) != getattr(model_vocab, k)]
+                 for k in bench_vocab.differences(model_vocab)]
         raise EvalError(f"{os.path.join(where, MANIFEST) if os.path.isdir(where) else where}: vocabulary does not "
                         f"match the checkpoint's ({'; '.join(diffs)})")
 

@@ -5,6 +5,8 @@
 --prompt: raw unit ids (before the vocabulary offset), space- or comma-separated, or @file.json holding a
 list. Prints one JSON line {"checkpoint", "prompt", "continuation"}; every rank samples the same units.
 Multi-process: torchrun --nproc-per-node 2 launchers/sample.py ... parallel.tensor=2
+--wav out.wav --tokenizer-dir MIMI_DIR: also write prompt + continuation as audio, decoded by the Mimi that
+made the training units (first codebook only: semantic-only, poor audio; docs/audio.md "Listening").
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ def _extra(p):
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--add-bos", action="store_true", help="prefix bos (only if the training data had it)")
+    p.add_argument("--wav", default=None, help="write prompt + continuation as audio (Mimi units only)")
+    p.add_argument("--tokenizer-dir", default=None, help="--wav: the local Mimi folder that made the units")
 
 
 def _prompt(text: str):
@@ -53,6 +57,8 @@ def main(argv=None) -> int:
     from evals.generate import sample
 
     try:
+        if args.wav and not args.tokenizer_dir:
+            raise ValueError("--wav needs --tokenizer-dir (the local Mimi model folder that made the units)")
         prompt = _prompt(args.prompt)
         ckpts = find_checkpoints(args.checkpoint)
         if not ckpts:
@@ -68,7 +74,15 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_rank() == 0:
-        print(json.dumps({"checkpoint": ckpts[-1], "prompt": prompt, "continuation": units}))
+        out = {"checkpoint": ckpts[-1], "prompt": prompt, "continuation": units}
+        if args.wav:
+            from data_tools.audio.decode import decode_mimi_units
+            from data_tools.errors import DataError
+            try:
+                out["audio"] = decode_mimi_units(prompt + units, args.tokenizer_dir, args.wav, cfg.vocab.unit_source)
+            except DataError as e:
+                fail(str(e))
+        print(json.dumps(out))
     from megaslm import parallel
 
     parallel.destroy()   # orderly teardown: every rank exits 0 together

@@ -144,8 +144,7 @@ def check_manifest(prefix: str, vocab: UnitVocab, verify_hash: bool = False) -> 
     mv = UnitVocab.from_dict(m["vocab"], where=manifest_path(prefix) + ":vocab")
     if mv != vocab:
         diffs = [f"{k}: dataset {getattr(mv, k)!r} vs config {getattr(vocab, k)!r}"
-                 for k in ("codebook_size", "languages", "lang_tags", "sentence_sep", "dedup")
-                 if getattr(mv, k) != getattr(vocab, k)]
+                 for k in mv.differences(vocab)]
         raise ConfigError(f"{manifest_path(prefix)}: vocabulary does not match the run's `vocab` ({'; '.join(diffs)})")
     check_dataset_files(prefix, m, verify_hash)
     return m

@@ -48,6 +48,10 @@ class UnitVocab:
     lang_tags: bool = False
     sentence_sep: bool = False
     dedup: bool = False
+    # Which tokeniser made the units ("" = not recorded, e.g. units made outside data_tools): an id such as
+    # "mimi:ckpt=1a2b3c4d5e6f:codebook=0:k=2048:fps=12.5" (data_tools.audio writes it). Part of equality,
+    # so a run / benchmark refuses units from another tokeniser, checkpoint, layer or k-means codebook.
+    unit_source: str = ""
 
     def __post_init__(self):
         if not isinstance(self.codebook_size, int) or self.codebook_size <= 0:
@@ -56,6 +60,8 @@ class UnitVocab:
         object.__setattr__(self, "languages", langs)
         if len(set(langs)) != len(langs) or not all(isinstance(l, str) and l for l in langs):
             raise VocabError(f"vocab.languages: expected distinct non-empty names, got {list(langs)!r}")
+        if not isinstance(self.unit_source, str):
+            raise VocabError(f"vocab.unit_source: expected a string, got {self.unit_source!r}")
         if len(langs) > 254:
             raise VocabError("vocab.languages: at most 254 languages fit the uint8 side channel")
 
@@ -124,6 +130,8 @@ class UnitVocab:
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
         d["languages"] = list(self.languages)
+        if not self.unit_source:      # unrecorded: keep manifests written before the field existed unchanged
+            del d["unit_source"]
         d.update(offset=self.offset, size=self.size, pad_id=PAD_ID, bos_id=BOS_ID, eod_id=EOD_ID)
         return d
 
@@ -134,11 +142,18 @@ class UnitVocab:
         unknown = set(d) - fields - derived
         if unknown:
             raise VocabError(f"{where}: unknown field(s) {sorted(unknown)}; expected {sorted(fields)}")
+        if not isinstance(d.get("unit_source", ""), str):
+            raise VocabError(f"{where}.unit_source: expected a string, got {d['unit_source']!r}")
         v = cls(**{k: (tuple(d[k]) if k == "languages" else d[k]) for k in fields if k in d})
         for k in derived & set(d):
             if d[k] != v.to_dict()[k]:
                 raise VocabError(f"{where}.{k}: recorded {d[k]!r} but the layout gives {v.to_dict()[k]!r}")
         return v
+
+
+    def differences(self, other: "UnitVocab") -> List[str]:
+        """Names of the fields (incl. unit_source) where two vocabularies differ."""
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(other, f.name)]
 
 
 def manifest_path(prefix: str) -> str:
