@@ -181,7 +181,8 @@ def _fwd_block(acc, l_i, m_i, q, seg_q, offs_m, offs_d, k_base, v_base, seg_base
     return acc, l_i, m_new
 
 
-@triton.jit
+# head counts are not specialised (Hkv == 1, GROUP == 1 would each make another compiled variant)
+@triton.jit(do_not_specialize=["Hq", "GROUP"])
 def _attn_fwd_kernel(
     Q, K, V, SEG, O, LSE, KV_RANGE,
     qk_scale, S, Hq, GROUP, NBQ,
@@ -279,7 +280,7 @@ def _dkdv_block(dk, dv, k, v, seg_k, offs_n, offs_d, q_base, do_base, lse_base, 
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Hq", "Hkv", "GROUP"])
 def _attn_bwd_dkdv_kernel(
     Q, K, V, SEG, DO, LSE, DELTA, DK, DV, DQ, Q_RANGE,
     qk_scale, sm_scale, S, Hq, Hkv, GROUP, NBK,
@@ -354,7 +355,7 @@ def _dq_block(dq, q, do, lse, delta, seg_q, offs_m, offs_d, k_base, v_base, seg_
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Hq", "GROUP"])
 def _attn_bwd_dq_kernel(
     Q, K, V, SEG, DO, LSE, DELTA, DQ, KV_RANGE,
     qk_scale, sm_scale, S, Hq, GROUP, NBQ,
@@ -422,22 +423,22 @@ def _override(cfg: dict, kind: str) -> dict:
     return out
 
 
-def _candidates(kind: str, D: int, dtype: torch.dtype, device) -> list:
+def _candidates(kind: str, D: int, dtype: torch.dtype, device, deterministic: bool = False) -> list:
     """The configs the launcher may use here: the interpreter's one, or the arch's autotune space."""
     if interpreting() or device.type != "cuda":
-        return [_override(_INTERPRET_CFG, kind)]
+        return [_override(dict(_INTERPRET_CFG, ATOMIC_DQ=not deterministic), kind)]
     from .dispatch import arch_of
-    space = attention_space(kind, arch_of(device), D, dtype)
+    space = attention_space(kind, arch_of(device), D, dtype, deterministic)
     if _CONFIG_OVERRIDE:
         return [_override(space[0], kind)]
     return space
 
 
-def _tune_key(kind, q, k, deterministic) -> str:
+def _tune_key(kind, q, k) -> str:
     B, S, Hq, D = q.shape
     dev = torch.cuda.get_device_name(q.device)
     grp = "mha" if Hq == k.shape[2] else "gqa"
-    return f"segattn-{kind}{'-det' if deterministic else ''}|{dev}|triton{triton.__version__}|D{D}|" \
+    return f"segattn-{kind}|{dev}|triton{triton.__version__}|D{D}|" \
            f"{str(q.dtype).replace('torch.', '')}|{grp}|S{triton.next_power_of_2(S)}"
 
 
@@ -463,13 +464,13 @@ def _attn_forward(q, k, v, seg, sm_scale, seg_src=None, config=None):
     if config is None:
         cands = _candidates("fwd", D, q.dtype, q.device)
         config = cands[0] if len(cands) == 1 else autotune.choose(
-            _tune_key("fwd", q, k, False), cands, lambda c: autotune.do_bench_ms(
+            _tune_key("fwd", q, k), cands, lambda c: autotune.do_bench_ms(
                 lambda: _launch_forward(q, k, v, seg, seg_src, sm_scale, c, o, lse)))
     _launch_forward(q, k, v, seg, seg_src, sm_scale, config, o, lse)
     return o, lse
 
 
-def _launch_backward(do, q, k, v, seg, seg_src, o, lse, sm_scale, cfg, deterministic):
+def _launch_backward(do, q, k, v, seg, seg_src, o, lse, sm_scale, cfg):
     B, S, Hq, D = q.shape
     Hkv = k.shape[2]
     group = Hq // Hkv
@@ -477,6 +478,7 @@ def _launch_backward(do, q, k, v, seg, seg_src, o, lse, sm_scale, cfg, determini
     prec = _prec(q.dtype)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     warps, stages = cfg["num_warps"], cfg["num_stages"]
+    split = not cfg["ATOMIC_DQ"]
     delta = torch.empty((B, Hq, S), dtype=torch.float32, device=q.device)
     _bwd_delta_kernel[(triton.cdiv(S, _DELTA_BLOCK), B * Hq)](
         o, do, delta, S, Hq, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
@@ -485,7 +487,7 @@ def _launch_backward(do, q, k, v, seg, seg_src, o, lse, sm_scale, cfg, determini
     tab = block_table(seg_src, bm, bn)
     dk = torch.empty((B, S, Hkv, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, S, Hkv, D), dtype=v.dtype, device=v.device)
-    if deterministic:
+    if split:
         dq = torch.empty((B, S, Hq, D), dtype=q.dtype, device=q.device)
     else:  # fp32 accumulator for the atomics (the dk/dv pass adds every key block's share)
         dq = torch.zeros((B, S, Hq, D), dtype=torch.float32, device=q.device)
@@ -497,10 +499,10 @@ def _launch_backward(do, q, k, v, seg, seg_src, o, lse, sm_scale, cfg, determini
         qk_scale, sm_scale, S, Hq, Hkv, group, tab.nbk, *common,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
-        D=D, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, PREC=prec, ATOMIC_DQ=not deterministic,
+        D=D, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, PREC=prec, ATOMIC_DQ=not split,
         num_warps=warps, num_stages=stages,
     )
-    if deterministic:
+    if split:
         _attn_bwd_dq_kernel[(tab.nbq, B * Hq)](
             q, k, v, seg, do, lse, delta, dq, tab.kv,
             qk_scale, sm_scale, S, Hq, group, tab.nbq, *common, dq.stride(0), dq.stride(1), dq.stride(2),
@@ -513,18 +515,20 @@ def _launch_backward(do, q, k, v, seg, seg_src, o, lse, sm_scale, cfg, determini
 
 
 def _attn_backward(do, q, k, v, seg, o, lse, sm_scale, deterministic=False, seg_src=None, config=None):
-    """(dq, dk, dv).  ``deterministic``: no atomics (separate dq kernel), default block sizes, same bits."""
+    """(dq, dk, dv).  ``deterministic``: no atomics (separate dq kernel), default block sizes, same bits.
+
+    ``config``: fixed block sizes and ATOMIC_DQ (else the tuned / default one)."""
     D = q.shape[-1]
     seg_src = seg if seg_src is None else seg_src
     do = _unit_last(do)
     if config is None:
-        cands = _candidates("bwd", D, q.dtype, q.device)
-        if deterministic or len(cands) == 1:
-            config = cands[0]
-        else:
-            config = autotune.choose(_tune_key("bwd", q, k, False), cands, lambda c: autotune.do_bench_ms(
-                lambda: _launch_backward(do, q, k, v, seg, seg_src, o, lse, sm_scale, c, False)))
-    return _launch_backward(do, q, k, v, seg, seg_src, o, lse, sm_scale, config, deterministic)
+        cands = _candidates("bwd", D, q.dtype, q.device, deterministic)
+        config = cands[0] if len(cands) == 1 else autotune.choose(
+            _tune_key("bwd", q, k), cands, lambda c: autotune.do_bench_ms(
+                lambda: _launch_backward(do, q, k, v, seg, seg_src, o, lse, sm_scale, c)))
+    elif deterministic and config.get("ATOMIC_DQ", True):
+        raise ValueError("deterministic=True needs a config with ATOMIC_DQ=False")
+    return _launch_backward(do, q, k, v, seg, seg_src, o, lse, sm_scale, config)
 
 
 class SegmentAttentionFunction(torch.autograd.Function):
