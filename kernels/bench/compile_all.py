@@ -97,6 +97,10 @@ def _recording():
         JITFunction.run = real
 
 
+def _selected(filt) -> bool:
+    return any(f in _CURRENT[0] for f in filt)
+
+
 def _dt(name: str) -> torch.dtype:
     return getattr(torch, name)
 
@@ -122,14 +126,14 @@ def _attention_launches(arch: int, filt: str) -> None:
                 base = f"attention %s {dtn} D{D} gqa{group}"
                 for i, cfg in enumerate(attention_space("fwd", arch, D, dtype)):
                     _CURRENT[0] = (base % "fwd") + f" cfg{i}"
-                    if filt in _CURRENT[0]:
+                    if _selected(filt):
                         A._attn_forward(q, k, v, seg, 0.125, config=cfg)
                 o = torch.empty(B, S, Hq, D, dtype=dtype)
                 lse = torch.empty(B, Hq, S, dtype=torch.float32)
                 for det in DETERMINISTIC:
                     for i, cfg in enumerate(attention_space("bwd", arch, D, dtype, det)):
                         _CURRENT[0] = (base % "bwd") + f" det{int(det)} cfg{i}"
-                        if filt in _CURRENT[0]:
+                        if _selected(filt):
                             A._attn_backward(do, q, k, v, seg, o, lse, 0.125, deterministic=det, config=cfg)
 
 
@@ -148,11 +152,11 @@ def _embedding_launches(arch: int, filt: str) -> None:
                 lid = torch.randint(0, L, (N,)) if L else None
                 lw = torch.empty(L, H, dtype=dtype) if L else None
                 _CURRENT[0] = f"embedding fwd {dtn} H{H} langs{L}"
-                if filt in _CURRENT[0]:
+                if _selected(filt):
                     E._embedding_forward(ids, w, V, lid, lw, 1.0, bool(L))
                 for det in DETERMINISTIC:
                     _CURRENT[0] = f"embedding bwd {dtn} H{H} langs{L} det{int(det)}"
-                    if filt in _CURRENT[0]:
+                    if _selected(filt):
                         E._embedding_backward(g, ids, (V, H), dtype, V, lid, (L, H), dtype, 1.0, True, bool(L), det)
 
 
@@ -164,7 +168,7 @@ def _doc_mask_launches(arch: int, filt: str) -> None:
         for pad in (None, 7):
             for eod_loss in (True, False):
                 _CURRENT[0] = f"doc_mask S{S} pad{int(pad is not None)} eodloss{int(eod_loss)}"
-                if filt in _CURRENT[0]:
+                if _selected(filt):
                     M._doc_mask_launch(tokens, 0, pad, eod_loss)
 
 
@@ -193,7 +197,7 @@ def _specialise(launch: Launch, arch: int):
     return launch.fn._pack_args(backend, kw, bound, spec, opts)
 
 
-def collect(archs, ops, filt="") -> List[Job]:
+def collect(archs, ops, filt=("",)) -> List[Job]:
     jobs: Dict[tuple, Job] = {}
     for arch in archs:
         for op in ops:
@@ -219,6 +223,31 @@ _PTXAS_RE = re.compile(r"Used (\d+) registers")
 _SPILL_RE = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
+def _cpu_seconds() -> float:
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _describe(e: BaseException) -> str:
+    """One line: where Triton's frontend stopped (source line) and the root cause's message."""
+    where = ""
+    lines = str(e).splitlines()
+    if lines and lines[0].startswith("at ") and "^" in [ln.strip() for ln in lines]:
+        caret = [ln.strip() for ln in lines].index("^")
+        where = f" {lines[0].rstrip(':')} `{lines[caret - 1].strip()}`" if caret else ""
+    chain, seen = [e], set()
+    while chain[-1] is not None and id(chain[-1]) not in seen:
+        seen.add(id(chain[-1]))
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    chain = [c for c in chain if c is not None]
+    root = chain[-1]
+    msg = getattr(root, "error_message", None) or next(
+        (ln.strip() for ln in reversed(str(root).splitlines()) if ln.strip() and ln.strip() != "^"), "")
+    return f"{type(e).__name__}{where}: {type(root).__name__}: {msg}"
+
+
 def _compile_one(i: int) -> dict:
     import triton
     from triton import knobs
@@ -228,6 +257,7 @@ def _compile_one(i: int) -> dict:
     job = _JOBS[i]
     row = {"kernel": job.kernel, "arch": f"sm_{job.arch}"}
     t0 = time.perf_counter()
+    cpu0 = _cpu_seconds()
     try:
         options, signature, constexprs, attrs = _specialise(job.launch, job.arch)
         src = ASTSource(job.launch.fn, signature, constexprs, attrs)
@@ -248,10 +278,9 @@ def _compile_one(i: int) -> dict:
         elif row["smem"] > SMEM_LIMIT[job.arch]:
             row["status"] = f"error: needs {row['smem']} B shared memory > {SMEM_LIMIT[job.arch]} on sm_{job.arch}"
     except Exception as e:  # noqa: BLE001 - reported per variant
-        msg = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        key = next((ln for ln in msg if re.search(r"Error|error|Cannot|failed", ln)), msg[-1] if msg else "")
-        row.update(status=f"error: {type(e).__name__}: {key}"[:300])
+        row.update(status=f"error: {_describe(e)}"[:400])
     row["compile_s"] = round(time.perf_counter() - t0, 2)
+    row["cpu_s"] = round(_cpu_seconds() - cpu0, 2)  # this process + its ptxas: independent of machine load
     names = [p.name for p in job.launch.fn.params]
     row["constexprs"] = " ".join(f"{names[k[0]] if isinstance(k, tuple) and len(k) == 1 else k}={v}"
                                  for k, v in dict(job.spec[3]).items())
@@ -284,7 +313,7 @@ def compile_jobs(jobs: List[Job], workers: int) -> List[dict]:
 # table
 # ----------------------------------------------------------------------------------------------
 COLUMNS = ["kernel", "arch", "constexprs", "num_warps", "num_stages", "regs", "spill_stores", "spill_loads",
-           "smem", "compile_s", "status", "variants"]
+           "smem", "compile_s", "cpu_s", "status", "variants"]
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -308,7 +337,8 @@ def write_tables(rows: List[dict], out: Path, meta: dict) -> Tuple[Path, Path]:
              "",
              f"`python -m kernels.bench.compile_all` -- triton {meta['triton']}, commit {meta['commit']}, "
              f"{meta['date']}, {meta['variants']} launched variants deduplicated to {meta['n']} compiles, "
-             f"{meta['wall_s']:.0f} s wall with {meta['workers']} processes. Selection: {meta['selection']}.",
+             f"{meta['wall_s']:.0f} s wall with {meta['workers']} processes, {meta['cpu_s']:.0f} CPU-seconds of "
+             f"compiling. Selection: {meta['selection']}.",
              "",
              "| " + " | ".join(COLUMNS[:-1]) + " | variants |",
              "|" + "---|" * len(COLUMNS)]
@@ -325,7 +355,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--archs", type=int, nargs="+", default=None, help="compute capabilities (default: 80 90)")
     p.add_argument("--only", nargs="+", choices=list(OPS), default=list(OPS))
-    p.add_argument("--filter", default="", help="only variants whose name contains this text")
+    p.add_argument("--filter", nargs="+", default=[""],
+                   help="only variants whose name contains one of these texts (e.g. 'attention fwd bfloat16 D64')")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="where compile_table.{csv,md} go")
     p.add_argument("--cache-dir", default=None, help="TRITON_CACHE_DIR to use instead of a fresh temp dir")
@@ -354,7 +385,7 @@ def main(argv=None) -> int:
         print(f"FAILED capturing variant [{_CURRENT[0]}]: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
         return 1
     if not jobs:
-        print(f"compile_all: --filter {args.filter!r} selects no variant", file=sys.stderr)
+        print(f"compile_all: --filter {' '.join(args.filter)!r} selects no variant", file=sys.stderr)
         return 2
     n_variants = len({v for j in jobs for v in j.variants})
     print(f"# {n_variants} variants -> {len(jobs)} distinct compiles over sm_{', sm_'.join(map(str, archs))}; "
@@ -364,12 +395,13 @@ def main(argv=None) -> int:
     failed = [r for r in rows if r["status"] != "ok"]
     meta = dict(n=len(rows), n_ok=len(rows) - len(failed), triton=triton.__version__, commit=git_commit(),
                 date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), variants=n_variants,
-                wall_s=wall, workers=args.jobs,
-                selection=f"archs {archs}, ops {args.only}" + (f", filter {args.filter!r}" if args.filter else
-                                                                " (everything)"))
+                wall_s=wall, workers=args.jobs, cpu_s=sum(r["cpu_s"] for r in rows),
+                selection=f"archs {archs}, ops {args.only}" + (
+                    f", filter {args.filter}" if args.filter != [""] else " (everything)"))
     csv_path, md_path = write_tables(rows, args.out, meta)
     spilling = [r for r in rows if r["status"] == "ok" and (r.get("spill_stores") or 0) > 0]
-    print(f"# {meta['n_ok']}/{meta['n']} compiled in {wall:.0f} s; {len(spilling)} spill registers; "
+    print(f"# {meta['n_ok']}/{meta['n']} compiled in {wall:.0f} s wall, {meta['cpu_s']:.0f} CPU-s; "
+          f"{len(spilling)} spill registers; "
           f"wrote {csv_path} and {md_path.name}")
     for r in failed:
         print(f"FAILED {r['kernel']} {r['arch']} [{r['variants'].split('; ')[0]}"
