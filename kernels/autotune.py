@@ -61,7 +61,7 @@ def choose(key: str, configs: List[dict], bench: Callable[[dict], float]) -> dic
     """The cached or measured fastest of ``configs`` (``bench(cfg)`` returns milliseconds)."""
     if len(configs) == 1 or not enabled():
         return configs[0]
-    if key in _MEM:
+    if _MEM.get(key) in configs:
         return _MEM[key]
     hit = _load().get(key)
     if hit is not None and hit.get("config") in configs:
