@@ -107,6 +107,11 @@ def doc_positions_and_masks(tokens: torch.Tensor, eod_id: int, pad_id: Optional[
         raise TypeError("tokens must be an integer tensor")
     if not resolve(force, tokens):
         return doc_positions_and_masks_reference(tokens, eod_id, pad_id, mask_eod_loss)
+    return _doc_mask_launch(tokens, eod_id, pad_id, mask_eod_loss)
+
+
+def _doc_mask_launch(tokens: torch.Tensor, eod_id: int, pad_id: Optional[int], mask_eod_loss: bool):
+    """The Triton launch (GPU block: 1024-token chunks, or the whole row when shorter)."""
     B, S = tokens.shape
     dev = tokens.device
     pos = torch.empty((B, S), dtype=torch.int64, device=dev)

@@ -31,13 +31,15 @@ def main(argv=None):
     if "attention" in args.only:
         seqs = [2048, 8192] + ([16384, 32768] if args.long else [])
         rows += bench_attention.run(argparse.Namespace(
-            **vars(args), seqs=seqs, models=list(bench_attention.MODELS), tokens=16_384, doc_len=512,
+            **vars(args), seqs=seqs, models=list(bench_attention.MODELS), tokens=16_384, doc_lens=[50, 400],
             max_reference_seq=4096), dev)
     if "doc_mask" in args.only:
         rows += bench_doc_mask.run(argparse.Namespace(**vars(args), seqs=[2048, 8192, 32768], tokens=153_600,
                                                       doc_len=512), dev)
     hz.add_speedups(rows)
     hz.print_table(rows, dev)
+    if "attention" in args.only:
+        bench_attention.print_targets(rows)
     hz.write_results(rows, dev, args, "all")
     return rows
 

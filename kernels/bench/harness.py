@@ -168,6 +168,8 @@ class Row:
     pct_matmul: Optional[float] = None
     speedup_vs: Optional[str] = None
     speedup: Optional[float] = None
+    ratio_vs_flex: Optional[float] = None      # attention: FlexAttention time / this time (same mask)
+    pct_of_fa2_causal: Optional[float] = None  # attention: TFLOP/s on allowed pairs / causal FA2's TFLOP/s
 
 
 def make_row(kernel, case, impl, dtype, timing, dev: DeviceInfo, gbytes=None, tflop=None) -> Row:

@@ -43,7 +43,8 @@ def _layout(name, B, S, gen):
     raise KeyError(name)
 
 
-def _run(B, S, Hq, Hkv, D, seg, device, dtype=torch.float32, scale=None, layout_sbhd=False, seed=0):
+def _run(B, S, Hq, Hkv, D, seg, device, dtype=torch.float32, scale=None, layout_sbhd=False, seed=0,
+         deterministic=False):
     gen = torch.Generator().manual_seed(seed)
     mk = lambda h: torch.randn(B, S, h, D, generator=gen).to(device, dtype)  # noqa: E731
     q, k, v = mk(Hq), mk(Hkv), mk(Hkv)
@@ -54,7 +55,8 @@ def _run(B, S, Hq, Hkv, D, seg, device, dtype=torch.float32, scale=None, layout_
     res = []
     for fn, force in ((segment_attention, "triton"), (segment_attention_reference, None)):
         qq, kk, vv = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-        out = fn(qq, kk, vv, seg, softmax_scale=scale, **({"force": force} if force else {}))
+        kw = {"force": force, "deterministic": deterministic} if force else {}
+        out = fn(qq, kk, vv, seg, softmax_scale=scale, **kw)
         out.backward(go)
         res.append((out.detach(), qq.grad, kk.grad, vv.grad))
     return res
@@ -66,15 +68,26 @@ def _assert_all(res, atol, rtol):
         assert_close(a, b, atol, rtol, name)
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("layout", ["random_packed", "length1_and_cross", "single", "all_length1",
                                     "non_monotone"])
-def test_layouts_gqa(device, blocks, layout):
+def test_layouts_gqa(device, blocks, layout, deterministic):
     blocks(SMALL_BLOCKS)
     gen = torch.Generator().manual_seed(1)
     B, S = 2, 37
     seg = _layout(layout, B, S, gen)
-    res = _run(B, S, 4, 2, 64, seg, device)
+    res = _run(B, S, 4, 2, 64, seg, device, deterministic=deterministic)
     _assert_all(res, 2e-5, 1e-4)
+
+
+def test_deterministic_backward_is_bitwise_repeatable(device, blocks):
+    blocks(SMALL_BLOCKS)
+    gen = torch.Generator().manual_seed(7)
+    seg = _layout("random_packed", 2, 45, gen)
+    a = _run(2, 45, 4, 2, 64, seg, device, deterministic=True)[0]
+    b = _run(2, 45, 4, 2, 64, seg, device, deterministic=True)[0]
+    for name, x, y in zip(("out", "dq", "dk", "dv"), a, b):
+        assert torch.equal(x, y), name
 
 
 @pytest.mark.parametrize("B,S,Hq,Hkv,D", [
@@ -109,13 +122,48 @@ def test_block_ranges_skip_masked_blocks():
     """Packed layout: query blocks of later documents start their key loop past earlier documents."""
     S, blk = 128, 16
     seg = _packed(S, [40, 50, 38]).unsqueeze(0)
-    qmin, qmax, kmin, kmax, kv_lo, kv_hi, q_lo, q_hi = attn_mod._block_ranges(seg, blk, blk)
-    assert kv_lo[0].tolist() == [0, 0, 0, 2, 2, 2, 5, 5]       # doc 2 starts in block 2, doc 3 in block 5
-    assert kv_hi[0].tolist() == list(range(1, 9))              # causal: up to the diagonal block
-    assert q_hi[0].tolist() == [3, 3, 6, 6, 6, 8, 8, 8]        # key blocks only seen by their documents
-    assert q_lo[0].tolist() == list(range(8))
+    tab = attn_mod._build_table(seg, blk, blk)
+    kv_lo, kv_flo, kv_fhi, kv_hi = tab.kv[0].unbind(-1)
+    q_lo, q_flo, q_fhi, q_hi = tab.q[0].unbind(-1)
+    assert kv_lo.tolist() == [0, 0, 0, 2, 2, 2, 5, 5]           # doc 2 starts in block 2, doc 3 in block 5
+    assert kv_hi.tolist() == list(range(1, 9))                  # causal: up to the diagonal block
+    assert q_hi.tolist() == [3, 3, 6, 6, 6, 8, 8, 8]            # key blocks only seen by their documents
+    assert q_lo.tolist() == list(range(8))
     visited = int((kv_hi - kv_lo).sum())
     assert visited == 20 < 8 * 9 // 2  # vs 36 for plain causal
+    # full (mask-free) sub-ranges: one-document blocks strictly below the diagonal; empty = [hi, hi)
+    assert tab.kv[0].tolist() == [[0, 1, 1, 1], [0, 0, 1, 2], [0, 3, 3, 3], [2, 4, 4, 4], [2, 3, 4, 5],
+                                  [2, 6, 6, 6], [5, 7, 7, 7], [5, 6, 7, 8]]
+    assert tab.q[0].tolist() == [[0, 1, 2, 3], [1, 3, 3, 3], [2, 6, 6, 6], [3, 4, 5, 6], [4, 6, 6, 6],
+                                 [5, 8, 8, 8], [6, 7, 8, 8], [7, 8, 8, 8]]
+
+
+def test_block_table_non_contiguous_full_blocks_stay_masked():
+    """Non-monotone ids: full blocks 0 and 2 of query block 3 are not contiguous -> all visited masked."""
+    seg = torch.tensor([[0] * 4 + [1] * 4 + [0] * 8])
+    tab = attn_mod._build_table(seg, 4, 4)
+    assert tab.kv[0, 3].tolist() == [0, 4, 4, 4]
+    assert tab.kv[0, 2].tolist() == [0, 0, 1, 3]  # query block 2: key block 0 full, 1 (other doc) and 2 masked
+
+
+def test_block_table_built_once_per_batch(device, blocks, monkeypatch):
+    """Layers sharing one segment-id tensor share one table build; an in-place change rebuilds it."""
+    blocks(SMALL_BLOCKS)
+    builds = []
+    real = attn_mod._build_table
+    monkeypatch.setattr(attn_mod, "_build_table", lambda *a: builds.append(a[1:]) or real(*a))
+    gen = torch.Generator().manual_seed(8)
+    seg = _layout("random_packed", 2, 40, gen).to(device)  # int64: the int32 copy is cached too
+    x = torch.randn(2, 40, 4, 64, generator=gen).to(device).requires_grad_(True)
+    kv = torch.randn(2, 40, 2, 64, generator=gen).to(device)
+    h = x
+    for _ in range(3):  # three "layers"
+        h = segment_attention(h, kv, kv, seg, force="triton")
+    h.sum().backward()
+    assert builds == [(16, 16)]
+    seg.add_(0)  # version bump: a new batch written in place must not reuse the old table
+    segment_attention(x, kv, kv, seg, force="triton")
+    assert builds == [(16, 16), (16, 16)]
 
 
 def test_input_validation(device):

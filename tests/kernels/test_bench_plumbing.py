@@ -22,3 +22,9 @@ def test_bench_all_dry_run_writes_results(tmp_path):
     impls = {r["impl"] for r in rows if r["status"] == "ok"}
     assert {"triton", "sdpa_dense_mask", "flex_doc_mask"} <= impls, impls
     assert sum(r["status"] == "ok" for r in rows) >= 10, rows
+    # attention: causal FA2 (SDPA) ceiling, and the Triton rows carry the two target figures
+    assert "sdpa_causal_fa2" in impls, impls
+    tri = {r["kernel"]: r for r in rows if r["kernel"].startswith("attention") and r["impl"] == "triton"}
+    assert all(r["status"] == "ok" for r in tri.values()), tri  # outputs and grads agreed before timing
+    assert tri["attention_fwd"]["ratio_vs_flex"] > 0, tri  # (FlexAttention has no CPU backward)
+    assert tri["attention_fwd"]["pct_of_fa2_causal"] > 0 and tri["attention_fwd_bwd"]["pct_of_fa2_causal"] > 0
