@@ -42,6 +42,8 @@ class DocumentMaskedAttention(MegatronModule):
         self.head_dim = config.kv_channels
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
         self.force = _force(backend)
+        # model.deterministic (megatron's deterministic_mode) selects the atomic-free, bit-reproducible backward
+        self.deterministic = True if getattr(config, "deterministic_mode", False) else None
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
@@ -61,7 +63,8 @@ class DocumentMaskedAttention(MegatronModule):
         q = query.transpose(0, 1)
         k = key.transpose(0, 1)
         v = value.transpose(0, 1)
-        out = segment_attention(q, k, v, segments, softmax_scale=self.softmax_scale, force=self.force)
+        out = segment_attention(q, k, v, segments, softmax_scale=self.softmax_scale, force=self.force,
+                                deterministic=self.deterministic)
         return out.transpose(0, 1).reshape(s, b, self.heads * self.head_dim)
 
 
