@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Every GPU figure of the project in one call on a GPU machine (issue 14 item 5): the bf16/fp16 kernel numerics,
+# the kernel benchmarks (embedding, document-masked attention vs FlexAttention and FA2, doc mask) and the
+# training throughput of the presets (Triton vs reference). Results stay in the repository's result folders
+# (kernels/bench/results/, kernels/bench/results/train/) and are packed into $OUT/gpu_results.tar.gz.
+#
+# On a machine whose image lacks deepspeed / megatron-core / orjson (the lent H100/H200 image), build the wheels
+# first, here, from the repository root with the project's environment active:
+#   bash ../shared/tools/device-wheels.sh
+#   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_17_x86_64 -d .whl orjson
+# and carry `.whl` with the call; this script installs them into /tmp/site.
+#   bash launchers/gpu_session.sh            # OUT defaults to runs/gpu_session
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/gpu_session}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PWD:/tmp/site || { echo "wheel install failed"; exit 1; }
+else
+  export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" | tee "$OUT/versions.txt"
+status=0
+python3 -m pytest -q -m gpu tests/kernels 2>&1 | tee "$OUT/pytest_gpu.log" || status=1
+python3 -m pytest -q tests/kernels 2>&1 | tail -5 >> "$OUT/pytest_gpu.log" || status=1
+python3 -m kernels.bench.bench_all 2>&1 | tee "$OUT/bench_all.log" || status=1
+python3 launchers/bench_train.py 2>&1 | tee "$OUT/bench_train.log" || status=1
+tar czf "$OUT/gpu_results.tar.gz" kernels/bench/results
+echo "gpu_session: exit $status (results in kernels/bench/results and $OUT/gpu_results.tar.gz)"
+exit $status
