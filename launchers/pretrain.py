@@ -57,6 +57,29 @@ def dry_run(cfg, world_size: int, out=print) -> None:
         out(f"{c['rank']:4d}  {c['tp']:3d} {c['pp']:3d} {c['dp']:3d}")
 
 
+def adopt_unit_source(cfg):
+    """A config that names no tokeniser (``vocab.unit_source`` empty) takes the one its datasets record, when
+    they all record the same one (units made by ``data_tools tokenize``): the resolved config then names it,
+    and a checkpoint carries it to evals and sampling. Datasets that disagree, or a config that names another
+    tokeniser, are refused later by the manifest check, naming the dataset."""
+    import dataclasses
+
+    from megaslm.vocab import VocabError, read_manifest
+
+    if cfg.vocab.unit_source:
+        return cfg
+    sources = set()
+    for st in cfg.schedule.stages:
+        for src in st.data:
+            try:
+                sources.add(read_manifest(src.path)["vocab"].get("unit_source", ""))
+            except (VocabError, OSError, TypeError, AttributeError):
+                return cfg   # the manifest check names what is wrong
+    if len(sources) != 1 or not next(iter(sources)):
+        return cfg
+    return dataclasses.replace(cfg, vocab=dataclasses.replace(cfg.vocab, unit_source=sources.pop()))
+
+
 def main(argv=None) -> int:
     args, overrides = parse(__doc__.splitlines()[0], os.path.join(ROOT, "configs", "tiny.yaml"), argv, extra=_extra)
     from megaslm.config import ConfigError, load_config
@@ -66,7 +89,7 @@ def main(argv=None) -> int:
     if world < 1:
         fail(f"--world-size: expected an integer >= 1, got {world}")
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = adopt_unit_source(load_config(args.config, overrides))
         if args.dry_run:
             cfg.validate(world_size=world)
             dry_run(cfg, world)

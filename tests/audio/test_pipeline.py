@@ -30,7 +30,8 @@ def test_audio_to_training_and_eval(models, tmp_path):
     man = json.load(open(prefix + ".manifest.json"))
     assert man["vocab"]["unit_source"] == src and man["source"]["frame_rate"] == 12.5
 
-    # training: the config names the same unit source; a config without it is refused
+    # training: the library refuses a vocabulary naming no (or another) unit source; the launcher adopts the
+    # one every dataset records when the config names none, and the resolved config names it
     from megaslm.config import ConfigError
     from megaslm.data import check_manifest
     from megaslm.vocab import UnitVocab
@@ -38,7 +39,7 @@ def test_audio_to_training_and_eval(models, tmp_path):
         check_manifest(prefix, UnitVocab(codebook_size=64))
     cfg = yaml.safe_load(open(os.path.join(ROOT, "configs", "tiny.yaml")))
     cfg.update(output_dir=str(tmp_path / "run"))
-    cfg["vocab"] = {"codebook_size": 64, "languages": ["en", "fr"], "unit_source": src}
+    cfg["vocab"] = {"codebook_size": 64, "languages": ["en", "fr"]}
     cfg["data"]["demo"] = False
     cfg["model"].update(num_layers=2, seq_length=32)
     cfg["schedule"].update(micro_batch_size=2, global_batch_size=2,
@@ -48,6 +49,11 @@ def test_audio_to_training_and_eval(models, tmp_path):
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     r = py(["launchers/pretrain.py", "--config", str(tmp_path / "cfg.yaml")])
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert yaml.safe_load(open(tmp_path / "run" / "config.yaml"))["vocab"]["unit_source"] == src
+    r = py(["launchers/pretrain.py", "--config", str(tmp_path / "cfg.yaml"), "vocab.unit_source=hubert:other",
+            "output_dir=" + str(tmp_path / "run-other")])
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and last.startswith("error: ") and "unit_source" in last, r.stderr[-3000:]
 
     # spoken StoryCloze from audio: EN (context + ending in one file) and EN->FR (separate context file)
     b = write_storycloze(str(tmp_path / "ssc"))         # en/: whole-story files; en-fr/: context file
