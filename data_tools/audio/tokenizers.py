@@ -21,6 +21,7 @@ Batching is exact (a file's units never depend on what else is in its batch):
 """
 from __future__ import annotations
 
+import abc
 import glob
 import hashlib
 import json
@@ -63,15 +64,18 @@ def _device_dtype(device: Optional[str], dtype: str = "auto"):
     return dev, (torch.bfloat16 if dtype == "bf16" else torch.float32)
 
 
-class UnitTokenizer:
+class UnitTokenizer(abc.ABC):
+    """The interface both tokenisers (Mimi, HuBERT + k-means) implement."""
+
     name = ""
     sample_rate: int
     frame_rate: float
     codebook_size: int
     min_samples: int = 1
 
+    @abc.abstractmethod
     def describe(self) -> Dict:
-        raise NotImplementedError
+        """Implemented by each tokeniser."""
 
     @property
     def unit_source(self) -> str:
@@ -79,11 +83,13 @@ class UnitTokenizer:
         return ":".join([d["tokenizer"]] + [f"{k}={d[k]}" for k in ("checkpoint", "layer", "kmeans", "codebook_size",
                                                                        "frame_rate") if d.get(k) is not None])
 
+    @abc.abstractmethod
     def num_frames(self, n_samples: int) -> int:
-        raise NotImplementedError
+        """Implemented by each tokeniser."""
 
+    @abc.abstractmethod
     def encode_batch(self, waves: List[np.ndarray]) -> List[np.ndarray]:
-        raise NotImplementedError
+        """Implemented by each tokeniser."""
 
 
 class MimiUnits(UnitTokenizer):
