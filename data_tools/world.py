@@ -23,6 +23,8 @@ Files written to ``out_dir``:
 * ``stories.jsonl``: the training pool, parallel stories ``{"id", "en": [[units]...], "fr": [...]}``
   (the data_tools story format: build it with ``--mode random`` for per-sentence interleaving, with
   ``--mode story-random`` for the whole-story-language baseline);
+* ``valid.jsonl``: ``valid_stories`` held-out parallel stories in the same format (a random stream of
+  their own: the training pool never contains them), for a held-out loss that is the same for every arm;
 * ``bench/``: held-out benchmarks in the evals format (docs/evals.md), from stories the training pool
   never contains: ``sTC`` (topic cloze: the right next sentence vs one from a story of another topic,
   same hero), ``sSC`` (story cloze: the right next sentence vs one with another hero, same topic),
@@ -55,12 +57,13 @@ class WorldSpec:
     min_sentences: int = 4
     max_sentences: int = 8
     noise: float = 0.02
+    valid_stories: int = 200      # held-out parallel stories (valid.jsonl) for a held-out loss
     bench_items: int = 200        # per task
     bench_context: int = 2        # context sentences of cloze items
 
     def check(self) -> None:
         for name in ("codebook_size", "topics", "concepts_per_topic", "characters", "function_words",
-                     "stories", "min_sentences", "bench_items", "bench_context"):
+                     "stories", "valid_stories", "min_sentences", "bench_items", "bench_context"):
             if getattr(self, name) < 1:
                 raise DataError(f"world: --{name.replace('_', '-')}: expected an integer >= 1, got {getattr(self, name)}")
         if self.topics < 2 or self.characters < 2:
@@ -185,15 +188,21 @@ def write_world(out_dir: str, spec: WorldSpec) -> Dict[str, object]:
     world = World(spec)
     os.makedirs(out_dir, exist_ok=True)
     rng = np.random.default_rng(np.random.SeedSequence([spec.seed, 1]))
-    stories = []
-    for s in range(spec.stories):
-        topic = int(rng.integers(spec.topics))
-        hero = int(rng.choice(world.character_concepts))
-        n = int(rng.integers(spec.min_sentences, spec.max_sentences + 1))
-        st = {"id": f"world-{s:06d}", **world.render_story(world.story_concepts(rng, topic, hero, n), rng)}
-        stories.append(st)
-    paths = {"stories": os.path.join(out_dir, "stories.jsonl")}
+
+    def draw(rng, count, tag):
+        out = []
+        for s in range(count):
+            topic = int(rng.integers(spec.topics))
+            hero = int(rng.choice(world.character_concepts))
+            n = int(rng.integers(spec.min_sentences, spec.max_sentences + 1))
+            out.append({"id": f"{tag}-{s:06d}", **world.render_story(world.story_concepts(rng, topic, hero, n), rng)})
+        return out
+
+    stories = draw(rng, spec.stories, "world")
+    paths = {"stories": os.path.join(out_dir, "stories.jsonl"), "valid": os.path.join(out_dir, "valid.jsonl")}
     _atomic_jsonl(paths["stories"], stories)
+    valid = draw(np.random.default_rng(np.random.SeedSequence([spec.seed, 2])), spec.valid_stories, "valid")
+    _atomic_jsonl(paths["valid"], valid)
 
     bench = os.path.join(out_dir, "bench")
     os.makedirs(bench, exist_ok=True)
@@ -213,7 +222,7 @@ def write_world(out_dir: str, spec: WorldSpec) -> Dict[str, object]:
     tmp = f"{wj}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump({"spec": asdict(spec), "lexicon": world.lexicon_dict(),
-                   "counts": {"stories": len(stories), "cloze_items": len(cloze), "align_items": len(align)}}, f)
+                   "counts": {"stories": len(stories), "valid_stories": len(valid), "cloze_items": len(cloze), "align_items": len(align)}}, f)
     os.replace(tmp, wj)
     paths["world"] = wj
     return paths

@@ -80,7 +80,8 @@ def adopt_unit_source(cfg):
     return dataclasses.replace(cfg, vocab=dataclasses.replace(cfg.vocab, unit_source=sources.pop()))
 
 
-def main(argv=None) -> int:
+def main(argv=None, faults=None) -> int:
+    """``faults``: test-only fault injection (a ``megaslm.train.Faults``), handed in by a test driver."""
     args, overrides = parse(__doc__.splitlines()[0], os.path.join(ROOT, "configs", "tiny.yaml"), argv, extra=_extra)
     from megaslm.config import ConfigError, load_config
     from megaslm.parallel import env_world
@@ -110,7 +111,7 @@ def main(argv=None) -> int:
     from megaslm.train import NonFiniteError, run
 
     try:
-        run(cfg, allow_config_change=args.allow_config_change, evaluator=evaluator)
+        run(cfg, allow_config_change=args.allow_config_change, evaluator=evaluator, faults=faults)
     except ConfigError as e:
         fail(str(e))
     except NonFiniteError as e:

@@ -143,7 +143,7 @@ def _guard(fn, *args):
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    a = _parser().parse_args(argv)
+    a = _parser().parse_intermixed_args(argv)
     cmd = a.command or "run"
     from megaslm.config import ConfigError
     from megaslm.sweep import (ensure_dataset, expand, format_plan, format_status, refresh_token_weights,

@@ -20,33 +20,22 @@ corrupted checkpoint the resume passed over) is moved aside to ``<tag>.corrupt-<
 overwritten. Which checkpoint a run resumes from (integrity checks, fallback, config check) is
 ``ckpt_io.select_resume``. Multi-node runs need ``output_dir`` on a shared filesystem.
 
-Test-only fault injection (environment variable ``MEGASLM_FAULT``, comma-separated, see ``fault``):
-``kill_during_save:STEP`` SIGKILLs rank 0 after the tmp directory of step STEP is fully written and
-before the rename.
+``save`` takes an optional ``before_commit(step)`` callable, run on rank 0 once the tmp directory is
+complete and before the rename: the Trainer passes its injected ``Faults.before_commit`` (a no-op in
+production; the crash tests kill the process there).
 """
 from __future__ import annotations
 
 import os
 import shutil
-import signal
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from megaslm.ckpt_io import (LATEST, META, TAG_RE, CheckpointError, TrainState, complete_tags,  # noqa: F401
                              make_engine_loads_safe, read_meta, rng_state, safe_load, set_rng_state, tag_for,
                              write_json_atomic, write_latest, write_manifest)
-
-
-def fault(kind: str, step: int) -> bool:
-    """True when ``MEGASLM_FAULT`` plants ``kind`` at optimizer step ``step`` (test hook)."""
-    spec = os.environ.get("MEGASLM_FAULT", "")
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        name, _, at = item.partition(":")
-        if name == kind and at.strip().isdigit() and int(at) == step:
-            return True
-    return False
 
 
 def newest_complete(ckpt_dir: str) -> Optional[str]:
@@ -74,8 +63,10 @@ def state_file(tag_dir: str, rank: int) -> str:
 
 
 # ---- save / load -----------------------------------------------------------------------------
-def save(engine, ckpt_dir: str, state: TrainState, meta: Dict[str, Any], keep_last: int) -> str:
-    """Atomic save of ``engine`` + this rank's TrainState and RNG (collective: every rank calls it)."""
+def save(engine, ckpt_dir: str, state: TrainState, meta: Dict[str, Any], keep_last: int,
+         before_commit: Optional[Callable[[int], None]] = None) -> str:
+    """Atomic save of ``engine`` + this rank's TrainState and RNG (collective: every rank calls it).
+    ``before_commit(step)``: called on rank 0 between the complete tmp directory and the rename."""
     import torch.distributed as dist
 
     rank = dist.get_rank()
@@ -99,8 +90,8 @@ def save(engine, ckpt_dir: str, state: TrainState, meta: Dict[str, Any], keep_la
     if rank == 0:
         meta["files"] = write_manifest(tmp)
         write_json_atomic(os.path.join(tmp, META), meta)
-        if fault("kill_during_save", step):
-            os.kill(os.getpid(), signal.SIGKILL)
+        if before_commit is not None:
+            before_commit(step)
         if os.path.isdir(final):  # a checkpoint of this step exists (passed over as corrupted): keep it aside
             os.rename(final, f"{final}.corrupt-{int(time.time())}")
         os.rename(tmp, final)

@@ -139,6 +139,12 @@ class EvalConfig:
     add_bos: bool = False              # prefix utterances with bos (only if the training data had it)
     batch_size: int = 16               # sequences per forward (length-bucketed)
     max_items: int = 0                 # per task; 0: all
+    # held-out loss (computed by the trainer itself, no evaluator needed): the mean per-token loss over
+    # the first ``valid_sequences`` sequences of ``valid`` (indexed-dataset prefixes, blended with equal
+    # weights, a fixed sample) every ``valid_interval`` steps and at the last step; logged as valid_loss
+    valid: List[str] = field(default_factory=list)
+    valid_interval: int = 0
+    valid_sequences: int = 64
 
     def __post_init__(self):
         if self.scoring not in ("mean", "sum_continuation", "mean_continuation"):
@@ -311,6 +317,18 @@ class RunConfig:
             need(len(self.eval.benchmarks) >= 1, "eval.benchmarks",
                  f"at least one benchmark folder or .jsonl file with eval.interval={self.eval.interval}",
                  self.eval.benchmarks)
+        e = self.eval
+        need(e.valid_interval >= 0, "eval.valid_interval", "an integer >= 0", e.valid_interval)
+        need(bool(e.valid) == (e.valid_interval > 0), "eval.valid" if e.valid_interval else "eval.valid_interval",
+             "eval.valid (held-out dataset prefixes) and eval.valid_interval >= 1 set together",
+             e.valid if e.valid_interval else e.valid_interval)
+        for j, path in enumerate(e.valid):
+            need(bool(path), f"eval.valid[{j}]", "a dataset prefix", path)
+        if e.valid:
+            need(e.valid_sequences >= 1 and e.valid_sequences % (s.micro_batch_size * dp) == 0,
+                 "eval.valid_sequences",
+                 f"a positive multiple of micro_batch_size x data-parallel size = {s.micro_batch_size} x {dp}",
+                 e.valid_sequences)
         need(self.faults.nan_policy in ("stop", "skip"), "faults.nan_policy", "stop or skip", self.faults.nan_policy)
         need(self.faults.max_skipped_steps >= 0, "faults.max_skipped_steps", "an integer >= 0",
              self.faults.max_skipped_steps)

@@ -111,6 +111,10 @@ class SweepSpec:
     datasets: Dict[str, DatasetSpec] = field(default_factory=dict)
     custom_recipes: Dict[str, RecipeSpec] = field(default_factory=dict)
     benchmarks: List[str] = field(default_factory=list)        # dataset names (kind files) or paths
+    # held-out loss for every run (eval.valid): dataset names or built prefixes, the same for every arm
+    valid: List[str] = field(default_factory=list)
+    valid_interval: int = 0                   # steps between held-out losses (and at the last step); 0: off
+    valid_sequences: int = 64
     eval_overrides: List[str] = field(default_factory=lambda: ["eval.scoring=mean_continuation"])
     executor: ExecutorSpec = field(default_factory=ExecutorSpec)
     throughput: ThroughputSpec = field(default_factory=ThroughputSpec)
@@ -503,6 +507,18 @@ def expand(path: str, overrides: Sequence[str] = (), output_dir: Optional[str] =
             _need(os.path.exists(pth), f"{_line_of(src, 'benchmarks')}: benchmarks[{i}]: {b!r} is neither a dataset "
                                        f"of this spec nor an existing path")
             bench_paths.append(pth)
+    _need(bool(spec.valid) == (spec.valid_interval > 0),
+          f"{_line_of(src, 'valid' if spec.valid else 'valid_interval')}: "
+          f"{'valid_interval: expected an integer >= 1 with valid' if spec.valid else 'valid: expected held-out datasets with valid_interval'}")
+    valid_keys, valid_paths = [], []
+    for i, v in enumerate(spec.valid):
+        k, pth = resolve_ref(v, spec.p[0], f"{_line_of(src, 'valid')}: valid[{i}]")
+        if k:
+            valid_keys.append(k)
+        valid_paths.append(pth)
+    if spec.valid:
+        base_tree.setdefault("eval", {}).update(valid=valid_paths, valid_interval=spec.valid_interval,
+                                                valid_sequences=spec.valid_sequences)
     for o in spec.eval_overrides:
         _need(o.split("=", 1)[0].startswith(("eval.", "parallel.")),
               f"{_line_of(src, 'eval_overrides')}: eval_overrides: {o!r}: expected eval.* or parallel.* overrides")
@@ -550,7 +566,7 @@ def expand(path: str, overrides: Sequence[str] = (), output_dir: Optional[str] =
                 closure.append(k)
         for k in r.datasets:
             add(k)
-        for k in bench_keys:
+        for k in bench_keys + valid_keys:
             add(k)
         r.datasets = closure
     for k, d in instances.items():

@@ -4,8 +4,10 @@ Reads only what the processes wrote: ``<sweep>/sweep.json`` (the expansion), eac
 ``metrics.jsonl`` (training loss per step, tokens seen), its newest checkpoint ``meta.json`` (the token
 budget actually trained) and ``evals/results.json`` (launchers/eval.py). Torch-free.
 
-Loss: the trainer logs no held-out loss, so the curves are the TRAINING loss per step (a moving mean
-over 10% of the steps); "final loss" is the mean training loss over the last 10% of the steps.
+Loss: where the runs log a held-out loss (the spec's ``valid``: ``eval.valid``, the same held-out data for
+every arm), the curves are that validation loss vs tokens and "final loss" is its value at the last step.
+Without it, the curves are the TRAINING loss per step (a moving mean over 10% of the steps) and "final loss"
+is the mean training loss over the last 10% of the steps; the table and plots say which.
 """
 from __future__ import annotations
 
@@ -52,9 +54,16 @@ def collect(sweep_dir: str) -> Tuple[Dict, List[Dict]]:
         row["tokens_trained"] = meta.get("tokens_seen") if meta else None
         row["finished"] = bool(meta) and meta.get("tokens_seen") == r["tokens"]
         hist = _metrics(r["dir"])
-        row["curve"] = [(h["tokens_seen"], h["loss"]) for h in hist]
-        tail = [h["loss"] for h in hist[-max(1, len(hist) // 10):]] if hist else []
-        row["final_loss"] = sum(tail) / len(tail) if tail else None
+        valid = [(h["tokens_seen"], h["valid_loss"]) for h in hist if h.get("valid_loss") is not None]
+        if valid:
+            row["loss_kind"] = "validation"
+            row["curve"] = valid
+            row["final_loss"] = valid[-1][1]
+        else:
+            row["loss_kind"] = "training"
+            row["curve"] = [(h["tokens_seen"], h["loss"]) for h in hist]
+            tail = [h["loss"] for h in hist[-max(1, len(hist) // 10):]] if hist else []
+            row["final_loss"] = sum(tail) / len(tail) if tail else None
         res_path = os.path.join(r["dir"], "evals", "results.json")
         row["tasks"], row["alignment"], row["scoring"] = {}, {}, None
         if os.path.exists(res_path):
@@ -101,17 +110,30 @@ def write_csv(rows: Sequence[Dict], path: str) -> None:
     tasks = sorted({k for r in rows for k in r["tasks"]})
     aligns = sorted({k for r in rows for k in r["alignment"]})
     cols = ["run", "arm", "size", "recipe", "budget", "p", "seed", "params", "tokens", "tokens_trained", "flops",
-            "final_loss", "scoring"] + tasks + [f"{a} cosine" for a in aligns]
+            "final_loss", "loss_kind", "scoring"] + tasks + [f"{a} cosine" for a in aligns]
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(cols)
     for r in rows:
         w.writerow([r["name"], r["arm"], r["size"], r["recipe"], r["budget"], r["p"], r["seed"], r["params"],
                     r["tokens"], r["tokens_trained"], f"{r['flops']:.6e}",
-                    "" if r["final_loss"] is None else f"{r['final_loss']:.5f}", r["scoring"] or ""]
+                    "" if r["final_loss"] is None else f"{r['final_loss']:.5f}", r.get("loss_kind", "training"),
+                    r["scoring"] or ""]
                    + [("" if t not in r["tasks"] else f"{r['tasks'][t]:.2f}") for t in tasks]
                    + [("" if a not in r["alignment"] else f"{r['alignment'][a]:.4f}") for a in aligns])
     atomic_write(path, buf.getvalue())
+
+
+def loss_kind(rows: Sequence[Dict]) -> str:
+    """validation (every run logged a held-out loss), training (none did) or mixed."""
+    kinds = {r.get("loss_kind", "training") for r in rows if r.get("curve")}
+    return kinds.pop() if len(kinds) == 1 else ("mixed" if kinds else "training")
+
+
+LOSS_NOTE = {"validation": "held-out validation loss at the last step (the spec's valid datasets)",
+             "training": "mean training loss over the last 10% of steps",
+             "mixed": "held-out validation loss where a run logged one, else mean training loss over the last 10% "
+                      "of steps"}
 
 
 def _cell(m: Optional[Tuple], fmt: str) -> str:
@@ -142,7 +164,7 @@ def markdown(sj: Dict, rows: Sequence[Dict], arm_rows: Sequence[Dict]) -> str:
               + (" (tokens differ by size at one FLOPs budget)" if unit == "FLOPs" else "")
               + f". Accuracy in % (ties count one half), mean ± sample standard deviation over seeds; scoring: "
               f"{', '.join(scorings) or 'n/a'}. Alignment: mean over layers of the cosine of mean-pooled hidden "
-              "states of parallel EN/FR utterances. Final loss: mean training loss over the last 10% of steps."]
+              f"states of parallel EN/FR utterances. Final loss: {LOSS_NOTE[loss_kind(rows)]}."]
     unfinished = [r["name"] for r in rows if not r["finished"]]
     if unfinished:
         lines.append(f"Not finished (their values are as measured so far): {', '.join(unfinished)}.")
@@ -200,9 +222,14 @@ def write_plots(rows: Sequence[Dict], arm_rows: Sequence[Dict], plot_dir: str) -
         n = min(len(c) for c in curves)
         xs = [curves[0][i][0] for i in range(n)]
         ys = [sum(c[i][1] for c in curves) / len(curves) for i in range(n)]
-        ax.plot(xs, _smooth(ys, max(1, n // 10)), label=a["arm"])
+        held_out = all(r.get("loss_kind") == "validation" for r in a["runs"] if r["curve"])
+        # a held-out loss is measured on a fixed sample: plotted as measured, with markers; training loss smoothed
+        ax.plot(xs, ys if held_out else _smooth(ys, max(1, n // 10)), "o-" if held_out else "-",
+                markersize=3, label=a["arm"])
     ax.set_xlabel("tokens")
-    ax.set_ylabel("training loss (moving mean)")
+    kind = loss_kind([r for a in arm_rows for r in a["runs"]])
+    ax.set_ylabel({"validation": "validation loss (held out)", "training": "training loss (moving mean)"}.get(
+        kind, "loss (validation where logged)"))
     ax.set_title("loss vs tokens per arm")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -229,7 +256,7 @@ def write_plots(rows: Sequence[Dict], arm_rows: Sequence[Dict], plot_dir: str) -
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("training FLOPs (6N + 12LHS per token)")
-    ax.set_ylabel("final training loss")
+    ax.set_ylabel("final validation loss" if kind == "validation" else "final loss")
     ax.set_title("final loss vs compute per recipe")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)

@@ -27,8 +27,9 @@ import torch
 import torch.distributed as dist
 
 from megaslm import checkpoint, ds_adapter, parallel, telemetry
-from megaslm.config import ConfigError, RunConfig, config_digest
-from megaslm.data import Batch, build_stage_dataset, check_manifest, load_step, stage_plans, step_source_tokens
+from megaslm.config import ConfigError, DataSource, RunConfig, StageConfig, config_digest
+from megaslm.data import (Batch, build_stage_dataset, check_manifest, collate, load_step, stage_plans,
+                          step_source_tokens)
 from megaslm.model import build_model, num_parameters
 
 
@@ -55,6 +56,10 @@ class Faults:
 
     def after_backward(self, step: int, trainer: "Trainer") -> None:
         """Called after the step's backward, before the finiteness check and the update."""
+
+    def before_commit(self, step: int) -> None:
+        """Called on rank 0 inside the checkpoint save of ``step``: its tmp directory is complete and
+        not yet renamed (a kill here must leave the previous checkpoint as the one to resume)."""
 
 
 def param_groups(chunks: List[torch.nn.Module], weight_decay: float):
@@ -153,6 +158,7 @@ class Trainer:
         self.steps_skipped = 0
         self.history: List[Dict] = []
         self._datasets: Dict[int, object] = {}
+        self._valid = None                 # the held-out dataset (eval.valid), built at first use
         self._last_saved: Optional[int] = None
         self.stop_requested = False        # set by the SIGTERM handler
         self._stop_agreed = False          # some rank had stop_requested at the last step's all-reduce
@@ -327,7 +333,7 @@ class Trainer:
         meta = {"config_digest": config_digest(self.cfg), "config": self.cfg.to_dict(),
                 "stage_budgets": {p.name: p.tokens for p in self.plans}, "time": time.time()}
         path = checkpoint.save(self.engine, self.checkpoint_dir(), checkpoint.TrainState.of(self), meta,
-                               self.cfg.checkpoint.keep_last)
+                               self.cfg.checkpoint.keep_last, before_commit=self.faults.before_commit)
         self._last_saved = self.step
         return path
 
@@ -379,6 +385,71 @@ class Trainer:
         """Every rank stops at the same step if any of them got SIGTERM (agreed by the step's
         fused all-reduce, so all ranks read the same answer after the same step)."""
         return self._stop_agreed
+
+    # ---- held-out loss ------------------------------------------------------------------
+    VALID_SEED_OFFSET = 7919   # the held-out sample order's seed offset (stages use 0, 1, 2, ...)
+
+    def valid_loss(self) -> float:
+        """Mean per-token loss over the first ``eval.valid_sequences`` sequences of ``eval.valid``
+        (forward only, no gradient; collective). The same fixed sample at every call, so the values of
+        one run, and of runs that share ``eval.valid``, are comparable. One host sync."""
+        cfg = self.cfg
+        if self._valid is None:
+            stage = StageConfig(name="valid", train_steps=1, data=[DataSource(p, 1.0) for p in cfg.eval.valid])
+            self._valid = build_stage_dataset(cfg, stage, cfg.eval.valid_sequences, seed_offset=self.VALID_SEED_OFFSET)
+        per = cfg.eval.valid_sequences // self.dp_size
+        a = self.dp_rank * per
+        batch = collate([self._valid[i] for i in range(a, a + per)], cfg)
+        micro = batch.split(per // cfg.schedule.micro_batch_size)
+        lsum = torch.zeros((), dtype=torch.float64, device=self.device)
+        tsum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for c in self.chunks:
+            c.eval()
+        try:
+            with torch.no_grad():
+                if self.pp == 1:
+                    for mb in micro:
+                        mb = mb.to(self.device)
+                        out = self.chunks[0](mb.tokens, mb.position_ids, attention_mask=mb.segment_ids,
+                                             labels=mb.labels)
+                        lsum += (out.float() * mb.loss_mask).sum().double()
+                        tsum += mb.loss_mask.sum().double()
+                else:
+                    lsum, tsum = self._pipeline_forward_only(micro)
+        finally:
+            for c in self.chunks:
+                c.train()
+        both = torch.stack([lsum, tsum]) if self._counts_loss else torch.zeros(2, dtype=torch.float64,
+                                                                                device=self.device)
+        dist.all_reduce(both)
+        loss, tokens = both.tolist()
+        return loss / max(tokens, 1.0)
+
+    def _pipeline_forward_only(self, micro: List[Batch]):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        device = self.device
+        sums: List[torch.Tensor] = []
+
+        def loss_func(mask, output):
+            tok = (output.float() * mask).sum()
+            sums.append(torch.stack([tok.double(), mask.sum().double()]))
+            return tok, mask.sum().to(torch.int), {}
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator).to(device)
+            out = model(mb.tokens, mb.position_ids, attention_mask=mb.segment_ids, labels=mb.labels)
+            return out, partial(loss_func, mb.loss_mask)
+
+        iters = [iter(micro) for _ in self.chunks]
+        get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iters if len(self.chunks) > 1 else iters[0],
+            model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
+            num_microbatches=len(micro), seq_length=self.cfg.model.seq_length,
+            micro_batch_size=self.cfg.schedule.micro_batch_size, forward_only=True)
+        total = torch.stack(sums).sum(0) if sums else torch.zeros(2, dtype=torch.float64, device=device)
+        return total[0], total[1]
 
     # ---- periodic evaluation ------------------------------------------------------------
     def evaluate(self) -> Dict[str, float]:
@@ -475,6 +546,10 @@ class Trainer:
                 saving = bool(cfg.checkpoint.save and cfg.checkpoint.interval
                               and self.step % cfg.checkpoint.interval == 0)
                 evaluating = bool(cfg.eval.interval and self.step % cfg.eval.interval == 0)
+                if cfg.eval.valid and (self.step % cfg.eval.valid_interval == 0 or self.step == self.total_steps):
+                    rec["valid_loss"] = self.valid_loss()
+                    self.log(f"step {self.step}: valid loss {rec['valid_loss']:.4f} "
+                             f"({cfg.eval.valid_sequences} held-out sequences)")
                 stopping = self.stop_agreed()
                 announce = self.step % cfg.logging.interval == 0 or self.step == 1 or self.step == self.total_steps
                 if announce or saving or evaluating or stopping:
@@ -524,6 +599,8 @@ def run(cfg: RunConfig, log=print, max_steps: Optional[int] = None, evaluator: O
     for stage in cfg.schedule.stages:
         for src in stage.data:
             check_manifest(src.path, cfg.vocab, verify_hash=cfg.data.verify_hash)
+    for path in cfg.eval.valid:
+        check_manifest(path, cfg.vocab, verify_hash=cfg.data.verify_hash)
     if world["rank"] == 0:
         os.makedirs(cfg.output_dir, exist_ok=True)
     parallel.init_distributed()

@@ -32,6 +32,9 @@ BAD = [
     ("wrong type", lambda s: s.update(seeds="one"), "seeds: expected a list"),
     ("bad size", lambda s: s.update(sizes=["huge"]), "unknown size 'huge'"),
     ("bad throughput reference", lambda s: s["throughput"].update(reference="xl"), "throughput.reference: 'xl'"),
+    ("valid without an interval", lambda s: s.update(valid_interval=0), "valid_interval: expected an integer >= 1"),
+    ("valid data unknown", lambda s: s.update(valid=["heldout"]), "valid[0]: data 'heldout' is neither a dataset"),
+    ("valid sequences", lambda s: s.update(valid_sequences=3), "eval.valid_sequences: expected a positive multiple"),
 ]
 
 
@@ -126,6 +129,21 @@ def test_plan_prints_the_table(tmp_path):
     assert "20,000 tokens/s on 2 CPU cores" in out
     sw = expand(tiny_spec(tmp_path))
     assert format_plan(sw) in out
+
+
+def test_overrides_after_options(tmp_path):
+    # spec overrides may come anywhere after the command, options included (argparse intermixed)
+    r = sweep("plan", "--spec", tiny_spec(tmp_path), "seeds=[1,2]")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count(f".b{BUDGET}") == 8
+
+
+def test_valid_reaches_every_run(tmp_path):
+    sw = expand(tiny_spec(tmp_path))
+    for r in sw.runs:
+        e = r.config.eval
+        assert e.valid == [os.path.join(sw.data_dir, "valid")] and e.valid_interval == 5 and e.valid_sequences == 4
+        assert "valid" in r.datasets   # built before the run, like its training data
 
 
 def test_spec_error_is_a_sweep_error(tmp_path):

@@ -37,10 +37,13 @@ def check_finished_sweep(spec_path, n_runs=4):
     rows = list(csv.DictReader(open(os.path.join(rep, "results.csv"))))
     assert sorted(r["run"] for r in rows) == sorted(r.name for r in sw.runs)
     assert all(int(r["tokens_trained"]) == BUDGET for r in rows)
+    # the held-out loss of the spec's valid data, logged by every run and used as "final loss"
+    assert all(r["loss_kind"] == "validation" and 0 < float(r["final_loss"]) < 6 for r in rows), rows
     md = open(os.path.join(rep, "results.md")).read()
     table = [l for l in md.splitlines() if l.startswith("| ") and not l.startswith("| arm")]
     assert len(table) == n_runs          # one seed: one row per arm = one row per run
     assert f"exactly {BUDGET} tokens" in md and "scoring: mean_continuation" in md
+    assert "Final loss: held-out validation loss" in md
     for png in ("loss_vs_tokens.png", "loss_vs_flops.png", "accuracy_vs_flops.png"):
         p = os.path.join(rep, "plots", png)
         assert os.path.getsize(p) > 1000

@@ -38,7 +38,10 @@ def same_weights(a: Dict, b: Dict) -> float:
     return worst
 
 
-class PlantedFaults:
+from megaslm.train import Faults  # noqa: E402
+
+
+class PlantedFaults(Faults):
     """The test's fault injection, handed to the trainer (megaslm.train.Faults): a NaN factor on the
     loss at the steps in ``nan_loss``; a NaN in one gradient entry on rank 0 at the steps in ``nan_grad``."""
 
@@ -56,7 +59,7 @@ class PlantedFaults:
                     break
 
 
-def cases(config_path: str, base_dir: str) -> Dict:
+def cases(config_path: str, base_dir: str, valid_prefix: str = "") -> Dict:
     """DP=2 budgets + per-source accounting + TensorBoard; NaN stop; NaN skip (loss and gradient);
     PP=2 in-process resume vs an uninterrupted run."""
     import torch.distributed as dist
@@ -69,9 +72,11 @@ def cases(config_path: str, base_dir: str) -> Dict:
 
     # 1. two stages (partial last step, blended sources) on DP=2
     out = os.path.join(base_dir, "budget")
-    hist = run(_load(config_path, [f"output_dir={out}", "logging.tensorboard=true"]), log=lambda *_: None)
+    valid = [f"eval.valid=[{valid_prefix}]", "eval.valid_interval=4", "eval.valid_sequences=8"] if valid_prefix else []
+    hist = run(_load(config_path, [f"output_dir={out}", "logging.tensorboard=true"] + valid), log=lambda *_: None)
     res["budget"] = [{k: r[k] for k in ("step", "stage", "step_tokens", "tokens_seen", "stage_tokens",
                                         "source_tokens", "loss")} for r in hist]
+    res["dp_valid"] = [(r["step"], r["valid_loss"]) for r in hist if "valid_loss" in r]
     dist.barrier()
     if rank == 0:
         import json
@@ -109,11 +114,14 @@ def cases(config_path: str, base_dir: str) -> Dict:
     # 4. PP=2: stop after 3 steps (max_steps), resume in a fresh Trainer, vs uninterrupted
     pp = ["parallel.pipeline=2", "schedule.micro_batch_size=2"]
     full = os.path.join(base_dir, "pp_full")
-    h_full = run(_load(config_path, pp + [f"output_dir={full}"]), log=lambda *_: None)
+    h_full = run(_load(config_path, pp + valid + [f"output_dir={full}"]), log=lambda *_: None)
     part = os.path.join(base_dir, "pp_resumed")
-    h1 = run(_load(config_path, pp + [f"output_dir={part}", "checkpoint.interval=0"]), log=lambda *_: None, max_steps=3)
-    h2 = run(_load(config_path, pp + [f"output_dir={part}"]), log=lambda *_: None)
+    h1 = run(_load(config_path, pp + valid + [f"output_dir={part}", "checkpoint.interval=0"]), log=lambda *_: None,
+             max_steps=3)
+    h2 = run(_load(config_path, pp + valid + [f"output_dir={part}"]), log=lambda *_: None)
     res["pp_losses"] = ([r["loss"] for r in h_full], [r["loss"] for r in h1 + h2])
+    res["pp_valid"] = ([(r["step"], r["valid_loss"]) for r in h_full if "valid_loss" in r],
+                       [(r["step"], r["valid_loss"]) for r in h1 + h2 if "valid_loss" in r])
     dist.barrier()
     if rank == 0:
         last = checkpoint.newest_complete(os.path.join(full, "checkpoints"))

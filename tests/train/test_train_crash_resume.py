@@ -19,8 +19,11 @@ BUDGETS = {"en": 868, "mix": 24 * 256}
 TOTAL_STEPS = 4 + 24
 
 
-def launch(cfg, out, env_extra=None, extra=()):
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, "launchers", "pretrain.py"), "--config", cfg,
+FAULT_LAUNCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fault_launch.py")
+
+
+def launch(cfg, out, env_extra=None, extra=(), script=os.path.join(ROOT, "launchers", "pretrain.py")):
+    return subprocess.Popen([sys.executable, script, "--config", cfg,
                              f"output_dir={out}", *extra], env=launch_env(env_extra), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -122,7 +125,7 @@ def test_kill_and_resume(tmp_path, corpus):
 
     # 2. SIGKILL inside the save of step 6 (after the tmp dir is written, before the rename)
     crashed = tmp_path / "crashed"
-    rc, log = finish(launch(cfg, crashed, {"MEGASLM_FAULT": "kill_during_save:6"}))
+    rc, log = finish(launch(cfg, crashed, script=FAULT_LAUNCH, extra=["--kill-during-save", "6"]))
     assert rc == -signal.SIGKILL, log[-3000:]
     ck = crashed / "checkpoints"
     assert (ck / "step00000006.tmp").is_dir() and (ck / "latest").read_text() == "step00000003"

@@ -24,9 +24,12 @@ def _port():
         return s.getsockname()[1]
 
 
-def launch(cfg, out, env_extra=None):
+FAULT_LAUNCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fault_launch.py")
+
+
+def launch(cfg, out, env_extra=None, script=os.path.join(ROOT, "launchers", "pretrain.py"), extra=()):
     cmd = [DEEPSPEED, "--num_gpus", "2", "--no_local_rank", "--master_port", str(_port()),
-           os.path.join(ROOT, "launchers", "pretrain.py"), "--config", cfg, f"output_dir={out}"]
+           script, *extra, "--config", cfg, f"output_dir={out}"]
     return subprocess.Popen(cmd, env=launch_env(env_extra), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
@@ -75,7 +78,7 @@ def test_two_rank_kill_and_resume(tmp_path, corpus):
 
     # rank 0 killed inside the save of step 6: the job dies, `latest` still names step 3, resume is exact
     crashed = tmp_path / "crashed"
-    rc, log = finish(launch(cfg, crashed, {"MEGASLM_FAULT": "kill_during_save:6"}))
+    rc, log = finish(launch(cfg, crashed, script=FAULT_LAUNCH, extra=["--kill-during-save", "6"]))
     assert rc != 0
     assert (crashed / "checkpoints" / "latest").read_text() == "step00000003"
     rc, log = finish(launch(cfg, crashed))

@@ -10,7 +10,7 @@ PER_STEP = 256
 
 def test_two_rank_cases(tmp_path, corpus):
     cfg = tiny_config(tmp_path / "c.yaml", tmp_path / "unused", corpus)
-    results = run_ranks(2, "tests.train.rank_cases:cases", cfg, str(tmp_path), timeout=400)
+    results = run_ranks(2, "tests.train.rank_cases:cases", cfg, str(tmp_path), corpus["fr"], timeout=400)
     r0, r1 = results
     # --- budgets: stage "en" = 868 tokens (3 full steps + 100), "mix" = 4 x 256
     hist = r0["budget"]
@@ -44,3 +44,11 @@ def test_two_rank_cases(tmp_path, corpus):
     assert full == resumed
     assert r0["pp_tags"][0] == r0["pp_tags"][1] == "step00000008"
     assert r0["pp_weights_diff"] == 0.0
+    # --- held-out loss: the forward-only pipeline path (PP=2) and DP=2 agree (a loss counted on the wrong
+    #     ranks, or summed over DP/TP twice, would not); a resumed PP run logs the same values
+    full_v, resumed_v = r1["pp_valid"]
+    assert [s for s, _ in full_v] == [4, 8] and full_v == resumed_v
+    dp_v = r0["dp_valid"]
+    assert [s for s, _ in dp_v] == [4, 8] and r1["dp_valid"] == dp_v
+    for (_, a), (_, b) in zip(dp_v, full_v):
+        assert math.isfinite(a) and abs(a - b) <= 1e-4 * abs(b), (dp_v, full_v)
