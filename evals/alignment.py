@@ -12,22 +12,25 @@ layers (forward hooks) and the stages exchange the pooled vectors.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from megaslm.config import RunConfig
 
-from evals.benchmarks import Item
+from megaslm.vocab import LANG_NONE
+
+from evals.benchmarks import Item, token_languages
 from evals.engine import _ps, forward, gather_over_dp, my_buckets, pad_rows
 from evals.errors import EvalError
 
 
 @torch.no_grad()
 def pooled_hidden_states(chunks: List[torch.nn.Module], cfg: RunConfig, seqs: Sequence[Sequence[int]],
-                         batch_size: int = 16) -> torch.Tensor:
-    """[num_layers, N, hidden] float64 mean-pooled layer outputs for each token sequence (collective)."""
+                         batch_size: int = 16, langs: Optional[Sequence[Sequence[int]]] = None) -> torch.Tensor:
+    """[num_layers, N, hidden] float64 mean-pooled layer outputs for each token sequence (collective).
+    ``langs``: per-token language ids of each sequence (needed with ``model.language_embedding``)."""
     ps = _ps()
     limit = cfg.model.max_position_embeddings or cfg.model.seq_length
     for i, s in enumerate(seqs):
@@ -45,8 +48,9 @@ def pooled_hidden_states(chunks: List[torch.nn.Module], cfg: RunConfig, seqs: Se
         for idx in my_buckets([len(s) for s in seqs], batch_size):
             rows = [seqs[i] for i in idx]
             toks = pad_rows(rows, cfg.vocab.pad_id)
+            lang = pad_rows([langs[i] for i in idx], LANG_NONE, toks.shape[1]) if langs is not None else None
             captured.clear()
-            forward(chunks, cfg, toks, None, lambda o: o[..., :1])
+            forward(chunks, cfg, toks, None, lambda o: o[..., :1], lang)
             mask = torch.zeros(toks.shape, dtype=torch.float64)
             for k, s in enumerate(rows):
                 mask[k, :len(s)] = 1.0
@@ -95,6 +99,10 @@ def align_items(chunks: List[torch.nn.Module], cfg: RunConfig, items: Sequence[I
     head = [cfg.vocab.bos_id] if add_bos else []
     seqs = [head + cfg.vocab.encode_units(it.utterances[0]) for it in items] + \
            [head + cfg.vocab.encode_units(it.utterances[1]) for it in items]
-    pooled = pooled_hidden_states(chunks, cfg, seqs, batch_size)
+    langs = None
+    if cfg.model.language_embedding:   # each utterance in its own language (specials: none)
+        own = [it.languages[0] for it in items] + [it.languages[1] for it in items]
+        langs = [token_languages(cfg.vocab, s, len(s), [lang]) for s, lang in zip(seqs, own)]
+    pooled = pooled_hidden_states(chunks, cfg, seqs, batch_size, langs)
     n = len(items)
     return alignment_metrics(pooled[:, :n], pooled[:, n:])

@@ -25,7 +25,7 @@ import json
 import os
 from typing import Dict, List, Sequence, Tuple
 
-from megaslm.vocab import UnitVocab, VocabError
+from megaslm.vocab import LANG_NONE, UnitVocab, VocabError
 
 from evals.errors import EvalError
 
@@ -232,6 +232,15 @@ def check_vocab(bench_vocab: UnitVocab, model_vocab: UnitVocab, where: str) -> N
                  for k in bench_vocab.differences(model_vocab)]
         raise EvalError(f"{os.path.join(where, MANIFEST) if os.path.isdir(where) else where}: vocabulary does not "
                         f"match the checkpoint's ({'; '.join(diffs)})")
+
+
+def token_languages(vocab: UnitVocab, toks: Sequence[int], start: int, languages: Sequence[str]) -> List[int]:
+    """Side-channel language id of every token of an encoded utterance, for a model with
+    ``model.language_embedding``: tokens before ``start`` (the context) get ``languages[0]``, the
+    continuation ``languages[-1]``; special tokens (bos, eod, tags, separators: ids below
+    ``vocab.offset``) get LANG_NONE -- exactly as data_tools writes the training side channel."""
+    ctx, cont = vocab.lang_id(languages[0]), vocab.lang_id(languages[-1])
+    return [LANG_NONE if t < vocab.offset else (ctx if i < start else cont) for i, t in enumerate(toks)]
 
 
 def encode(vocab: UnitVocab, context: List[int], continuation: List[int], add_bos: bool) -> Tuple[List[int], int]:

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from megaslm import parallel, sharding
 from megaslm.config import ConfigError, RunConfig, apply_override, config_from_dict
 from megaslm.model import build_model
+from megaslm.vocab import LANG_NONE
 
 from evals.checkpoint import canonical_full_state_dict
 from evals.errors import EvalError
@@ -93,21 +94,31 @@ def _device():
 
 @torch.no_grad()
 def forward(chunks: List[torch.nn.Module], cfg: RunConfig, tokens: torch.Tensor,
-            labels: Optional[torch.Tensor], fn: Callable[[torch.Tensor], torch.Tensor]) -> Optional[torch.Tensor]:
+            labels: Optional[torch.Tensor], fn: Callable[[torch.Tensor], torch.Tensor],
+            lang_ids: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """Run ``tokens`` [b, s] (one document per row, right-padded) through the chunks.
 
     On the last pipeline stage returns ``fn(output)`` where output is the per-token cross-entropy
     [b, s] (labels given; vocab-parallel, no full-logit gather) or the vocab-parallel logits
-    [b, s, V/tp]; ``None`` on the other stages.
+    [b, s, V/tp]; ``None`` on the other stages. ``lang_ids`` [b, s]: the per-token language ids,
+    required when the model has a language embedding (``model.language_embedding``), ignored otherwise.
     """
+    from megaslm.layers import language_ids
+
+    if cfg.model.language_embedding and lang_ids is None:
+        raise EvalError("model.language_embedding=true: this forward needs per-token language ids")
+    if not cfg.model.language_embedding:
+        lang_ids = None
     dev = _device()
     b, s = tokens.shape
     tokens = tokens.to(dev)
     labels = labels.to(dev) if labels is not None else None
+    lang_ids = lang_ids.to(dev) if lang_ids is not None else None
     pos = torch.arange(s, device=dev).unsqueeze(0).expand(b, s).contiguous()
     seg = torch.zeros(b, s, dtype=torch.int32, device=dev)
     if cfg.parallel.pipeline == 1:
-        return fn(chunks[0](tokens, pos, attention_mask=seg, labels=labels))
+        with language_ids(chunks[0], lang_ids):
+            return fn(chunks[0](tokens, pos, attention_mask=seg, labels=labels))
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     out: List[torch.Tensor] = []
@@ -118,7 +129,8 @@ def forward(chunks: List[torch.nn.Module], cfg: RunConfig, tokens: torch.Tensor,
 
     def step(data_iterator, model):
         next(data_iterator)
-        return model(tokens, pos, attention_mask=seg, labels=labels), loss_func
+        with language_ids(model, lang_ids):   # a no-op past the first stage
+            return model(tokens, pos, attention_mask=seg, labels=labels), loss_func
 
     get_forward_backward_func()(forward_step_func=step, data_iterator=iter([0]), model=chunks[0],
                                 num_microbatches=1, seq_length=s, micro_batch_size=b, forward_only=True)
@@ -174,12 +186,13 @@ def pad_rows(seqs: Sequence[Sequence[int]], pad: int, length: Optional[int] = No
 # Per-token log-likelihoods
 # ------------------------------------------------------------------------------------------------
 def sequence_logprobs(chunks: List[torch.nn.Module], cfg: RunConfig, seqs: Sequence[Sequence[int]],
-                      batch_size: int = 16) -> List[List[float]]:
+                      batch_size: int = 16, langs: Optional[Sequence[Sequence[int]]] = None) -> List[List[float]]:
     """For each token sequence, ``log p(seq[t] | seq[:t])`` for t = 1..len-1 (float64 values).
 
     Computed as minus the model's vocab-parallel cross-entropy with ``labels`` = next tokens (the
     same fused path as training: no rank ever holds the full logits). Collective; every rank
-    returns the full list.
+    returns the full list. ``langs``: per-token language ids of each sequence (needed with
+    ``model.language_embedding``; see ``evals.benchmarks.token_languages``).
     """
     limit = cfg.model.max_position_embeddings or cfg.model.seq_length
     for i, s in enumerate(seqs):
@@ -187,6 +200,8 @@ def sequence_logprobs(chunks: List[torch.nn.Module], cfg: RunConfig, seqs: Seque
             raise EvalError(f"sequence {i}: needs at least 2 tokens to score, got {len(s)}")
         if len(s) > limit:
             raise EvalError(f"sequence {i}: {len(s)} tokens exceed the model's {limit} positions")
+    if langs is not None and [len(l) for l in langs] != [len(s) for s in seqs]:
+        raise EvalError("language ids: one id per token of every sequence expected")
     pad = cfg.vocab.pad_id
     local: Dict[int, List[float]] = {}
     for idx in my_buckets([len(s) for s in seqs], batch_size):
@@ -194,7 +209,8 @@ def sequence_logprobs(chunks: List[torch.nn.Module], cfg: RunConfig, seqs: Seque
         toks = pad_rows(rows, pad)
         labels = torch.full_like(toks, pad)
         labels[:, :-1] = toks[:, 1:]
-        res = forward(chunks, cfg, toks, labels, lambda ce: -ce.double())
+        lang = pad_rows([langs[i] for i in idx], LANG_NONE, toks.shape[1]) if langs is not None else None
+        res = forward(chunks, cfg, toks, labels, lambda ce: -ce.double(), lang)
         res = broadcast_from_last_stage(res, tuple(toks.shape), torch.float64).cpu()
         for k, i in enumerate(idx):
             local[i] = res[k, :len(seqs[i]) - 1].tolist()

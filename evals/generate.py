@@ -8,12 +8,13 @@ to the other pipeline stages.
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from megaslm.config import RunConfig
+from megaslm.vocab import LANG_NONE, VocabError
 
 from evals.engine import _device, _ps, forward
 from evals.errors import EvalError
@@ -44,8 +45,11 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
 @torch.no_grad()
 def sample(chunks: List[torch.nn.Module], cfg: RunConfig, prompt_units: Sequence[int], max_new_units: int = 32,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-           add_bos: bool = False, stop_at_eod: bool = True) -> List[int]:
-    """Units sampled after ``prompt_units`` (raw unit ids). Collective; every rank returns the same list."""
+           add_bos: bool = False, stop_at_eod: bool = True, language: Optional[str] = None) -> List[int]:
+    """Units sampled after ``prompt_units`` (raw unit ids). Collective; every rank returns the same list.
+
+    ``language``: the prompt's language, required for a model with a language embedding
+    (``model.language_embedding``): prompt and sampled units carry it, specials none."""
     from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
     ps = _ps()
@@ -53,6 +57,15 @@ def sample(chunks: List[torch.nn.Module], cfg: RunConfig, prompt_units: Sequence
     toks = ([v.bos_id] if add_bos else []) + v.encode_units(prompt_units)
     if not toks:
         raise EvalError("sample: empty prompt (give at least one unit, or add_bos)")
+    if cfg.model.language_embedding and language is None:
+        raise EvalError("sample: the model has a language embedding (model.language_embedding=true): give the "
+                        "prompt's language (--language)")
+    lang_id = None
+    if cfg.model.language_embedding:
+        try:
+            lang_id = v.lang_id(language)
+        except VocabError as e:
+            raise EvalError(f"--language: {e}") from None
     limit = cfg.model.max_position_embeddings or cfg.model.seq_length
     gen = torch.Generator().manual_seed(int(seed))
     out: List[int] = []
@@ -71,7 +84,10 @@ def sample(chunks: List[torch.nn.Module], cfg: RunConfig, prompt_units: Sequence
             probs = filter_logits(full, temperature, top_k, top_p)
             return torch.multinomial(probs, 1, generator=gen).to(torch.long)
 
-        tok = forward(chunks, cfg, x, None, pick)
+        lang = None
+        if lang_id is not None:
+            lang = torch.tensor([[LANG_NONE if t < v.offset else lang_id for t in toks]], dtype=torch.long)
+        tok = forward(chunks, cfg, x, None, pick, lang)
         if ps.get_pipeline_model_parallel_world_size() > 1:
             t = tok.to(_device()) if tok is not None else torch.zeros(1, dtype=torch.long, device=_device())
             dist.broadcast(t, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())

@@ -23,7 +23,7 @@ import torch
 
 from megaslm.config import RunConfig
 
-from evals.benchmarks import Item, encode
+from evals.benchmarks import Item, encode, token_languages
 from evals.engine import sequence_logprobs
 from evals.errors import EvalError
 
@@ -53,7 +53,7 @@ def score_items(chunks: List[torch.nn.Module], cfg: RunConfig, items: Sequence[I
     """Per-item records ``{id, task, scores, correct, credit, ...}`` for the pairwise items (collective)."""
     if scoring not in SCORINGS:
         raise EvalError(f"scoring: {scoring!r} is not one of {SCORINGS}")
-    seqs, starts, owner = [], [], []
+    seqs, starts, owner, langs = [], [], [], []
     limit = cfg.model.max_position_embeddings or cfg.model.seq_length
     for n, it in enumerate(items):
         for k, cand in enumerate(it.candidates):
@@ -64,9 +64,12 @@ def score_items(chunks: List[torch.nn.Module], cfg: RunConfig, items: Sequence[I
                 raise EvalError(f"{it.where}: candidates[{k}]: nothing to score ({len(toks)} tokens, candidate "
                                 f"empty after encoding)")
             seqs.append(toks)
+            langs.append(token_languages(cfg.vocab, toks, start, it.languages))
             starts.append(start)
             owner.append((n, k))
-    lps = sequence_logprobs(chunks, cfg, seqs, batch_size) if seqs else []
+    # per-token language ids feed the model's language embedding (model.language_embedding); unused without
+    lps = sequence_logprobs(chunks, cfg, seqs, batch_size,
+                            langs if cfg.model.language_embedding else None) if seqs else []
     per: List[Dict] = []
     for n, it in enumerate(items):
         per.append({"id": it.id, "task": it.task, "benchmark": it.benchmark, "languages": list(it.languages),

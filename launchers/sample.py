@@ -27,6 +27,9 @@ def _extra(p):
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--add-bos", action="store_true", help="prefix bos (only if the training data had it)")
+    p.add_argument("--language", default=None,
+                   help="the prompt's language (one of vocab.languages); required for a model trained with "
+                        "model.language_embedding=true, ignored otherwise")
     p.add_argument("--wav", default=None, help="write prompt + continuation as audio (Mimi units only)")
     p.add_argument("--tokenizer-dir", default=None, help="--wav: the local Mimi folder that made the units")
 
@@ -68,7 +71,8 @@ def main(argv=None) -> int:
         if bad:
             raise EvalError(f"--prompt: unit {bad[0]} outside the codebook [0, {cfg.vocab.codebook_size})")
         units = sample(chunks, cfg, prompt, max_new_units=args.max_new, temperature=args.temperature,
-                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, add_bos=args.add_bos)
+                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, add_bos=args.add_bos,
+                       language=args.language)
     except (EvalError, ConfigError, VocabError, ValueError) as e:
         fail(str(e))
     import torch.distributed as dist

@@ -53,6 +53,9 @@ class ModelConfig:
     deterministic: bool = False        # bit-reproducible embedding backward (sorted, no atomics) on GPU
     init_from: Optional[str] = None    # Hugging Face Llama/Qwen2 directory to start from (TWIST; docs/interop.md)
     init_new_rows: str = "normal"      # unit-vocabulary rows on init_from: normal | mean | keep
+    # per-token language embedding: a [1 + len(vocab.languages), hidden] table added to the unit
+    # embedding, indexed by the datasets' language side channel (off by default, as in the paper)
+    language_embedding: bool = False
 
 
 @dataclass
@@ -217,7 +220,8 @@ class RunConfig:
         norms = 2 * h
         per_layer = attn + mlp + norms
         emb = v * h * (1 if m.tie_embeddings else 2)
-        return L * per_layer + h + emb          # + final norm
+        lang = self.vocab.num_lang_ids * h if m.language_embedding else 0
+        return L * per_layer + h + emb + lang   # + final norm
 
     # ---- validation -----------------------------------------------------------------------
     def validate(self, world_size: Optional[int] = None, cuda: Optional[bool] = None) -> "RunConfig":
@@ -241,6 +245,10 @@ class RunConfig:
              "one of auto, triton, reference", m.attention_backend)
         need(m.embedding_backend in ("auto", "triton", "reference", "megatron"), "model.embedding_backend",
              "one of auto, triton, reference, megatron", m.embedding_backend)
+        if m.language_embedding:
+            need(m.embedding_backend != "megatron", "model.embedding_backend",
+                 "auto, triton or reference with model.language_embedding=true (megatron's own embedding "
+                 "has no language table)", m.embedding_backend)
         if m.max_position_embeddings is not None:
             need(m.max_position_embeddings >= m.seq_length, "model.max_position_embeddings",
                  f">= model.seq_length={m.seq_length}", m.max_position_embeddings)

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from megaslm.config import ConfigError, RunConfig, StageConfig
-from megaslm.vocab import UnitVocab, VocabError, manifest_path, read_manifest
+from megaslm.vocab import LANG_NONE, UnitVocab, VocabError, manifest_path, read_manifest
 
 
 class UnitTokenizer:
@@ -131,9 +131,10 @@ def check_dataset_files(prefix: str, manifest: Dict, verify_hash: bool = False) 
                               f"(sha256 {got[:16]}... vs {manifest['content_hash'][:16]}...)")
 
 
-def check_manifest(prefix: str, vocab: UnitVocab, verify_hash: bool = False) -> Dict:
+def check_manifest(prefix: str, vocab: UnitVocab, verify_hash: bool = False, need_lang: bool = False) -> Dict:
     """The dataset at ``prefix`` is intact (see ``check_dataset_files``) and maps units exactly as
-    this run's vocabulary does."""
+    this run's vocabulary does. ``need_lang`` (``model.language_embedding``): it must also have its
+    language side channel."""
     for ext in (".bin", ".idx"):
         if not os.path.exists(prefix + ext):
             raise ConfigError(f"dataset {prefix}: {prefix + ext} not found (build it with `python -m data_tools build`)")
@@ -146,6 +147,10 @@ def check_manifest(prefix: str, vocab: UnitVocab, verify_hash: bool = False) -> 
         diffs = [f"{k}: dataset {getattr(mv, k)!r} vs config {getattr(vocab, k)!r}"
                  for k in mv.differences(vocab)]
         raise ConfigError(f"{manifest_path(prefix)}: vocabulary does not match the run's `vocab` ({'; '.join(diffs)})")
+    if need_lang and not m.get("lang_channel"):
+        raise ConfigError(f"dataset {prefix}: model.language_embedding=true needs a language side channel, but "
+                          f"{manifest_path(prefix)} names none (no 'lang_channel'; rebuild it with "
+                          f"`python -m data_tools build`)")
     check_dataset_files(prefix, m, verify_hash)
     return m
 
@@ -184,13 +189,77 @@ def _commit_cache(cache: str) -> None:
     os.replace(tmp, os.path.join(cache, _CACHE_LIST))
 
 
+def _language_gpt_dataset():
+    """``LanguageGPTDataset``: megatron-core's GPTDataset whose samples also carry ``lang_ids``.
+
+    Defined on first use so that importing this module does not import megatron-core."""
+    global _LanguageGPTDataset
+    if _LanguageGPTDataset is not None:
+        return _LanguageGPTDataset
+    import copy
+
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    class LanguageGPTDataset(GPTDataset):
+        """A GPTDataset whose samples also carry the language side channel, token for token.
+
+        megatron-core has no notion of a per-token side stream. The side channel
+        (``<prefix><lang_channel>.bin/.idx``, uint8) has exactly the document lengths of the token
+        stream (``check_dataset_files``), so megatron's own document / sample / shuffle indices address
+        it too. Rather than re-implement how a sample is assembled (the sample's document pieces, the
+        extra +1 token, the padding), ``_lang_view`` is a shallow copy of this dataset -- same index
+        arrays, same config -- whose low-level dataset is the side channel and whose pad value is
+        LANG_NONE; megatron's ``_query_document_sample_shuffle_indices`` run on it reads the same
+        (document, offset, length) pieces it reads for the tokens. What is written here by hand is only
+        what megatron lacks: opening the second indexed dataset and cutting its sample the way
+        ``GPTDataset.__getitem__`` cuts the tokens (drop the extra last token).
+        """
+
+        def __init__(self, indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config):
+            super().__init__(indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config)
+            suffix = read_manifest(dataset_path).get("lang_channel")
+            if not suffix:
+                raise ConfigError(f"dataset {dataset_path}: model.language_embedding=true needs a language side "
+                                  f"channel, but {manifest_path(dataset_path)} names none")
+            lang = IndexedDataset(dataset_path + suffix, multimodal=False, mmap=config.mmap_bin_files)
+            if not (lang.sequence_lengths.shape == indexed_dataset.sequence_lengths.shape
+                    and (lang.sequence_lengths == indexed_dataset.sequence_lengths).all()):
+                raise ConfigError(f"{dataset_path + suffix}.idx: language side channel does not match "
+                                  f"{dataset_path}.idx (sequence lengths differ)")
+            view = copy.copy(self)
+            view.dataset = lang
+            view._pad_token_id = LANG_NONE
+            self._lang_view = view
+
+        def __getitem__(self, idx):
+            out = super().__getitem__(idx)
+            raw, _ = self._lang_view._query_document_sample_shuffle_indices(0 if idx is None else idx)
+            lang = torch.from_numpy(raw).long()
+            if self.config.add_extra_token_to_sequence:
+                lang = lang[:-1]      # the language of each input token (tokens = text[:-1])
+            out["lang_ids"] = lang.contiguous()
+            return out
+
+    _LanguageGPTDataset = LanguageGPTDataset
+    return LanguageGPTDataset
+
+
+_LanguageGPTDataset = None
+
+
 def build_stage_dataset(cfg: RunConfig, stage: StageConfig, num_samples: int, seed_offset: int = 0):
-    """A megatron-core dataset (GPTDataset, or BlendedDataset over several) with ``num_samples`` samples."""
+    """A megatron-core dataset (GPTDataset, or BlendedDataset over several) with ``num_samples`` samples.
+
+    With ``model.language_embedding`` each sample also carries ``lang_ids`` (``LanguageGPTDataset``):
+    the same samples in the same order, plus the language of every token."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
+    need_lang = cfg.model.language_embedding
     for src in stage.data:
-        check_manifest(src.path, cfg.vocab)   # cheap: sizes and headers (the hash was checked in run())
+        # cheap: sizes and headers (the hash was checked in run())
+        check_manifest(src.path, cfg.vocab, need_lang=need_lang)
     cache = index_cache_dir(cfg)
     prefixes = [s.path for s in stage.data]
     weights = [float(s.weight) for s in stage.data]
@@ -212,7 +281,8 @@ def build_stage_dataset(cfg: RunConfig, stage: StageConfig, num_samples: int, se
     first = not dist.is_initialized() or dist.get_rank() == 0   # megatron builds (and writes) on rank 0 first
     if first:
         _drop_uncommitted(cache)
-    builder = BlendedMegatronDatasetBuilder(GPTDataset, [num_samples, 0, 0], lambda: True, dcfg)
+    cls = _language_gpt_dataset() if need_lang else GPTDataset
+    builder = BlendedMegatronDatasetBuilder(cls, [num_samples, 0, 0], lambda: True, dcfg)
     train, _, _ = builder.build()
     if first:
         _commit_cache(cache)
@@ -226,12 +296,15 @@ class Batch:
     loss_mask: torch.Tensor    # [b, s] float32
     position_ids: torch.Tensor  # [b, s] int64
     segment_ids: torch.Tensor  # [b, s] int32
+    lang_ids: Optional[torch.Tensor] = None  # [b, s] int64, only with model.language_embedding
 
     def to(self, device) -> "Batch":
-        return Batch(*(getattr(self, f.name).to(device, non_blocking=True) for f in dataclasses.fields(self)))
+        return Batch(*(None if getattr(self, f.name) is None else getattr(self, f.name).to(device, non_blocking=True)
+                       for f in dataclasses.fields(self)))
 
     def split(self, n: int) -> List["Batch"]:
-        parts = [torch.chunk(getattr(self, f.name), n, dim=0) for f in dataclasses.fields(self)]
+        parts = [torch.chunk(getattr(self, f.name), n, dim=0) if getattr(self, f.name) is not None else [None] * n
+                 for f in dataclasses.fields(self)]
         return [Batch(*p) for p in zip(*parts)]
 
     @property
@@ -240,8 +313,10 @@ class Batch:
 
 
 def make_batch(tokens: torch.Tensor, labels: torch.Tensor, loss_mask: Optional[torch.Tensor],
-               vocab: UnitVocab, mask_eod_loss: bool = True, document_mask: bool = True) -> Batch:
-    """Positions, segments and loss mask from the eod tokens (one fused pass on GPU)."""
+               vocab: UnitVocab, mask_eod_loss: bool = True, document_mask: bool = True,
+               lang_ids: Optional[torch.Tensor] = None) -> Batch:
+    """Positions, segments and loss mask from the eod tokens (one fused pass on GPU); ``lang_ids``
+    (the language side channel, with ``model.language_embedding``) is carried as it is."""
     from kernels.doc_mask import doc_positions_and_masks
 
     pos, seg, lm = doc_positions_and_masks(tokens, vocab.eod_id, pad_id=None, mask_eod_loss=mask_eod_loss)
@@ -249,14 +324,18 @@ def make_batch(tokens: torch.Tensor, labels: torch.Tensor, loss_mask: Optional[t
         lm = lm * loss_mask.to(lm.dtype)
     if not document_mask:
         seg = torch.zeros_like(seg)
-    return Batch(tokens.long(), labels.long(), lm.float(), pos.long(), seg)
+    if lang_ids is not None and lang_ids.shape != tokens.shape:
+        raise ValueError(f"lang_ids: shape {tuple(lang_ids.shape)} but tokens {tuple(tokens.shape)}")
+    return Batch(tokens.long(), labels.long(), lm.float(), pos.long(), seg,
+                 None if lang_ids is None else lang_ids.long())
 
 
 def collate(samples: Sequence[Dict[str, torch.Tensor]], cfg: RunConfig) -> Batch:
     tokens = torch.stack([s["tokens"] for s in samples])
     labels = torch.stack([s["labels"] for s in samples])
     lm = torch.stack([s["loss_mask"] for s in samples])
-    return make_batch(tokens, labels, lm, cfg.vocab, cfg.data.mask_eod_loss, cfg.model.document_mask)
+    lang = torch.stack([s["lang_ids"] for s in samples]) if cfg.model.language_embedding else None
+    return make_batch(tokens, labels, lm, cfg.vocab, cfg.data.mask_eod_loss, cfg.model.document_mask, lang)
 
 
 def step_sample_range(step_in_stage: int, global_batch: int, dp_rank: int, dp_size: int) -> Tuple[int, int]:

@@ -3,11 +3,20 @@
 Both delegate the math to ``kernels/`` (Triton on GPU, torch reference on CPU); this file only
 adapts megatron-core's calling conventions ([s, b, h, d] tensors, vocab-parallel shards, the TP
 all-reduce) to the kernels' ones.
+
+Language embedding (``model.language_embedding``): the word embedding also holds ``lang_weight``
+[1 + len(vocab.languages), hidden] and adds ``lang_weight[lang_ids[t]]`` to every token. megatron's
+``GPTModel.forward`` has no argument for per-token side inputs, so the ids reach the embedding by
+``language_ids(chunk, ids)``: a context manager that sets them on the chunk's embedding module for
+one forward call and clears them after (a no-op on chunks without the embedding, i.e. later pipeline
+stages). Every place where a batch meets the model wraps the call in it (megaslm/train.py, evals/engine.py);
+a forward of a model with a language table without ids is an error, never a silent zero.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from megatron.core import parallel_state as ps
@@ -76,12 +85,30 @@ class UnitVocabParallelEmbedding(VocabParallelEmbedding):
     """
 
     embedding_force: Optional[str] = None
+    # ``lang_weight`` (a registered Parameter, no class attribute: that would shadow it) exists only
+    # with model.language_embedding; read it as getattr(self, "lang_weight", None)
+    add_lang: bool = True                              # add the language rows here (TP rank 0 only)
+    lang_ids: Optional[torch.Tensor] = None            # set per forward by ``language_ids``
 
     def forward(self, input_):
         from kernels.embedding import fused_unit_embedding
 
-        # megatron's deterministic_mode (TransformerConfig) selects the kernel's sorted, atomic-free backward
-        out = fused_unit_embedding(input_, self.weight, self.vocab_start_index,
+        lang_weight = getattr(self, "lang_weight", None)
+        lang_ids = None
+        if lang_weight is not None:
+            lang_ids = self.lang_ids
+            if lang_ids is None:
+                raise RuntimeError("model.language_embedding=true: this forward got no per-token language ids "
+                                   "(wrap the model call in megaslm.layers.language_ids)")
+            if lang_ids.shape != input_.shape:
+                raise ValueError(f"language ids: shape {tuple(lang_ids.shape)} but tokens {tuple(input_.shape)}")
+        # megatron's deterministic_mode (TransformerConfig) selects the kernel's sorted, atomic-free backward.
+        # The replicated language table is added on TP rank 0 only (the all-reduce below would count it
+        # TP times); lang_grad_all_ranks gives every TP rank the same table gradient, so the replicas
+        # stay identical without an extra all-reduce (kernels/embedding.py).
+        out = fused_unit_embedding(input_, self.weight, self.vocab_start_index, lang_ids=lang_ids,
+                                   lang_weight=lang_weight,
+                                   add_lang=self.add_lang, lang_grad_all_ranks=True,
                                    deterministic=bool(self.deterministic_mode), force=self.embedding_force)
         if self.tp_group.size() > 1:
             out = reduce_from_tensor_model_parallel_region(out, group=self.tp_group)
@@ -98,3 +125,39 @@ def swap_embedding(model, cfg) -> None:
         raise ValueError("the fused unit embedding does not support sequence parallelism")
     emb.__class__ = UnitVocabParallelEmbedding  # same object, same parameters; only forward changes
     emb.embedding_force = _force(backend)
+    if cfg.model.language_embedding:
+        # replicated across TP (megaslm.sharding: split_rule -1); initialised by megaslm.model.init_weights
+        emb.lang_weight = torch.nn.Parameter(torch.empty(cfg.vocab.num_lang_ids, emb.weight.shape[1],
+                                                         dtype=emb.weight.dtype, device=emb.weight.device))
+        emb.add_lang = ps.get_tensor_model_parallel_rank() == 0
+
+
+def _language_table_module(model) -> Optional[UnitVocabParallelEmbedding]:
+    emb = getattr(getattr(model, "embedding", None), "word_embeddings", None)
+    if isinstance(emb, UnitVocabParallelEmbedding) and getattr(emb, "lang_weight", None) is not None:
+        return emb
+    return None
+
+
+def has_language_embedding(model) -> bool:
+    """Whether this chunk embeds tokens with a language table (first pipeline stage only)."""
+    return _language_table_module(model) is not None
+
+
+@contextlib.contextmanager
+def language_ids(model, lang_ids: Optional[torch.Tensor]) -> Iterator[None]:
+    """Per-token language ids [b, s] for the forward calls of ``model`` (a GPTModel chunk) inside the block.
+
+    No-op for a chunk without a language table (off, or not the first pipeline stage), whatever
+    ``lang_ids`` is; with one, ``lang_ids`` must be given."""
+    emb = _language_table_module(model)
+    if emb is None:
+        yield
+        return
+    if lang_ids is None:
+        raise RuntimeError("model.language_embedding=true: no per-token language ids for this batch")
+    emb.lang_ids = lang_ids
+    try:
+        yield
+    finally:
+        emb.lang_ids = None

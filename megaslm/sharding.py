@@ -17,6 +17,7 @@ from typing import Dict, Iterator, List, Tuple
 import torch
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+LANG = "embedding.word_embeddings.lang_weight"   # model.language_embedding: [1 + languages, hidden]
 
 
 @dataclasses.dataclass
@@ -60,6 +61,8 @@ def split_rule(canonical: str) -> Tuple[int, bool]:
         return 1, False
     if canonical.endswith("norm.weight") or canonical.endswith("layernorm.weight"):
         return -1, False
+    if canonical == LANG:
+        return -1, False      # the language table: small, replicated on every TP rank
     raise KeyError(f"no tensor-parallel layout known for parameter {canonical!r}")
 
 

@@ -63,7 +63,9 @@ class Faults:
 
 
 def param_groups(chunks: List[torch.nn.Module], weight_decay: float):
-    """Weight decay on matrices; none on norms, biases (megatron's convention)."""
+    """Weight decay on matrices; none on norms, biases (megatron's convention). The language table
+    (``model.language_embedding``) is an embedding matrix and is decayed like the word embedding;
+    ``megaslm.ckpt_io`` re-derives these groups by the same rule (dim == 1 or .bias)."""
     decay, no_decay, seen = [], [], set()
     for c in chunks:
         for name, p in c.named_parameters():
@@ -211,6 +213,8 @@ class Trainer:
         A non-finite loss or gradient before the update either raises ``NonFiniteError``
         (``faults.nan_policy: stop``) or drops the gradients without an update (``skip``; the lr
         schedule still advances so it stays aligned with the step count)."""
+        from megaslm.layers import language_ids
+
         cfg = self.cfg
         step = self.step + 1
         micro = batch.split(batch.num_sequences // cfg.schedule.micro_batch_size)
@@ -222,7 +226,8 @@ class Trainer:
         if self.pp == 1:
             for mb in micro:
                 mb = mb.to(self.device)
-                out = self.engine(mb.tokens, mb.position_ids, attention_mask=mb.segment_ids, labels=mb.labels)
+                with language_ids(self.chunks[0], mb.lang_ids):
+                    out = self.engine(mb.tokens, mb.position_ids, attention_mask=mb.segment_ids, labels=mb.labels)
                 tok = (out.float() * mb.loss_mask).sum()
                 if poison is not None:
                     tok = tok * poison
@@ -284,6 +289,8 @@ class Trainer:
     def _pipeline_forward_backward(self, micro: List[Batch], scale: torch.Tensor, poison=None) -> torch.Tensor:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        from megaslm.layers import language_ids
+
         device = self.device
         collected: List[torch.Tensor] = []
 
@@ -296,7 +303,10 @@ class Trainer:
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator).to(device)
-            out = model(mb.tokens, mb.position_ids, attention_mask=mb.segment_ids, labels=mb.labels)
+            # GPTModel.forward takes no language ids: they reach the first stage's embedding through
+            # megaslm.layers.language_ids (set for this call only; no-op on later stages)
+            with language_ids(model, mb.lang_ids):
+                out = model(mb.tokens, mb.position_ids, attention_mask=mb.segment_ids, labels=mb.labels)
             return out, partial(loss_func, mb.loss_mask)
 
         iters = [iter(micro) for _ in self.chunks]
@@ -393,6 +403,8 @@ class Trainer:
         """Mean per-token loss over the first ``eval.valid_sequences`` sequences of ``eval.valid``
         (forward only, no gradient; collective). The same fixed sample at every call, so the values of
         one run, and of runs that share ``eval.valid``, are comparable. One host sync."""
+        from megaslm.layers import language_ids
+
         cfg = self.cfg
         if self._valid is None:
             stage = StageConfig(name="valid", train_steps=1, data=[DataSource(p, 1.0) for p in cfg.eval.valid])
@@ -410,8 +422,9 @@ class Trainer:
                 if self.pp == 1:
                     for mb in micro:
                         mb = mb.to(self.device)
-                        out = self.chunks[0](mb.tokens, mb.position_ids, attention_mask=mb.segment_ids,
-                                             labels=mb.labels)
+                        with language_ids(self.chunks[0], mb.lang_ids):
+                            out = self.chunks[0](mb.tokens, mb.position_ids, attention_mask=mb.segment_ids,
+                                                 labels=mb.labels)
                         lsum += (out.float() * mb.loss_mask).sum().double()
                         tsum += mb.loss_mask.sum().double()
                 else:
@@ -428,6 +441,8 @@ class Trainer:
     def _pipeline_forward_only(self, micro: List[Batch]):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        from megaslm.layers import language_ids
+
         device = self.device
         sums: List[torch.Tensor] = []
 
@@ -438,7 +453,8 @@ class Trainer:
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator).to(device)
-            out = model(mb.tokens, mb.position_ids, attention_mask=mb.segment_ids, labels=mb.labels)
+            with language_ids(model, mb.lang_ids):
+                out = model(mb.tokens, mb.position_ids, attention_mask=mb.segment_ids, labels=mb.labels)
             return out, partial(loss_func, mb.loss_mask)
 
         iters = [iter(micro) for _ in self.chunks]
@@ -598,9 +614,10 @@ def run(cfg: RunConfig, log=print, max_steps: Optional[int] = None, evaluator: O
     # before any process group, model or output directory exists
     for stage in cfg.schedule.stages:
         for src in stage.data:
-            check_manifest(src.path, cfg.vocab, verify_hash=cfg.data.verify_hash)
+            check_manifest(src.path, cfg.vocab, verify_hash=cfg.data.verify_hash,
+                           need_lang=cfg.model.language_embedding)
     for path in cfg.eval.valid:
-        check_manifest(path, cfg.vocab, verify_hash=cfg.data.verify_hash)
+        check_manifest(path, cfg.vocab, verify_hash=cfg.data.verify_hash, need_lang=cfg.model.language_embedding)
     if world["rank"] == 0:
         os.makedirs(cfg.output_dir, exist_ok=True)
     parallel.init_distributed()

@@ -17,14 +17,19 @@ def fixed_batch(cfg, seed: int = 0):
     G, S = cfg.schedule.global_batch_size, cfg.model.seq_length
     toks = torch.randint(cfg.vocab.offset, cfg.vocab.size, (G, S + 1), generator=g)
     toks[torch.rand(G, S + 1, generator=g) < 0.03] = cfg.vocab.eod_id
-    return make_batch(toks[:, :-1], toks[:, 1:], None, cfg.vocab)
+    lang = None
+    if cfg.model.language_embedding:  # a random language per token (drawn after the tokens: same tokens either way)
+        lang = torch.randint(1, cfg.vocab.num_lang_ids, (G, S), generator=g)
+        lang[toks[:, :-1] < cfg.vocab.offset] = 0
+    return make_batch(toks[:, :-1], toks[:, 1:], None, cfg.vocab, lang_ids=lang)
 
 
 def rank_slice(batch, dp_rank: int, dp_size: int):
     from megaslm.data import Batch, step_sample_range
 
     a, b = step_sample_range(0, batch.num_sequences, dp_rank, dp_size)
-    return Batch(batch.tokens[a:b], batch.labels[a:b], batch.loss_mask[a:b], batch.position_ids[a:b], batch.segment_ids[a:b])
+    return Batch(batch.tokens[a:b], batch.labels[a:b], batch.loss_mask[a:b], batch.position_ids[a:b], batch.segment_ids[a:b],
+                 None if batch.lang_ids is None else batch.lang_ids[a:b])
 
 
 def losses_for_layouts(config_path: str, layouts: Sequence[Sequence[str]], steps: int = 3, out_dir: str = "") -> List[Dict]:

@@ -325,7 +325,7 @@ def canonical_from_hf(st: SafetensorsDir, hf: Dict[str, Any], cfg, canonical: st
     if canonical == "decoder.final_layernorm.weight":
         return st.get("model.norm.weight")
     if not canonical.startswith("decoder.layers."):
-        return None  # e.g. embedding.lang_embeddings.weight: no text-LM counterpart, keeps its init
+        return None  # e.g. embedding.word_embeddings.lang_weight: no text-LM counterpart, keeps its init
     _, _, idx, rest = canonical.split(".", 3)
     p = f"model.layers.{idx}."
     if rest in _LAYER_MAP:
@@ -377,6 +377,9 @@ def apply_init_from(chunks, cfg, engine=None) -> None:
 # ------------------------------------------------------------------------------------------------
 def export_architecture(cfg, arch: Optional[str] = None) -> str:
     """Qwen2ForCausalLM for a QKV-bias model, LlamaForCausalLM otherwise (or as asked, when it fits)."""
+    if cfg.model.language_embedding:
+        raise InteropError("model.language_embedding=true: HF Llama/Qwen2 have no per-token language embedding, "
+                           "so the exported model would compute another function; export is refused")
     arch = arch or ("Qwen2ForCausalLM" if cfg.model.add_qkv_bias else "LlamaForCausalLM")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise InteropError(f"--arch {arch}: unsupported architecture (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
