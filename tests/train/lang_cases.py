@@ -53,11 +53,17 @@ def single(config_path: str, base_dir: str) -> Dict:
 
     res: Dict = {}
     full = os.path.join(base_dir, "full")
-    h_full = run(_load(config_path, [f"output_dir={full}"]), log=lambda *_: None)
+    # with a held-out loss (its forward feeds language ids too)
+    v = [f"eval.valid=[{_load(config_path).schedule.stages[0].data[0].path}]", "eval.valid_interval=2",
+         "eval.valid_sequences=8"]
+    h_full = run(_load(config_path, [f"output_dir={full}"] + v), log=lambda *_: None)
     part = os.path.join(base_dir, "part")
-    h1 = run(_load(config_path, [f"output_dir={part}", "checkpoint.interval=0"]), log=lambda *_: None, max_steps=3)
-    h2 = run(_load(config_path, [f"output_dir={part}"]), log=lambda *_: None)
+    h1 = run(_load(config_path, [f"output_dir={part}", "checkpoint.interval=0"] + v), log=lambda *_: None,
+             max_steps=3)
+    h2 = run(_load(config_path, [f"output_dir={part}"] + v), log=lambda *_: None)
     res["losses"] = ([r["loss"] for r in h_full], [r["loss"] for r in h1 + h2])
+    res["valid"] = ([(r["step"], r["valid_loss"]) for r in h_full if "valid_loss" in r],
+                    [(r["step"], r["valid_loss"]) for r in h1 + h2 if "valid_loss" in r])
     res["grad_norms"] = [r["grad_norm"] for r in h_full]
     ck_full, ck_part = os.path.join(full, "checkpoints"), os.path.join(part, "checkpoints")
     key = "embedding.word_embeddings.lang_weight"

@@ -58,6 +58,9 @@ def test_training_updates_the_table_and_resumes_bit_identically(single):
     full, resumed = single["losses"]
     assert len(full) == 4 and all(map(lambda x: x == x and abs(x) < 1e3, full))
     assert full == resumed
+    v_full, v_resumed = single["valid"]                # the held-out loss, with language ids
+    assert [s for s, _ in v_full] == [2, 4] and v_full == v_resumed
+    assert all(0 < x < 10 for _, x in v_full)
     assert single["weights_differ"] == []   # every tensor of the step-4 checkpoints bit-identical
     assert LANG in single["weights_keys"] and single["lang_resumed"] == single["lang"]["step00000004"]
     # init: the layout-independent draw of megaslm.model.init_weights
