@@ -87,7 +87,9 @@ def parse_int_lists(bodies: Sequence[bytes], limit: int) -> Optional[Tuple[np.nd
 def assemble(units: np.ndarray, counts: np.ndarray, lang_ids: np.ndarray, frames: np.ndarray,
              source: str, opts: BuildOptions, dtype, lang_names: Sequence[str]):
     """Validated units of consecutive utterances -> (tokens, languages, document lengths, Stats), exactly as
-    ``streams.record_documents`` lays out one utterance per document ([bos] units eod)."""
+    ``streams.record_documents`` lays out one utterance per document: [bos] [language tag] units eod (the
+    tag when ``vocab.lang_tags``: an utterance is one sentence, so it always opens with its tag; a separator
+    never appears, since it sits only between sentences)."""
     vocab = opts.vocab
     n = counts.size
     units_in = int(units.size)
@@ -102,23 +104,33 @@ def assemble(units: np.ndarray, counts: np.ndarray, lang_ids: np.ndarray, frames
         ends = csum[starts + counts - 1]
         counts = np.diff(np.concatenate(([0], ends)))
         units = units[keep]
-    extra = 2 if opts.add_bos else 1
+    head = (1 if opts.add_bos else 0) + (1 if vocab.lang_tags else 0)   # specials before the units
+    extra = head + 1
     lengths = counts + extra
     total = int(lengths.sum())
     doc_end = np.cumsum(lengths) - 1                 # eod positions
+    doc_start = doc_end - lengths + 1
     tokens = np.empty(total, dtype=dtype)
-    special = np.zeros(total, dtype=bool)
-    special[doc_end] = True
-    if opts.add_bos:
-        special[doc_end - lengths + 1] = True
+    langs = np.empty(total, dtype=np.uint8)
+    # unit j of the chunk, in document k, lands at j + k * extra + head: one scatter, no loop per document
+    dest = np.arange(units.size, dtype=np.int64)
+    dest += np.repeat(np.arange(n, dtype=np.int64) * extra + head, counts)
     body = units.astype(dtype)                        # units < codebook: offset + unit fits the token dtype
     body += vocab.offset
-    tokens[~special] = body
+    tokens[dest] = body
+    langs[dest] = np.repeat(lang_ids.astype(np.uint8), counts)
     tokens[doc_end] = vocab.eod_id
+    langs[doc_end] = LANG_NONE
     if opts.add_bos:
-        tokens[doc_end - lengths + 1] = vocab.bos_id
-    langs = np.repeat(lang_ids.astype(np.uint8), lengths)
-    langs[special] = LANG_NONE
+        tokens[doc_start] = vocab.bos_id
+        langs[doc_start] = LANG_NONE
+    if vocab.lang_tags:
+        tag_of = np.zeros(len(lang_names) + 1, dtype=np.int64)
+        for name in lang_names:
+            tag_of[vocab.lang_id(name)] = vocab.lang_tag_id(name)
+        at = doc_start + (1 if opts.add_bos else 0)
+        tokens[at] = tag_of[lang_ids]
+        langs[at] = LANG_NONE
     st = Stats(tokens=total, documents=n, sentences=n, units_in=units_in)
     per_lang = np.bincount(lang_ids, weights=counts, minlength=len(lang_names) + 1)
     per_frames = np.bincount(lang_ids, weights=frames, minlength=len(lang_names) + 1)

@@ -42,8 +42,9 @@ def _utterances(rng, n, C):
     return out
 
 
-@pytest.mark.parametrize("dedup,bos", [(False, False), (True, True)])
-def test_fast_path_equals_record_path(tmp_path, monkeypatch, dedup, bos):
+@pytest.mark.parametrize("dedup,bos,tags", [(False, False, False), (True, True, False), (False, True, True),
+                                            (False, False, True)])
+def test_fast_path_equals_record_path(tmp_path, monkeypatch, dedup, bos, tags):
     rng = np.random.default_rng(0)
     C = 2048
     recs = _utterances(rng, 600, C)
@@ -59,7 +60,8 @@ def test_fast_path_equals_record_path(tmp_path, monkeypatch, dedup, bos):
     write_jsonl(tmp_path / "n.bounds.jsonl", [{"id": str(i), "start": int(off[i]), "end": int(off[i + 1]),
                                                 "lang": r.get("lang", "en")} for i, r in enumerate(recs)])
     np.savez(tmp_path / "z.npz", units=units, offsets=off, langs=np.array([r.get("lang", "en") for r in recs]))
-    vocab = UnitVocab(codebook_size=C, dedup=dedup)
+    # tags: language tags + separator (an interleaving vocabulary): each utterance opens with its tag
+    vocab = UnitVocab(codebook_size=C, dedup=dedup, lang_tags=tags, sentence_sep=tags)
     import data_tools.fast as fast
     taken = []
     for name in ("jsonl_chunk", "npy_chunk", "npz_chunk"):
