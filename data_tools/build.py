@@ -24,7 +24,7 @@ import numpy as np
 from megaslm.vocab import LANG_SUFFIX, MANIFEST_VERSION, lang_prefix, manifest_path
 
 from data_tools import fast
-from data_tools.common import token_dtype, write_index
+from data_tools.common import keep_freed_memory, token_dtype, write_index
 from data_tools.errors import DataError
 from data_tools.formats import InputSpec, check_inputs, chunk_items, iter_chunks, parse_item
 from data_tools.streams import RANDOM_MODES, BuildOptions, Encoder, Stats, record_documents, story_rng
@@ -36,6 +36,11 @@ def _init_worker(ctx: Dict[str, Any]) -> None:
     _CTX.clear()
     _CTX.update(ctx)
     _CTX["encoder"] = Encoder(ctx["opts"].vocab, ctx["opts"].bpe_model)
+
+
+def _init_pool_worker(ctx: Dict[str, Any]) -> None:
+    keep_freed_memory()         # a pool worker is our process (see common.keep_freed_memory)
+    _init_worker(ctx)
 
 
 def _fast_chunk(spec: InputSpec, chunk, opts: BuildOptions, dtype):
@@ -125,7 +130,7 @@ def _run_chunks(jobs, opts: BuildOptions, ctx: Dict[str, Any]):
         for job in jobs:
             yield _process_chunk(job), _chunk_len(job[1])
         return
-    pool = _pool_context().Pool(opts.workers, initializer=_init_worker, initargs=(ctx,))
+    pool = _pool_context().Pool(opts.workers, initializer=_init_pool_worker, initargs=(ctx,))
     try:
         pending = collections.deque()
         for job in jobs:

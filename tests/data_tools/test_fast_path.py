@@ -116,3 +116,21 @@ def test_fast_path_never_accepts_what_the_record_path_refuses(tmp_path, monkeypa
         except Exception as e:                      # noqa: BLE001 - compare whatever happens
             outcomes.append((type(e).__name__, str(e)))
     assert outcomes[0] == outcomes[1]
+
+
+@pytest.mark.parametrize("limit", [10, 1000, 2048, 10000, 65536, 10 ** 8])
+def test_parse_int_lists_reads_every_width(limit):
+    """The word-at-a-time reader (4-byte words up to 4 digits, 8-byte words above) against Python's int,
+    compact and spaced separators; a number one digit too long is refused or read out of range."""
+    rng = np.random.default_rng(limit)
+    for trial in range(100):
+        bodies, want = [], []
+        for _ in range(int(rng.integers(1, 6))):
+            v = rng.integers(0, limit, size=int(rng.integers(1, 8)))
+            want += v.tolist()
+            bodies.append((", " if trial % 2 else ",").join(map(str, v)).encode())
+        vals, counts = parse_int_lists(bodies, limit)
+        assert vals.tolist() == want and counts.tolist() == [b.count(b",") + 1 for b in bodies]
+    for big in (str(limit * 10).encode(), b"123456789", b"99999999999999999999"):
+        r = parse_int_lists([b"1", big], limit)
+        assert r is None or (r[0][1] == int(big) and r[0][1] >= limit)
