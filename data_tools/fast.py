@@ -13,6 +13,7 @@ int per unit; both cost far more than the data (issue 14 item 4).
 """
 from __future__ import annotations
 
+import itertools
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -255,35 +256,64 @@ def jsonl_chunk(lines: List[bytes], source: str, opts: BuildOptions, dtype):
     return assemble(units, counts, lang_ids, frames, source, opts, dtype, opts.vocab.languages) + (unknown,)
 
 
-def npy_chunk(path: str, lines: List[bytes], source: str, opts: BuildOptions, dtype):
-    """.bounds.jsonl lines of ``path`` -> assemble(...) + unknown field names, or None."""
+def _load_lines(lines: List[bytes]) -> Optional[list]:
+    """JSON lines -> their values, parsed by orjson as one array; blank lines (kept in chunks for the line
+    numbers) are dropped only when the first try fails on them. None on invalid JSON."""
+    try:
+        return orjson.loads(b"[" + b",".join(lines) + b"]")
+    except orjson.JSONDecodeError:
+        pass
     body = [t for t in lines if t.strip()]
     if not body:
         return None
     try:
-        objs = orjson.loads(b"[" + b",".join(body) + b"]")
+        return orjson.loads(b"[" + b",".join(body) + b"]")
     except orjson.JSONDecodeError:
         return None
-    if not all(type(o) is dict for o in objs):
+
+
+def _column(objs: List[dict], key: str, default=None) -> list:
+    """``[o.get(key, default) for o in objs]`` without Python bytecode per record (map + dict.get run in C)."""
+    return list(map(dict.get, objs, itertools.repeat(key, len(objs)), itertools.repeat(default, len(objs))))
+
+
+def _lang_ids(langs: list, table: Dict[str, int]) -> Optional[np.ndarray]:
+    """Language names -> ids, or None if any is not a known language (a str in ``table``)."""
+    try:
+        kinds = set(langs)
+    except TypeError:                                # an unhashable value (list, dict): the record path
         return None
-    st = [o.get("start") for o in objs]
-    en = [o.get("end") for o in objs]
-    if set(map(type, st)) != {int} or set(map(type, en)) != {int}:     # C-level type check (no bools)
-        return None
-    arr = _load_npy(path)
-    a = np.array(st, dtype=np.int64)
-    b = np.array(en, dtype=np.int64)
-    if np.any(a < 0) or np.any(b <= a) or np.any(b > arr.shape[0]):
-        return None
-    table = _lang_table(opts)
-    langs = [o.get("lang", opts.lang) for o in objs]
-    kinds = set(langs)
     if not all(type(l) is str and l in table for l in kinds):
         return None
     if len(kinds) == 1:
-        lang_ids = np.full(len(objs), table[langs[0]], dtype=np.uint8)
-    else:
-        lang_ids = np.fromiter(map(table.__getitem__, langs), dtype=np.uint8, count=len(langs))
+        return np.full(len(langs), table[langs[0]], dtype=np.uint8)
+    return np.fromiter(map(table.__getitem__, langs), dtype=np.uint8, count=len(langs))
+
+
+def npy_chunk(path: str, lines: List[bytes], source: str, opts: BuildOptions, dtype):
+    """.bounds.jsonl lines of ``path`` -> assemble(...) + unknown field names, or None.
+
+    No Python bytecode per record: orjson parses the whole chunk as one array, the columns come out with
+    C-level ``map(dict.get, ...)``, and types are checked as sets of types."""
+    objs = _load_lines(lines)
+    if not objs or set(map(type, objs)) != {dict}:
+        return None
+    st = _column(objs, "start")
+    en = _column(objs, "end")
+    if set(map(type, st)) != {int} or set(map(type, en)) != {int}:     # C-level type check (no bools)
+        return None
+    arr = _load_npy(path)
+    try:
+        a = np.array(st, dtype=np.int64)
+        b = np.array(en, dtype=np.int64)
+    except OverflowError:
+        return None
+    if np.any(a < 0) or np.any(b <= a) or np.any(b > arr.shape[0]):
+        return None
+    table = _lang_table(opts)
+    lang_ids = _lang_ids(_column(objs, "lang", opts.lang), table)
+    if lang_ids is None:
+        return None
     keys = set()
     keys.update(*objs)
     unknown = keys - BOUNDS_FIELDS
