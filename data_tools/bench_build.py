@@ -1,7 +1,7 @@
 """Data-build benchmark (issue 14 item 4): megatron-core's per-item builder loop vs ``data_tools build``.
 
     python -m data_tools.bench_build                 # 20k sequences of 50-400 units, workers 1 and 2
-    python -m data_tools.bench_build --sequences 2000 --repeats 1 --out /tmp/b.json   # quick look
+    python -m data_tools.bench_build --sequences 2000 --repeats 1 --scale 2 --out /tmp/b.json   # quick look
 
 Generates the input (utterance JSONL as ``json.dumps`` writes it, ``.npy`` + ``.bounds.jsonl``, ``.npz``),
 runs the anchor a user would write -- a Python loop of ``IndexedDatasetBuilder.add_item`` +
@@ -14,6 +14,11 @@ The anchor runs in a child interpreter (it needs torch; this process must not ho
 forks its workers, as in the CLI), timed in there the same way. CPU seconds (the process and the workers
 it waited for) are recorded beside wall seconds: on a shared machine they show the work done, where wall
 time also shows the wait for a core. The JSON records the load average before and after the run.
+
+Worker scaling is measured on a second input ``--scale`` times larger (default 10x: 200k sequences), where
+process start-up does not dominate: ``build`` with 1 worker vs each count in ``--workers`` on that input
+(outputs byte-identical), reported as speed-up vs 1 worker. This process sets glibc's malloc as the
+``data_tools build`` CLI does (``common.keep_freed_memory``), so it times what the CLI runs.
 """
 from __future__ import annotations
 
@@ -162,11 +167,15 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", default="1,2", help="comma-separated worker counts")
     ap.add_argument("--formats", default="jsonl,npy,npz")
     ap.add_argument("--repeats", type=int, default=3, help="runs per measurement; the median is reported")
+    ap.add_argument("--scale", type=int, default=10,
+                    help="worker scaling is measured on an input this many times larger (0: skip)")
     ap.add_argument("--dir", default=None, help="work directory (default: a temporary one, removed)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_results",
                                                   "build.json"))
     a = ap.parse_args(argv)
     import data_tools.build  # noqa: F401  -- imported before timing (the anchor imports torch in its process)
+    from data_tools.common import keep_freed_memory
+    keep_freed_memory()      # as the CLI does
 
     info = machine()
     vocab = UnitVocab(codebook_size=CODEBOOK)
@@ -176,6 +185,12 @@ def main(argv=None) -> int:
     try:
         paths = generate(work, a.sequences, a.min_len, a.max_len)
         units = int(np.load(paths["npy"], mmap_mode="r").shape[0])
+        big_paths, big_units = {}, 0
+        if a.scale and any(w != 1 for w in workers):
+            big_dir = os.path.join(work, "big")
+            os.makedirs(big_dir, exist_ok=True)
+            big_paths = generate(big_dir, a.sequences * a.scale, a.min_len, a.max_len, seed=1)
+            big_units = int(np.load(big_paths["npy"], mmap_mode="r").shape[0])
         results: List[Dict] = []
         print(f"{a.sequences} sequences, {units:,} units; {info['cpu']} ({info['cpu_count']} cores), "
               f"load {info['load_average_before']}; median of {a.repeats}")
@@ -209,10 +224,27 @@ def main(argv=None) -> int:
             for w in workers:
                 if w1 and w != 1:
                     row["workers"][str(w)]["speedup_vs_1_worker"] = w1["s"] / row["workers"][str(w)]["s"]
+            if big_paths:
+                bpath, bunits = big_paths[fmt], big_units
+                scaling = {"units": bunits, "sequences": a.sequences * a.scale, "workers": {}}
+                for w in sorted(set([1] + workers)):
+                    out = os.path.join(work, f"big_{fmt}_w{w}")
+                    t, _ = median_run(a.repeats, ours, bpath, out, vocab, w)
+                    ident = w == 1 or same(os.path.join(work, f"big_{fmt}_w1"), out)
+                    scaling["workers"][str(w)] = {"s": t, "units_per_s": bunits / t, "identical_to_1_worker": ident}
+                    if not ident:
+                        print(f"error: {a.scale}x input: workers={w} differs from 1 worker", file=sys.stderr)
+                        return 1
+                for w, r in scaling["workers"].items():
+                    r["speedup_vs_1_worker"] = scaling["workers"]["1"]["s"] / r["s"]
+                    print(f"{fmt:5s} {a.scale}x input ({bunits:,} units) workers={w} {r['units_per_s'] / 1e6:8.2f} M "
+                          f"units/s, speed-up vs 1 worker {r['speedup_vs_1_worker']:.2f}x, identical: "
+                          f"{r['identical_to_1_worker']}")
+                row["scaling"] = scaling
             results.append(row)
         record = {**info, "benchmark": "data_tools.bench_build", "command": " ".join(["python -m data_tools.bench_build"] + (argv if argv is not None else sys.argv[1:])),
                   "timing": "in-process wall time of the build call (and CPU time of it and its worker "
-                            "processes), median of repeats", "repeats": a.repeats,
+                            "processes), median of repeats", "repeats": a.repeats, "scale": a.scale,
                   "load_average_after": " ".join(f"{x:.2f}" for x in os.getloadavg()),
                   "results": results}
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)

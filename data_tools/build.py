@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import io
 import json
+import mmap
 import multiprocessing
 import os
 import shutil
@@ -24,9 +26,9 @@ import numpy as np
 from megaslm.vocab import LANG_SUFFIX, MANIFEST_VERSION, lang_prefix, manifest_path
 
 from data_tools import fast
-from data_tools.common import token_dtype, write_index
+from data_tools.common import keep_freed_memory, token_dtype, write_index
 from data_tools.errors import DataError
-from data_tools.formats import InputSpec, check_inputs, chunk_items, iter_chunks, parse_item
+from data_tools.formats import InputSpec, bounds_path, check_inputs, chunk_items, iter_chunks, parse_item
 from data_tools.streams import RANDOM_MODES, BuildOptions, Encoder, Stats, record_documents, story_rng
 
 _CTX: Dict[str, Any] = {}
@@ -36,6 +38,11 @@ def _init_worker(ctx: Dict[str, Any]) -> None:
     _CTX.clear()
     _CTX.update(ctx)
     _CTX["encoder"] = Encoder(ctx["opts"].vocab, ctx["opts"].bpe_model)
+
+
+def _init_pool_worker(ctx: Dict[str, Any]) -> None:
+    keep_freed_memory()         # a pool worker is our process (see common.keep_freed_memory)
+    _init_worker(ctx)
 
 
 def _fast_chunk(spec: InputSpec, chunk, opts: BuildOptions, dtype):
@@ -51,6 +58,38 @@ def _fast_chunk(spec: InputSpec, chunk, opts: BuildOptions, dtype):
         return fast.jsonl_chunk(payload, spec.source, opts, dtype)
     except (DataError, ValueError, TypeError, KeyError, IndexError):
         return None             # e.g. an unreadable .npy: the record path reports it where it belongs
+
+
+def _read_range(chunk):
+    """A chunk shipped as (input, first line, (byte offset, byte count, line count)) -> the usual chunk with
+    its lines, read here in the worker (the parent does not pickle the text to every worker)."""
+    fi, first, (offset, nbytes, nlines) = chunk
+    spec = _CTX["inputs"][fi]
+    path = bounds_path(spec.path) if spec.kind == "npy" else spec.path
+    with open(path, "rb") as f:
+        f.seek(offset)
+        lines = io.BytesIO(f.read(nbytes)).readlines()   # splits on b"\n" only, like iterating the file
+    if len(lines) != nlines:
+        raise DataError("input changed while building", path=path)
+    return fi, first, lines
+
+
+def _pool_chunk(job) -> Dict[str, Any]:
+    """A pool worker's task: the chunk's lines are read here, and its tokens and languages go to a file in
+    the build's temporary directory (the parent appends it to the output with an in-kernel copy and hashes
+    it through a memory map) instead of being pickled back through a pipe."""
+    index, chunk = job
+    if isinstance(chunk[2], tuple):
+        chunk = _read_range(chunk)
+    res = _process_chunk((index, chunk))
+    if res["lengths"].size:
+        path = os.path.join(_CTX["tmpdir"], f"chunk-{index}.bin")
+        with open(path, "wb", buffering=0) as f:
+            f.write(res["tokens"])
+            f.write(res["langs"])
+        res["file"] = (path, res["tokens"].nbytes, res["langs"].nbytes)
+        del res["tokens"], res["langs"]
+    return res
 
 
 def _process_chunk(job) -> Dict[str, Any]:
@@ -125,11 +164,19 @@ def _run_chunks(jobs, opts: BuildOptions, ctx: Dict[str, Any]):
         for job in jobs:
             yield _process_chunk(job), _chunk_len(job[1])
         return
-    pool = _pool_context().Pool(opts.workers, initializer=_init_worker, initargs=(ctx,))
+    pool = _pool_context().Pool(opts.workers, initializer=_init_pool_worker, initargs=(ctx,))
+    offsets: Dict[int, int] = {}
     try:
         pending = collections.deque()
-        for job in jobs:
-            pending.append((pool.apply_async(_process_chunk, (job,)), _chunk_len(job[1])))
+        for index, chunk in jobs:
+            n = _chunk_len(chunk)
+            fi, first, payload = chunk
+            if not isinstance(payload, int):         # lines: ship their byte range, not their text
+                nbytes = sum(map(len, payload))
+                off = offsets.get(fi, 0)
+                offsets[fi] = off + nbytes
+                chunk = (fi, first, (off, nbytes, len(payload)))
+            pending.append((pool.apply_async(_pool_chunk, ((index, chunk),)), n))
             while len(pending) >= 2 * opts.workers:
                 r, n = pending.popleft()
                 yield r.get(), n
@@ -140,6 +187,30 @@ def _run_chunks(jobs, opts: BuildOptions, ctx: Dict[str, Any]):
     finally:
         pool.terminate()
         pool.join()
+
+
+def _append_chunk_file(file, tf, lf, h) -> None:
+    """A worker's chunk file (tokens, then languages) -> appended to the two outputs with an in-kernel copy
+    where the OS has one; the tokens are hashed through a memory map (no copy)."""
+    path, tok_bytes, lang_bytes = file
+    with open(path, "rb") as f:
+        if tok_bytes:
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm, memoryview(mm) as mv:
+                with mv[:tok_bytes] as toks:
+                    h.update(toks)
+        for out, off, count in ((tf, 0, tok_bytes), (lf, tok_bytes, lang_bytes)):
+            out.flush()                              # the copy writes at the file descriptor's position
+            while count:
+                try:
+                    done = os.copy_file_range(f.fileno(), out.fileno(), count, off)
+                except (AttributeError, OSError):
+                    f.seek(off)
+                    done = out.write(f.read(count))
+                if not done:
+                    raise DataError("short copy of a worker's chunk", path=path)
+                off += done
+                count -= done
+    os.remove(path)
 
 
 def _fast_enabled() -> bool:
@@ -197,7 +268,10 @@ def build_dataset(inputs: Sequence[Union[str, InputSpec]], output_prefix: str,
                     bad.extend(res["bad"])
                     for fi, names in res["unknown"].items():
                         unknown.setdefault(fi, set()).update(names)
-                    if res["lengths"].size:
+                    if "file" in res:
+                        _append_chunk_file(res["file"], tf, lf, h)
+                        lengths.append(res["lengths"])
+                    elif res["lengths"].size:
                         tf.write(res["tokens"])
                         h.update(res["tokens"])
                         lf.write(res["langs"])

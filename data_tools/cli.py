@@ -134,6 +134,8 @@ def run(argv: Optional[List[str]] = None) -> int:
         from data_tools.build import build_dataset
         from data_tools.streams import BuildOptions
         from data_tools.audio.provenance import apply_unit_source  # record the inputs' tokeniser; refuse mixes
+        from data_tools.common import keep_freed_memory
+        keep_freed_memory()     # this process is ours: no page faults on every chunk's temporaries
         vocab = apply_unit_source(a, _vocab(a))
         opts = BuildOptions(vocab=vocab, mode=a.mode, p=a.p, seed=a.seed, target_length=a.target_length,
                             lang=a.lang, story_langs=tuple(a.pair.split(",")) if a.pair else None,

@@ -13,6 +13,7 @@ int per unit; both cost far more than the data (issue 14 item 4).
 """
 from __future__ import annotations
 
+import itertools
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -24,70 +25,88 @@ from data_tools.formats import AUDIO_REPR_FIELDS, BOUNDS_FIELDS, UTT_FIELDS, _lo
 from data_tools.streams import BuildOptions, Stats
 
 def parse_int_lists(bodies: Sequence[bytes], limit: int) -> Optional[Tuple[np.ndarray, np.ndarray]]:
-    """The texts of JSON integer arrays without brackets (``b"12, 907, 3"``) -> (all values as one int64
+    """The texts of JSON integer arrays without brackets (``b"12, 907, 3"``) -> (all values as one unsigned
     array, the count per body), or None unless every body is a non-empty list of plain JSON integers below
     ``limit`` (digits only: no sign, fraction, exponent, leading zero or empty element; spaces allowed
     before a number, not after one -- the rare valid ``"1 ,2"`` goes to the record path).
 
-    How: the bodies are joined with '/', and every step is a whole-buffer NumPy operation (SIMD byte
-    compares, no per-byte Python and no bytes methods, which are ~50x slower here): separators are the ','
-    and '/' bytes, a number's last digit sits just before its separator, and its value is read from the W
-    bytes before that (W = the digits of ``limit - 1``; a longer number cannot be a unit anyway)."""
+    How: the bodies are joined (with ','), and every step is a whole-buffer NumPy operation (SIMD byte
+    compares, no per-byte Python and no bytes methods, which are ~50x slower here). Each number is then read with
+    one gather: the B bytes that end at its last digit (B = 4, or 8 for codebooks above 10^4 units), as one
+    little-endian word, converted SWAR-style (SIMD within a register: digit bytes kept, the bytes before the
+    number's first digit zeroed, then pairs, quads and octets combined with three multiply-adds). NumPy has
+    no text->int conversion that is both strict (JSON) and vectorised (``np.fromstring(sep=",")`` accepts
+    "1.5", "+1", "01", ...) -- hence this."""
     m = len(bodies)
     if not m:
         return None
-    raw = np.frombuffer(b"/".join(bodies), dtype=np.uint8)
-    size = raw.size
-    if size == 0:
+    W = len(str(max(int(limit) - 1, 1)))             # digits of the largest unit
+    if W > 8:
         return None
-    isd = (raw - np.uint8(48)) < 10                  # uint8 arithmetic wraps: only '0'..'9' are < 10
-    issep = (raw == 44) | (raw == 47)
-    issp = raw == 32
-    if np.count_nonzero(isd) + np.count_nonzero(issep) + np.count_nonzero(issp) != size:
-        return None                                  # any other byte: sign, '.', 'e', quote, tab, ...
+    B, word = (4, np.dtype("<u4")) if W <= 4 else (8, np.dtype("<u8"))
+    # every number is followed by a ',' (one after the last body too): a number's last digit is the byte
+    # before a ',', and the bodies' ends follow from their byte lengths
+    joined = b",".join(bodies) + b","
+    size = len(joined)
+    raw = np.frombuffer(joined, dtype=np.uint8)
+    y = raw ^ np.uint8(48)                           # digits -> 0..9; ' ' -> 16, ',' -> 28
+    isd = y < 10
+    issep = y == 28
+    issp = y == 16
+    if np.count_nonzero(isd | issep | issp) != size:
+        return None                                  # any other byte: sign, '.', 'e', quote, '/', tab, ...
+    if issep[0] or np.any(issep[1:] & ~isd[:-1]):
+        return None                                  # an empty element: ",,", ", ,", "", a leading ','
     if np.any(issp[1:] & isd[:-1]):
         return None                                  # a space after a digit ("1 2" is not 12)
-    sep = np.flatnonzero(issep)
-    n = sep.size + 1
-    last = np.empty(n, dtype=np.int64)               # each number's last digit
-    last[:-1] = sep - 1
-    last[-1] = size - 1
-    if last[0] < 0 or not np.all(isd[last]):
-        return None                                  # an empty element: ",,", ", ,", a leading/trailing ','
-    if np.count_nonzero(raw[sep] == 47) != m - 1:
-        return None                                  # a '/' inside a body
-    W = len(str(max(int(limit) - 1, 1)))
-    pad = np.zeros(size + W + 1, dtype=np.uint8)     # W+1 non-digits in front: every number has W bytes before
-    pad[W + 1:] = raw
-    dpad = np.zeros(size + W + 1, dtype=bool)
-    dpad[W + 1:] = isd
-    pos = last + (W + 1)
-    acc = np.int64 if W > 9 else np.int32
-    values = pad[pos].astype(acc)
-    values -= 48
-    present = np.ones(n, dtype=bool)
-    length = np.ones(n, dtype=np.int64)
-    for k in range(1, W):                            # the digit of 10**k, if the number has more than k digits
-        present &= dpad[pos - k]
-        d = pad[pos - k] - np.uint8(48)
-        d *= present
-        values += d.astype(acc) * acc(10 ** k)
-        length += present
-    if np.any(present & dpad[pos - W]):
-        return None                                  # more than W digits: not a unit of this codebook
-    if np.any((length > 1) & (pad[pos - length + 1] == 48)):
+    lead0 = y[1:-1] == 0
+    lead0 &= ~isd[:-2]
+    lead0 &= isd[2:]                                 # a '0' that starts a number and a digit after it
+    if (y[0] == 0 and isd[1]) or np.any(lead0):
         return None                                  # a leading zero ("012" is not JSON)
-    body_end = np.empty(m, dtype=np.int64)           # index (in numbers) of the last number of each body
-    body_end[:-1] = np.flatnonzero(raw[sep] == 47)
-    body_end[-1] = n - 1
-    counts = np.diff(body_end, prepend=-1)
-    return values.astype(np.int64), counts
+    last = np.flatnonzero(issep)
+    last -= 1                                        # each number's last digit
+    n = last.size
+    ends = np.fromiter(map(len, bodies), dtype=np.int64, count=m)
+    ends += 1
+    np.cumsum(ends, out=ends)                        # byte just past each body's ','
+    counts = np.diff(np.searchsorted(last, ends), prepend=0)
+    pad = np.empty(size + B, dtype=np.uint8)         # B non-digit bytes in front: every window is in range
+    pad[:B] = 16
+    pad[B:] = y
+    # overlapping words: element i = pad[i:i+B] (unaligned; NumPy reads it correctly)
+    win = np.ndarray((size + 1,), dtype=word, buffer=pad, strides=(1,))
+    v = np.take(win, last + 1)                       # the B bytes ending at the last digit (pad index last+B)
+    k = [word.type(x & ((1 << 8 * B) - 1)) for x in (0x7070707070707070, 0x8080808080808080, 0xFF, 8, 16, 32,
+                                                     7, 10, 100, 10000, 0x00FF00FF00FF00FF,
+                                                     0x0000FFFF0000FFFF, 0xFFFFFFFF)]
+    c70, c80, cff, s8, s16, s32, s7, t10, t100, t1e4, m8, m16, m32 = k
+    nd = (v + c70) & c80                             # bit 7 of each non-digit byte (no carry: bytes < 0x40)
+    nd |= nd >> s8                                   # smear down: every byte at or before the last non-digit
+    nd |= nd >> s16
+    if B == 8:
+        nd |= nd >> s32
+    longer = np.take(pad, last) < 10                 # pad[last]: the byte just before the window is a digit
+    longer &= nd == 0                                # ... and so are all B bytes in it
+    if np.any(longer):
+        return None                                  # more than B digits (W < digits <= B: out of range)
+    nd >>= s7
+    nd *= cff                                        # 0xFF on the bytes that are not the number's digits
+    np.bitwise_and(v, nd, out=nd)
+    v ^= nd                                          # keep only the number's digit bytes
+    v = (v * t10 + (v >> s8)) & m8                   # 2-digit lanes
+    v = (v * t100 + (v >> s16)) & m16                # 4-digit lanes
+    if B == 8:
+        v = (v * t1e4 + (v >> s32)) & m32
+    return v, counts
 
 
 def assemble(units: np.ndarray, counts: np.ndarray, lang_ids: np.ndarray, frames: np.ndarray,
              source: str, opts: BuildOptions, dtype, lang_names: Sequence[str]):
     """Validated units of consecutive utterances -> (tokens, languages, document lengths, Stats), exactly as
-    ``streams.record_documents`` lays out one utterance per document ([bos] units eod)."""
+    ``streams.record_documents`` lays out one utterance per document: [bos] [language tag] units eod (the
+    tag when ``vocab.lang_tags``: an utterance is one sentence, so it always opens with its tag; a separator
+    never appears, since it sits only between sentences)."""
     vocab = opts.vocab
     n = counts.size
     units_in = int(units.size)
@@ -102,23 +121,37 @@ def assemble(units: np.ndarray, counts: np.ndarray, lang_ids: np.ndarray, frames
         ends = csum[starts + counts - 1]
         counts = np.diff(np.concatenate(([0], ends)))
         units = units[keep]
-    extra = 2 if opts.add_bos else 1
+    head = (1 if opts.add_bos else 0) + (1 if vocab.lang_tags else 0)   # specials before the units
+    extra = head + 1
     lengths = counts + extra
     total = int(lengths.sum())
     doc_end = np.cumsum(lengths) - 1                 # eod positions
+    doc_start = doc_end - lengths + 1
+    is_unit = np.ones(total, dtype=bool)              # False at the eod, bos and tag positions
+    is_unit[doc_end] = False
+    for k in range(head):
+        is_unit[doc_start + k] = False
     tokens = np.empty(total, dtype=dtype)
-    special = np.zeros(total, dtype=bool)
-    special[doc_end] = True
-    if opts.add_bos:
-        special[doc_end - lengths + 1] = True
     body = units.astype(dtype)                        # units < codebook: offset + unit fits the token dtype
     body += vocab.offset
-    tokens[~special] = body
+    tokens[is_unit] = body                            # the units, in order, around the specials
+    single = n == 0 or lang_ids.min() == lang_ids.max()
+    if single:                                        # one language in the chunk (mono): one fill
+        langs = np.full(total, lang_ids[0] if n else LANG_NONE, dtype=np.uint8)
+    else:
+        langs = np.repeat(lang_ids.astype(np.uint8), lengths)
     tokens[doc_end] = vocab.eod_id
+    langs[doc_end] = LANG_NONE
     if opts.add_bos:
-        tokens[doc_end - lengths + 1] = vocab.bos_id
-    langs = np.repeat(lang_ids.astype(np.uint8), lengths)
-    langs[special] = LANG_NONE
+        tokens[doc_start] = vocab.bos_id
+        langs[doc_start] = LANG_NONE
+    if vocab.lang_tags:
+        tag_of = np.zeros(len(lang_names) + 1, dtype=np.int64)
+        for name in lang_names:
+            tag_of[vocab.lang_id(name)] = vocab.lang_tag_id(name)
+        at = doc_start + (1 if opts.add_bos else 0)
+        tokens[at] = tag_of[lang_ids]
+        langs[at] = LANG_NONE
     st = Stats(tokens=total, documents=n, sentences=n, units_in=units_in)
     per_lang = np.bincount(lang_ids, weights=counts, minlength=len(lang_names) + 1)
     per_frames = np.bincount(lang_ids, weights=frames, minlength=len(lang_names) + 1)
@@ -223,35 +256,64 @@ def jsonl_chunk(lines: List[bytes], source: str, opts: BuildOptions, dtype):
     return assemble(units, counts, lang_ids, frames, source, opts, dtype, opts.vocab.languages) + (unknown,)
 
 
-def npy_chunk(path: str, lines: List[bytes], source: str, opts: BuildOptions, dtype):
-    """.bounds.jsonl lines of ``path`` -> assemble(...) + unknown field names, or None."""
+def _load_lines(lines: List[bytes]) -> Optional[list]:
+    """JSON lines -> their values, parsed by orjson as one array; blank lines (kept in chunks for the line
+    numbers) are dropped only when the first try fails on them. None on invalid JSON."""
+    try:
+        return orjson.loads(b"[" + b",".join(lines) + b"]")
+    except orjson.JSONDecodeError:
+        pass
     body = [t for t in lines if t.strip()]
     if not body:
         return None
     try:
-        objs = orjson.loads(b"[" + b",".join(body) + b"]")
+        return orjson.loads(b"[" + b",".join(body) + b"]")
     except orjson.JSONDecodeError:
         return None
-    if not all(type(o) is dict for o in objs):
+
+
+def _column(objs: List[dict], key: str, default=None) -> list:
+    """``[o.get(key, default) for o in objs]`` without Python bytecode per record (map + dict.get run in C)."""
+    return list(map(dict.get, objs, itertools.repeat(key, len(objs)), itertools.repeat(default, len(objs))))
+
+
+def _lang_ids(langs: list, table: Dict[str, int]) -> Optional[np.ndarray]:
+    """Language names -> ids, or None if any is not a known language (a str in ``table``)."""
+    try:
+        kinds = set(langs)
+    except TypeError:                                # an unhashable value (list, dict): the record path
         return None
-    st = [o.get("start") for o in objs]
-    en = [o.get("end") for o in objs]
-    if set(map(type, st)) != {int} or set(map(type, en)) != {int}:     # C-level type check (no bools)
-        return None
-    arr = _load_npy(path)
-    a = np.array(st, dtype=np.int64)
-    b = np.array(en, dtype=np.int64)
-    if np.any(a < 0) or np.any(b <= a) or np.any(b > arr.shape[0]):
-        return None
-    table = _lang_table(opts)
-    langs = [o.get("lang", opts.lang) for o in objs]
-    kinds = set(langs)
     if not all(type(l) is str and l in table for l in kinds):
         return None
     if len(kinds) == 1:
-        lang_ids = np.full(len(objs), table[langs[0]], dtype=np.uint8)
-    else:
-        lang_ids = np.fromiter(map(table.__getitem__, langs), dtype=np.uint8, count=len(langs))
+        return np.full(len(langs), table[langs[0]], dtype=np.uint8)
+    return np.fromiter(map(table.__getitem__, langs), dtype=np.uint8, count=len(langs))
+
+
+def npy_chunk(path: str, lines: List[bytes], source: str, opts: BuildOptions, dtype):
+    """.bounds.jsonl lines of ``path`` -> assemble(...) + unknown field names, or None.
+
+    No Python bytecode per record: orjson parses the whole chunk as one array, the columns come out with
+    C-level ``map(dict.get, ...)``, and types are checked as sets of types."""
+    objs = _load_lines(lines)
+    if not objs or set(map(type, objs)) != {dict}:
+        return None
+    st = _column(objs, "start")
+    en = _column(objs, "end")
+    if set(map(type, st)) != {int} or set(map(type, en)) != {int}:     # C-level type check (no bools)
+        return None
+    arr = _load_npy(path)
+    try:
+        a = np.array(st, dtype=np.int64)
+        b = np.array(en, dtype=np.int64)
+    except OverflowError:
+        return None
+    if np.any(a < 0) or np.any(b <= a) or np.any(b > arr.shape[0]):
+        return None
+    table = _lang_table(opts)
+    lang_ids = _lang_ids(_column(objs, "lang", opts.lang), table)
+    if lang_ids is None:
+        return None
     keys = set()
     keys.update(*objs)
     unknown = keys - BOUNDS_FIELDS

@@ -42,8 +42,9 @@ def _utterances(rng, n, C):
     return out
 
 
-@pytest.mark.parametrize("dedup,bos", [(False, False), (True, True)])
-def test_fast_path_equals_record_path(tmp_path, monkeypatch, dedup, bos):
+@pytest.mark.parametrize("dedup,bos,tags", [(False, False, False), (True, True, False), (False, True, True),
+                                            (False, False, True)])
+def test_fast_path_equals_record_path(tmp_path, monkeypatch, dedup, bos, tags):
     rng = np.random.default_rng(0)
     C = 2048
     recs = _utterances(rng, 600, C)
@@ -59,7 +60,8 @@ def test_fast_path_equals_record_path(tmp_path, monkeypatch, dedup, bos):
     write_jsonl(tmp_path / "n.bounds.jsonl", [{"id": str(i), "start": int(off[i]), "end": int(off[i + 1]),
                                                 "lang": r.get("lang", "en")} for i, r in enumerate(recs)])
     np.savez(tmp_path / "z.npz", units=units, offsets=off, langs=np.array([r.get("lang", "en") for r in recs]))
-    vocab = UnitVocab(codebook_size=C, dedup=dedup)
+    # tags: language tags + separator (an interleaving vocabulary): each utterance opens with its tag
+    vocab = UnitVocab(codebook_size=C, dedup=dedup, lang_tags=tags, sentence_sep=tags)
     import data_tools.fast as fast
     taken = []
     for name in ("jsonl_chunk", "npy_chunk", "npz_chunk"):
@@ -114,3 +116,21 @@ def test_fast_path_never_accepts_what_the_record_path_refuses(tmp_path, monkeypa
         except Exception as e:                      # noqa: BLE001 - compare whatever happens
             outcomes.append((type(e).__name__, str(e)))
     assert outcomes[0] == outcomes[1]
+
+
+@pytest.mark.parametrize("limit", [10, 1000, 2048, 10000, 65536, 10 ** 8])
+def test_parse_int_lists_reads_every_width(limit):
+    """The word-at-a-time reader (4-byte words up to 4 digits, 8-byte words above) against Python's int,
+    compact and spaced separators; a number one digit too long is refused or read out of range."""
+    rng = np.random.default_rng(limit)
+    for trial in range(100):
+        bodies, want = [], []
+        for _ in range(int(rng.integers(1, 6))):
+            v = rng.integers(0, limit, size=int(rng.integers(1, 8)))
+            want += v.tolist()
+            bodies.append((", " if trial % 2 else ",").join(map(str, v)).encode())
+        vals, counts = parse_int_lists(bodies, limit)
+        assert vals.tolist() == want and counts.tolist() == [b.count(b",") + 1 for b in bodies]
+    for big in (str(limit * 10).encode(), b"123456789", b"99999999999999999999"):
+        r = parse_int_lists([b"1", big], limit)
+        assert r is None or (r[0][1] == int(big) and r[0][1] >= limit)
