@@ -61,7 +61,7 @@ def build_eval_model(cfg: RunConfig, full: Optional[Dict[str, torch.Tensor]] = N
     """Initialise the process groups for ``cfg``, build its chunks and load ``full`` (canonical names)."""
     parallel.initialize(cfg)
     if not torch.cuda.is_available():
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, dist.get_world_size())))
+        torch.set_num_threads(cfg.cpu_threads_per_rank(dist.get_world_size()))
     chunks = build_model(cfg, init=full is None)
     if full is not None:
         try:

@@ -61,6 +61,7 @@ def plain_loop(config, overrides, warmup: int) -> float:
     cfg = load_config(config, overrides)
     cfg = with_demo_data(cfg, prepare_demo_data(cfg, log=lambda *_: None)).validate(world_size=1, cuda=False)
     parallel.initialize(cfg)
+    torch.set_num_threads(cfg.cpu_threads_per_rank(1))   # the trainer's thread count (parallel.cpu_threads)
     [model] = build_model(cfg)
     opt = torch.optim.AdamW(param_groups([model], cfg.optimizer.weight_decay), lr=cfg.optimizer.lr,
                             betas=(cfg.optimizer.beta1, cfg.optimizer.beta2), eps=cfg.optimizer.eps)

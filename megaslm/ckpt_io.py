@@ -329,7 +329,7 @@ class Resume:
 
 # Fields that do not change what a run computes; every other field is compared on resume.
 _FREE = ("name", "output_dir", "checkpoint.", "logging.", "faults.", "eval.", "schedule.micro_batch_size",
-         "data.cache_dir", "data.demo_stories", "model.init_from", "model.init_new_rows",
+         "data.cache_dir", "data.demo_stories", "parallel.cpu_threads", "model.init_from", "model.init_new_rows",
          "model.attention_backend", "model.embedding_backend", "model.deterministic")
 
 

@@ -65,6 +65,11 @@ class ParallelConfig:
     virtual_pipeline: Optional[int] = None  # interleaved 1F1B: model chunks per pipeline rank
     data: Optional[int] = None              # None: world_size / (tensor * pipeline)
     zero_stage: int = 1
+    # intra-op threads per rank on CPU. 1 (default) is bit-reproducible: with 2+ threads some CPU kernels
+    # split their sums differently from run to run under varying machine load (measured: two runs of
+    # configs/tiny.yaml, one idle and one beside busy processes, differed from step 2 at 2 threads, even
+    # with MKL single-threaded; identical at 1). 0: all cores / local ranks (faster, not reproducible).
+    cpu_threads: int = 1
 
 
 @dataclass
@@ -268,6 +273,7 @@ class RunConfig:
             need(p.pipeline > 1 and p.virtual_pipeline >= 1, "parallel.virtual_pipeline",
                  "null, or >= 1 with parallel.pipeline > 1", p.virtual_pipeline)
         need(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", "0, 1, 2 or 3", p.zero_stage)
+        need(p.cpu_threads >= 0, "parallel.cpu_threads", "an integer >= 0 (0: all cores / local ranks)", p.cpu_threads)
         if p.pipeline > 1:
             need(p.zero_stage in (0, 1), "parallel.zero_stage",
                  "0 or 1 with parallel.pipeline > 1 (megatron-core's pipeline schedules drive backward; "
@@ -341,6 +347,12 @@ class RunConfig:
         need(self.faults.max_skipped_steps >= 0, "faults.max_skipped_steps", "an integer >= 0",
              self.faults.max_skipped_steps)
         return self
+
+    def cpu_threads_per_rank(self, local_ranks: int) -> int:
+        """Intra-op threads a CPU rank uses (``parallel.cpu_threads``; 0: the cores shared among local ranks)."""
+        if self.parallel.cpu_threads:
+            return self.parallel.cpu_threads
+        return max(1, (os.cpu_count() or 1) // max(1, local_ranks))
 
     def resolved_precision(self, cuda: bool) -> str:
         if self.precision == "auto":

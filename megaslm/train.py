@@ -123,9 +123,10 @@ class Trainer:
         self._counts_loss = (ps.is_pipeline_last_stage(ignore_virtual=True)
                              and ps.get_tensor_model_parallel_rank() == 0)
         if not self.cuda:
-            # one compute thread per rank on a shared CPU, else ranks thrash each other
+            # parallel.cpu_threads per rank (default 1: bit-reproducible whatever the machine's load, and
+            # ranks sharing a CPU do not thrash each other)
             local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
+            torch.set_num_threads(cfg.cpu_threads_per_rank(local))
 
         self.chunks = build_model(cfg)
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
