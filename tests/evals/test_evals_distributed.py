@@ -17,19 +17,6 @@ LAYOUTS = [["parallel.tensor=1", "parallel.pipeline=1"], ["parallel.tensor=2", "
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    d = tmp_path_factory.mktemp("evals")
-    run = str(d / "run")
-    run_ranks(1, "tests.evals.eval_workers:train_tiny", run, 40, 20)
-    from megaslm.vocab import UnitVocab
-    from evals.synthetic import build_benchmark, read_stories
-
-    bench = str(d / "bench")
-    build_benchmark(read_stories(os.path.join(run, "data", "stories.jsonl")), bench, UnitVocab(codebook_size=128), 40)
-    return {"dir": d, "run": run, "bench": bench, "ckpt": os.path.join(run, "checkpoints", "step00000040")}
-
-
-@pytest.fixture(scope="module")
 def layouts(trained):
     res = run_ranks(4, "tests.evals.eval_workers:layouts", trained["ckpt"], trained["bench"], LAYOUTS,
                     str(trained["dir"] / "tp2pp2"))

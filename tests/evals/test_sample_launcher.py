@@ -13,10 +13,8 @@ def _py(args, **kw):
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, **kw)
 
 
-def test_sample_from_checkpoint(tmp_path):
-    run = tmp_path / "run"
-    r = _py(["launchers/pretrain.py", f"output_dir={run}", "schedule.stages.0.train_steps=3", "data.demo_stories=60"])
-    assert r.returncode == 0, r.stderr[-2000:]
+def test_sample_from_checkpoint(trained):
+    run = trained["run"]   # the evals tests' tiny run (tests/evals/conftest.py), trained once per session
     args = ["launchers/sample.py", "--checkpoint", str(run), "--prompt", "5,17,17,42", "--max-new", "12",
             "--top-k", "20", "--seed", "3"]
     outs = []

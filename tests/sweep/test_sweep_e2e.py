@@ -1,5 +1,5 @@
-"""A 2 sizes x 2 recipes tiny sweep end to end: local executor (killed mid-way and re-run), submitit's
-LocalExecutor, and a real single-node SLURM where slurm-wlm + munge are installed."""
+"""A tiny sweep end to end: local executor (2 sizes x 2 recipes, killed mid-way and re-run), submitit's
+LocalExecutor and a real single-node SLURM where slurm-wlm + munge are installed (1 size x 2 recipes)."""
 import csv
 import json
 import os
@@ -17,6 +17,11 @@ from megaslm.sweep import expand, newest_meta, run_state
 def _train_log(run):
     p = os.path.join(run.dir, "logs", "train.log")
     return open(p).read() if os.path.exists(p) else ""
+
+
+# One size x two recipes for the submitit and SLURM executors: they run the same driver code as the local
+# one (all four runs, killed mid-way); two runs through the scheduler keep CI time down.
+ONE_SIZE = [{"name": "xs", "num_layers": 1, "hidden_size": 32}]
 
 
 def check_finished_sweep(spec_path, n_runs=4):
@@ -103,15 +108,11 @@ def test_local_sweep_killed_midway_resumes_without_retraining(tmp_path):
     assert st.returncode == 0 and "4 evaluated" in st.stdout
     # the data were built once and shared: one marker per built dataset (bench is made by world's build)
     built = sorted(os.listdir(os.path.join(sw.data_dir, ".built")))
-    assert [b for b in built if b.endswith(".done")] == ["en.done", "fr.done", "interleaved_p0.5.done", "world.done"]
+    assert [b for b in built if b.endswith(".done")] == ["en.done", "fr.done", "interleaved_p0.5.done", "valid.done",
+                                                         "world.done"]
     logs = os.listdir(os.path.join(sw.data_dir, "logs"))
-    for name in ("world", "en", "fr", "interleaved_p0.5"):   # each build command ran exactly once
+    for name in ("world", "en", "fr", "interleaved_p0.5", "valid"):   # each build command ran exactly once
         assert open(os.path.join(sw.data_dir, "logs", f"{name}.log")).read().count("$ ") == 1, logs
-
-
-# The executors below run the same driver code as the local one (tested above on all four runs); one
-# size x two recipes keeps CI time down while still sending several runs through the scheduler.
-ONE_SIZE = [{"name": "xs", "num_layers": 1, "hidden_size": 32}]
 
 
 def test_submitit_local_executor(tmp_path):
