@@ -17,6 +17,13 @@ deepspeed 0.19.8 and are adapted here, so that a DeepSpeed upgrade has one file 
    ``tests/train/test_train_units.py::test_deepspeed_adapter_names_exist`` fails loudly if a DeepSpeed
    release renames what this relies on.
 
+3. ``skip_cpu_shm_op``: on CPU, DeepSpeed's comm backend JIT-compiles its shared-memory all-reduce op
+   (``deepspeed_shm_comm``, a C++ build of about a minute on 2 cores, on the first run on each machine)
+   when it initialises, although only its inference all-reduce uses it; the trainer communicates through
+   torch.distributed (gloo). We mark the op incompatible in DeepSpeed's probed op table
+   (``deepspeed.ops.__compatible_ops__``) so ``build_shm_op`` returns None, as it does wherever the op
+   cannot be built. The names are checked by the same test.
+
 ``grad_norm_tensor`` returns the norm of the last step as a tensor (or ``None``) without a host
 synchronisation, so the trainer can convert it once per log interval.
 """
@@ -67,6 +74,18 @@ def keep_zero0_grad_norm(engine) -> None:
         setattr(engine, NORM_ATTRIBUTE, norm)
 
     setattr(engine, PATCHED_ENGINE_METHOD, clip_and_record)
+
+
+SHM_OP = "deepspeed_shm_comm"
+
+
+def skip_cpu_shm_op() -> None:
+    """CPU only, before ``deepspeed.initialize``: do not build DeepSpeed's shared-memory comm op (see above)."""
+    import deepspeed.ops
+
+    table = dict(deepspeed.ops.__compatible_ops__)   # the module probes it on first access and caches it
+    table[SHM_OP] = False
+    deepspeed.ops.__compatible_ops__ = table
 
 
 def grad_norm_tensor(engine) -> Optional[torch.Tensor]:

@@ -142,6 +142,8 @@ class Trainer:
                                 eps=cfg.optimizer.eps, fused=self.cuda or None)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_lambda, cfg=cfg, total_steps=self.total_steps))
         module = self.chunks[0] if len(self.chunks) == 1 and self.pp == 1 else torch.nn.ModuleList(self.chunks)
+        if not self.cuda:
+            ds_adapter.skip_cpu_shm_op()
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=opt, lr_scheduler=sched, mpu=parallel.DeepSpeedMpu(),
             config=ds_adapter.engine_config(cfg, self.dp_size, self.cuda), dist_init_required=False,

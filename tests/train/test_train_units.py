@@ -155,6 +155,24 @@ def test_deepspeed_adapter_names_exist():
     assert callable(getattr(DeepSpeedEngine, ds_adapter.PATCHED_ENGINE_METHOD))
     assert f"self.{ds_adapter.NORM_ATTRIBUTE}" in inspect.getsource(DeepSpeedEngine.get_global_grad_norm)
     assert "clip_grad_norm_" in inspect.getsource(getattr(DeepSpeedEngine, ds_adapter.PATCHED_ENGINE_METHOD))
+    # skip_cpu_shm_op: the op name and the gate build_shm_op consults
+    import importlib
+
+    import deepspeed.ops
+
+    ds_torch = importlib.import_module("deepspeed.comm.torch")   # (deepspeed.comm.torch the attribute is torch)
+
+    src = inspect.getsource(ds_torch.build_shm_op)
+    assert "__compatible_ops__" in src and SHM_BUILDER in src
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder(SHM_BUILDER)
+    assert builder is None or builder.NAME == ds_adapter.SHM_OP
+    ds_adapter.skip_cpu_shm_op()
+    assert ds_torch.build_shm_op() is None and deepspeed.ops.__compatible_ops__[ds_adapter.SHM_OP] is False
+
+
+SHM_BUILDER = "ShareMemCommBuilder"
 
 
 def test_metrics_truncated_to_the_resume_step(tmp_path):
