@@ -290,11 +290,6 @@ class Trainer:
         return {"loss": loss, "grad_norm": None, "loss_tokens": T, "skipped": True}
 
     def _pipeline_forward_backward(self, micro: List[Batch], scale: torch.Tensor, poison=None) -> torch.Tensor:
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
-        from megaslm.layers import language_ids
-
-        device = self.device
         collected: List[torch.Tensor] = []
 
         def loss_func(mask, output):
@@ -303,6 +298,17 @@ class Trainer:
                 tok = tok * poison
             collected.append(tok.detach().double())
             return tok * scale, mask.sum().to(torch.int), {"tok": tok.detach()}
+
+        self._run_pipeline(micro, loss_func, forward_only=False)
+        return torch.stack(collected).sum() if collected else torch.zeros((), dtype=torch.float64, device=self.device)
+
+    def _run_pipeline(self, micro: List[Batch], loss_func, forward_only: bool) -> None:
+        """megatron-core's pipeline schedule over ``micro``; ``loss_func(mask, output)`` on the last stage."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        from megaslm.layers import language_ids
+
+        device = self.device
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator).to(device)
@@ -313,17 +319,15 @@ class Trainer:
             return out, partial(loss_func, mb.loss_mask)
 
         iters = [iter(micro) for _ in self.chunks]
-        fb = get_forward_backward_func()
-        fb(
+        get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=iters if len(self.chunks) > 1 else iters[0],
             model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
             num_microbatches=len(micro),
             seq_length=self.cfg.model.seq_length,
             micro_batch_size=self.cfg.schedule.micro_batch_size,
-            forward_only=False,
+            forward_only=forward_only,
         )
-        return torch.stack(collected).sum() if collected else torch.zeros((), dtype=torch.float64, device=device)
 
     # ---- data ---------------------------------------------------------------------------
     def stage_dataset(self, index: int):
@@ -442,11 +446,6 @@ class Trainer:
         return loss / max(tokens, 1.0)
 
     def _pipeline_forward_only(self, micro: List[Batch]):
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
-        from megaslm.layers import language_ids
-
-        device = self.device
         sums: List[torch.Tensor] = []
 
         def loss_func(mask, output):
@@ -454,20 +453,8 @@ class Trainer:
             sums.append(torch.stack([tok.double(), mask.sum().double()]))
             return tok, mask.sum().to(torch.int), {}
 
-        def forward_step(data_iterator, model):
-            mb = next(data_iterator).to(device)
-            with language_ids(model, mb.lang_ids):
-                out = model(mb.tokens, mb.position_ids, attention_mask=mb.segment_ids, labels=mb.labels)
-            return out, partial(loss_func, mb.loss_mask)
-
-        iters = [iter(micro) for _ in self.chunks]
-        get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iters if len(self.chunks) > 1 else iters[0],
-            model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
-            num_microbatches=len(micro), seq_length=self.cfg.model.seq_length,
-            micro_batch_size=self.cfg.schedule.micro_batch_size, forward_only=True)
-        total = torch.stack(sums).sum(0) if sums else torch.zeros(2, dtype=torch.float64, device=device)
+        self._run_pipeline(micro, loss_func, forward_only=True)
+        total = torch.stack(sums).sum(0) if sums else torch.zeros(2, dtype=torch.float64, device=self.device)
         return total[0], total[1]
 
     # ---- periodic evaluation ------------------------------------------------------------
