@@ -31,6 +31,8 @@ setup(
         "tensorboard>=2.15",
         # a fast JSON parser for unit JSONL builds (the standard library's json is the bottleneck)
         "orjson>=3.9",
+        # the manifest content hash (XXH3-128: megaslm/vocab.py says why not SHA-256)
+        "xxhash>=3.0",
         # audio -> units: Mimi / HuBERT through transformers, audio I/O, k-means codebooks
         "transformers>=4.45",
         "soundfile>=0.12",

@@ -12,7 +12,7 @@ from typing import Dict, Iterable, List, Sequence
 
 import numpy as np
 
-from data_tools.common import dedup_units, new_builder, sha256_files, token_dtype
+from data_tools.common import dedup_units, new_builder, token_dtype
 from data_tools.errors import DataError
 from data_tools.formats import InputSpec, check_inputs, iter_items, parse_item
 
@@ -136,7 +136,7 @@ def encode_dataset(in_prefix: str, out_prefix: str, model_path: str) -> dict:
     import json
     import shutil
     from megatron.core.datasets.indexed_dataset import IndexedDataset
-    from megaslm.vocab import UnitVocab, lang_prefix, manifest_path, read_manifest
+    from megaslm.vocab import CONTENT_HASH, UnitVocab, hash_files, lang_prefix, manifest_path, read_manifest
 
     man = read_manifest(in_prefix)
     if man.get("bpe"):
@@ -188,7 +188,8 @@ def encode_dataset(in_prefix: str, out_prefix: str, model_path: str) -> dict:
                       "encoded_from": os.path.abspath(in_prefix)}
         new["tokens"] = dict(man["tokens"], total=int(total),
                              per_language={k: per_lang.get(k, 0) for k in list(vocab.languages) + ["none"]})
-        new["content_hash"] = sha256_files([f + ".bin", lang_prefix(f) + ".bin"])
+        new["content_hash"] = hash_files([f + ".bin", lang_prefix(f) + ".bin"], CONTENT_HASH)
+        new["content_hash_algorithm"] = CONTENT_HASH
         with open(os.path.join(tmp, "manifest.json"), "w") as fh:
             json.dump(new, fh, indent=2)
         if os.path.exists(manifest_path(out_prefix)):

@@ -11,7 +11,6 @@ manifest last.
 from __future__ import annotations
 
 import collections
-import hashlib
 import io
 import json
 import mmap
@@ -23,7 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Union
 
 import numpy as np
 
-from megaslm.vocab import LANG_SUFFIX, MANIFEST_VERSION, lang_prefix, manifest_path
+from megaslm.vocab import CONTENT_HASH, LANG_SUFFIX, MANIFEST_VERSION, content_hasher, lang_prefix, manifest_path
 
 from data_tools import fast
 from data_tools.common import keep_freed_memory, token_dtype, write_index
@@ -258,7 +257,7 @@ def build_dataset(inputs: Sequence[Union[str, InputSpec]], output_prefix: str,
         total, bad, lengths = Stats(), [], []
         unknown: Dict[int, Set[str]] = {}
         final = os.path.join(tmpdir, "final")
-        h = hashlib.sha256()
+        h = content_hasher(CONTENT_HASH)
         results = _run_chunks(jobs, opts, ctx)
         try:
             with _progress(opts, f"build {os.path.basename(output_prefix)}") as bar, \
@@ -361,6 +360,7 @@ def make_manifest(opts: BuildOptions, specs: Sequence[InputSpec], total: Stats, 
         "language_switches": total.switches,
         "hours": {l: total.frames.get(l, 0) / fr / 3600.0 for l in vocab.languages},
         "content_hash": content_hash,
+        "content_hash_algorithm": CONTENT_HASH,
         "bpe": bpe,
         "quarantine": {"count": n_bad, "report": quarantine_path},
         "ignored_fields": ignored_fields or {},

@@ -1,8 +1,8 @@
 """Helpers shared by the build, BPE and streams modules (kept here so that none imports another's
-privates and there are no import circles): unit ops, megatron-core dataset writing, hashing."""
+privates and there are no import circles): unit ops, megatron-core dataset writing, malloc settings.
+(The manifest's content hash lives in ``megaslm.vocab``: training verifies what data_tools writes.)"""
 from __future__ import annotations
 
-import hashlib
 from typing import Sequence
 
 import numpy as np
@@ -71,12 +71,3 @@ def keep_freed_memory() -> bool:
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
-
-
-def sha256_files(paths: Sequence[str]) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-    return h.hexdigest()

@@ -75,8 +75,8 @@ def dataset_stats(prefix: str, histogram_png: Optional[str] = None, block_tokens
         "manifest_tokens": man.get("tokens", {}).get("total"),
     }
     if verify_hash:
-        from data_tools.common import sha256_files
-        h = sha256_files([prefix + ".bin", lang_prefix(prefix) + ".bin"])
+        from megaslm.vocab import content_hash_algorithm, hash_files
+        h = hash_files([prefix + ".bin", lang_prefix(prefix) + ".bin"], content_hash_algorithm(man))
         out["content_hash_ok"] = h == man.get("content_hash")
     if histogram_png:
         import matplotlib

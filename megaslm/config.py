@@ -93,7 +93,7 @@ class DataConfig:
     mask_eod_loss: bool = True
     seed: int = 1234
     cache_dir: Optional[str] = None   # megatron's sample-index cache; default <output_dir>/cache/data_index
-    verify_hash: bool = False         # also check each dataset's sha256 against its manifest's content_hash
+    verify_hash: bool = False         # also check each dataset's content hash (XXH3-128) against its manifest's
 
 
 @dataclass

@@ -19,7 +19,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from megaslm.config import ConfigError, RunConfig, StageConfig
-from megaslm.vocab import LANG_NONE, UnitVocab, VocabError, manifest_path, read_manifest
+from megaslm.vocab import (LANG_NONE, UnitVocab, VocabError, content_hash_algorithm, hash_files, manifest_path,
+                          read_manifest)
 
 
 class UnitTokenizer:
@@ -86,21 +87,11 @@ def inspect_indexed(prefix: str) -> IndexedFileInfo:
     return IndexedFileInfo(itemsize, n, max(0, d - 1), tokens, lengths)
 
 
-def _sha256(paths: Sequence[str]) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for p in paths:
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
 def check_dataset_files(prefix: str, manifest: Dict, verify_hash: bool = False) -> None:
     """The files at ``prefix`` are intact and agree with each other and with the manifest: token
     count and document count, the language side channel (same sequences, same lengths), and with
-    ``verify_hash`` the manifest's ``content_hash`` (sha256 of the token and language ``.bin``)."""
+    ``verify_hash`` the manifest's ``content_hash`` (of the token and language ``.bin``, with the manifest's
+    ``content_hash_algorithm``: XXH3-128, or SHA-256 for manifests that predate the field)."""
     import numpy as np
 
     mpath = manifest_path(prefix)
@@ -125,10 +116,14 @@ def check_dataset_files(prefix: str, manifest: Dict, verify_hash: bool = False) 
                               f"{info.sequences} / {info.documents} / {info.tokens})")
         hashed.append(lp + ".bin")
     if verify_hash and manifest.get("content_hash"):
-        got = _sha256(hashed)
+        algorithm = content_hash_algorithm(manifest)
+        try:
+            got = hash_files(hashed, algorithm)
+        except VocabError as e:
+            raise ConfigError(f"{mpath}: {e}") from None
         if got != manifest["content_hash"]:
             raise ConfigError(f"{prefix}.bin: content does not match {mpath} content_hash "
-                              f"(sha256 {got[:16]}... vs {manifest['content_hash'][:16]}...)")
+                              f"({algorithm} {got[:16]}... vs {manifest['content_hash'][:16]}...)")
 
 
 def check_manifest(prefix: str, vocab: UnitVocab, verify_hash: bool = False, need_lang: bool = False) -> Dict:

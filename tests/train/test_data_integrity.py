@@ -109,6 +109,28 @@ def test_content_hash_checked_on_request(tmp_path, corpus):
         check_manifest(p, vocab, verify_hash=True)
 
 
+def test_legacy_sha256_manifest_still_verifies(tmp_path, corpus):
+    """Manifests written before ``content_hash_algorithm`` was recorded hold a SHA-256: verified as such."""
+    from megaslm.config import ConfigError, load_config
+    from megaslm.data import check_manifest
+
+    vocab = load_config(None, ["vocab.codebook_size=128"]).vocab
+    p = _copy(corpus["en"], tmp_path / "d")
+    mpath = p + ".manifest.json"
+    m = json.load(open(mpath))
+    assert m["content_hash_algorithm"] == "xxh3_128" and len(m["content_hash"]) == 32
+    h = hashlib.sha256()
+    for suffix in (".bin", ".lang.bin"):
+        h.update(open(p + suffix, "rb").read())
+    del m["content_hash_algorithm"]
+    m["content_hash"] = h.hexdigest()
+    json.dump(m, open(mpath, "w"))
+    check_manifest(p, vocab, verify_hash=True)
+    _flip_byte(p + ".bin", 10)
+    with pytest.raises(ConfigError, match=r"content does not match .* \(sha256 "):
+        check_manifest(p, vocab, verify_hash=True)
+
+
 def test_launcher_exits_2_before_building_anything(tmp_path, corpus):
     p = _copy(corpus["en"], tmp_path / "d")
     _truncate(p + ".bin", 6)
