@@ -1,12 +1,7 @@
-"""Shared helpers for kernel tests (imported after conftest has set TRITON_INTERPRET)."""
-import os
+"""Shared helpers for kernel tests (the kernels run under the interpreter: tests/kernels/conftest.py)."""
 
+import pytest
 import torch
-
-if not torch.cuda.is_available():  # robust when a module is imported outside pytest's conftest
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
 
 gpu = pytest.mark.gpu
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

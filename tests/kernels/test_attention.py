@@ -1,16 +1,11 @@
 """Segment (document) causal attention: output and dq, dk, dv against the dense-mask reference."""
-import os
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-from kernels import attention as attn_mod  # noqa: E402
-from kernels import segment_attention, segment_attention_reference  # noqa: E402
-from _kernels_testutil import assert_close, gpu, requires_cuda  # noqa: E402
+from kernels import attention as attn_mod
+from kernels import segment_attention, segment_attention_reference
+from _kernels_testutil import assert_close, gpu, requires_cuda
 
 SMALL_BLOCKS = dict(fwd_m=16, fwd_n=16, bwd_m=16, bwd_n=16)
 

@@ -1,16 +1,11 @@
 """Fused position ids / segment ids / loss mask against the reference and megatron's loop semantics."""
-import os
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-from kernels import doc_mask as dm  # noqa: E402
-from kernels import doc_positions_and_masks, doc_positions_and_masks_reference  # noqa: E402
-from _kernels_testutil import gpu, requires_cuda  # noqa: E402
+from kernels import doc_mask as dm
+from kernels import doc_positions_and_masks, doc_positions_and_masks_reference
+from _kernels_testutil import gpu, requires_cuda
 
 EOD, PAD = 0, 7
 

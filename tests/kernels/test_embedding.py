@@ -1,16 +1,11 @@
 """Fused unit embedding: outputs and every gradient against the plain-torch reference."""
-import os
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-from kernels import FusedUnitEmbedding, embedding_reference, fused_unit_embedding, use_triton  # noqa: E402
-from kernels import embedding as emb_mod  # noqa: E402
-from _kernels_testutil import assert_close, gpu, requires_cuda  # noqa: E402
+from kernels import FusedUnitEmbedding, embedding_reference, fused_unit_embedding, use_triton
+from kernels import embedding as emb_mod
+from _kernels_testutil import assert_close, gpu, requires_cuda
 
 
 def _edge_ids(shape, vocab_start, V, gen, device):

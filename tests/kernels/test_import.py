@@ -6,9 +6,6 @@ from pathlib import Path
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 ROOT = Path(__file__).resolve().parents[2]
 
 _SNIPPET = r"""
