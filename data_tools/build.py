@@ -1,19 +1,20 @@
 """The build pipeline: inputs -> (worker chunks) -> one megatron-core indexed dataset + language channel.
 
-Streaming: the main process cuts the inputs into chunks of lines (``formats.iter_chunks``) and hands them to
-workers (at most 2 chunks per worker in flight). A worker turns a chunk into one token array, one language
-array and the document lengths: utterance chunks through the vectorised path (``data_tools.fast``), stories,
-BPE and anything unusual record by record (``streams.record_documents``), with the same bytes either way.
-The main process appends the arrays in input order to ``<prefix>.tmp-<pid>/final.bin`` (hashing as it
-writes) and writes the .idx with megatron-core's index writer. Everything is moved into place at the end,
-manifest last.
+Streaming: the inputs are cut into chunks of lines (``formats.iter_chunks``). A chunk becomes one token
+array, one language array and the document lengths: utterance chunks through the vectorised path
+(``data_tools.fast``), stories, BPE and anything unusual record by record (``streams.record_documents``),
+with the same bytes either way. With one worker the main process does this itself and appends the arrays to
+``<prefix>.tmp-<pid>/final.bin`` (hashing as it writes). With ``--workers N`` the main process only finds the
+chunks' byte ranges (``formats.iter_chunk_ranges``) and hands them out (at most 2 chunks per worker in
+flight); each worker reads its lines and writes its arrays into the final files itself, at the offset the
+workers agree on (``_OffsetChain``), and the main process hashes the files at the end. The .idx is written
+with megatron-core's index writer. Everything is moved into place at the end, manifest last.
 """
 from __future__ import annotations
 
 import collections
 import io
 import json
-import mmap
 import multiprocessing
 import os
 import shutil
@@ -27,7 +28,8 @@ from megaslm.vocab import CONTENT_HASH, LANG_SUFFIX, MANIFEST_VERSION, content_h
 from data_tools import fast
 from data_tools.common import keep_freed_memory, token_dtype, write_index
 from data_tools.errors import DataError
-from data_tools.formats import InputSpec, bounds_path, check_inputs, chunk_items, iter_chunks, parse_item
+from data_tools.formats import (InputSpec, bounds_path, check_inputs, chunk_items, clear_caches, iter_chunk_ranges,
+                                iter_chunks, parse_item)
 from data_tools.streams import RANDOM_MODES, BuildOptions, Encoder, Stats, record_documents, story_rng
 
 _CTX: Dict[str, Any] = {}
@@ -42,6 +44,49 @@ def _init_worker(ctx: Dict[str, Any]) -> None:
 def _init_pool_worker(ctx: Dict[str, Any]) -> None:
     keep_freed_memory()         # a pool worker is our process (see common.keep_freed_memory)
     _init_worker(ctx)
+    _CTX["fds"] = tuple(os.open(p, os.O_WRONLY) for p in ctx["outputs"])
+
+
+class _OffsetChain:
+    """Where each chunk's tokens start in the output, agreed between the pool workers themselves: chunk k
+    starts where chunk k-1 ends, and chunk k-1's worker publishes that end as soon as it has converted its
+    chunk, before it writes. So a worker waits only for the previous chunk's conversion (which started
+    before its own), and the workers write their chunks into the final files at the same time -- no chunk
+    is written twice or copied by the parent. A ring of (chunk index, end) slots in shared memory, more
+    slots than chunks in flight (see ``_run_chunks``); an end of -1 marks a chunk that failed, so that the
+    chunks after it stop instead of waiting (the parent raises the failed chunk's own error)."""
+
+    def __init__(self, mp, workers: int):
+        self.slots = 2 * workers + 4
+        self.arr = mp.Array("q", [-1, 0] * self.slots, lock=False)
+        self.cond = mp.Condition()
+
+    def start_of(self, k: int) -> int:
+        if k == 0:
+            return 0
+        s = 2 * ((k - 1) % self.slots)
+        with self.cond:
+            while self.arr[s] != k - 1:
+                self.cond.wait(timeout=1.0)
+            return self.arr[s + 1]
+
+    def publish(self, k: int, end: int) -> None:
+        s = 2 * (k % self.slots)
+        with self.cond:
+            self.arr[s + 1] = end
+            self.arr[s] = k
+            self.cond.notify_all()
+
+
+class _ChunkAborted(Exception):
+    """An earlier chunk failed: this one is not written (the parent reports the earlier chunk's error)."""
+
+
+def _pwrite_all(fd: int, data: np.ndarray, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        done = os.pwrite(fd, view, offset)
+        view, offset = view[done:], offset + done
 
 
 def _fast_chunk(spec: InputSpec, chunk, opts: BuildOptions, dtype):
@@ -74,20 +119,29 @@ def _read_range(chunk):
 
 
 def _pool_chunk(job) -> Dict[str, Any]:
-    """A pool worker's task: the chunk's lines are read here, and its tokens and languages go to a file in
-    the build's temporary directory (the parent appends it to the output with an in-kernel copy and hashes
-    it through a memory map) instead of being pickled back through a pipe."""
+    """A pool worker's task: the chunk's lines are read here (the parent does not pickle text to the
+    workers), and its tokens and languages are written here, into the final files at the offset the
+    workers agree on (``_OffsetChain``); only the document lengths and counts go back to the parent."""
     index, chunk = job
-    if isinstance(chunk[2], tuple):
-        chunk = _read_range(chunk)
-    res = _process_chunk((index, chunk))
-    if res["lengths"].size:
-        path = os.path.join(_CTX["tmpdir"], f"chunk-{index}.bin")
-        with open(path, "wb", buffering=0) as f:
-            f.write(res["tokens"])
-            f.write(res["langs"])
-        res["file"] = (path, res["tokens"].nbytes, res["langs"].nbytes)
-        del res["tokens"], res["langs"]
+    chain: _OffsetChain = _CTX["chain"]
+    try:
+        if isinstance(chunk[2], tuple):
+            chunk = _read_range(chunk)
+        res = _process_chunk((index, chunk))
+    except BaseException:
+        chain.publish(index, -1)
+        raise
+    start = chain.start_of(index)
+    if start < 0:
+        chain.publish(index, -1)
+        raise _ChunkAborted(f"chunk {index}: an earlier chunk failed")
+    tokens, langs = res.pop("tokens"), res.pop("langs")
+    chain.publish(index, start + int(tokens.size))
+    if tokens.size:
+        tok_fd, lang_fd = _CTX["fds"]
+        _pwrite_all(tok_fd, tokens, start * tokens.itemsize)
+        _pwrite_all(lang_fd, langs, start)
+    res["placed"] = int(tokens.size)
     return res
 
 
@@ -142,7 +196,9 @@ def _progress(opts: BuildOptions, desc: str):
 
 def _chunk_len(chunk) -> int:
     payload = chunk[2]
-    return payload if isinstance(payload, int) else len(payload)
+    if isinstance(payload, int):
+        return payload
+    return payload[2] if isinstance(payload, tuple) else len(payload)
 
 
 def _pool_context():
@@ -163,18 +219,13 @@ def _run_chunks(jobs, opts: BuildOptions, ctx: Dict[str, Any]):
         for job in jobs:
             yield _process_chunk(job), _chunk_len(job[1])
         return
-    pool = _pool_context().Pool(opts.workers, initializer=_init_pool_worker, initargs=(ctx,))
-    offsets: Dict[int, int] = {}
+    mp = _pool_context()
+    ctx = dict(ctx, chain=_OffsetChain(mp, opts.workers))
+    pool = mp.Pool(opts.workers, initializer=_init_pool_worker, initargs=(ctx,))
     try:
         pending = collections.deque()
-        for index, chunk in jobs:
+        for index, chunk in jobs:                    # line chunks come as byte ranges (iter_chunk_ranges)
             n = _chunk_len(chunk)
-            fi, first, payload = chunk
-            if not isinstance(payload, int):         # lines: ship their byte range, not their text
-                nbytes = sum(map(len, payload))
-                off = offsets.get(fi, 0)
-                offsets[fi] = off + nbytes
-                chunk = (fi, first, (off, nbytes, len(payload)))
             pending.append((pool.apply_async(_pool_chunk, ((index, chunk),)), n))
             while len(pending) >= 2 * opts.workers:
                 r, n = pending.popleft()
@@ -186,30 +237,6 @@ def _run_chunks(jobs, opts: BuildOptions, ctx: Dict[str, Any]):
     finally:
         pool.terminate()
         pool.join()
-
-
-def _append_chunk_file(file, tf, lf, h) -> None:
-    """A worker's chunk file (tokens, then languages) -> appended to the two outputs with an in-kernel copy
-    where the OS has one; the tokens are hashed through a memory map (no copy)."""
-    path, tok_bytes, lang_bytes = file
-    with open(path, "rb") as f:
-        if tok_bytes:
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm, memoryview(mm) as mv:
-                with mv[:tok_bytes] as toks:
-                    h.update(toks)
-        for out, off, count in ((tf, 0, tok_bytes), (lf, tok_bytes, lang_bytes)):
-            out.flush()                              # the copy writes at the file descriptor's position
-            while count:
-                try:
-                    done = os.copy_file_range(f.fileno(), out.fileno(), count, off)
-                except (AttributeError, OSError):
-                    f.seek(off)
-                    done = out.write(f.read(count))
-                if not done:
-                    raise DataError("short copy of a worker's chunk", path=path)
-                off += done
-                count -= done
-    os.remove(path)
 
 
 def _fast_enabled() -> bool:
@@ -252,41 +279,53 @@ def build_dataset(inputs: Sequence[Union[str, InputSpec]], output_prefix: str,
     try:
         tok_size = vocab_size_of(opts)
         dtype = token_dtype(tok_size)
-        ctx = {"opts": opts, "inputs": specs, "tmpdir": tmpdir, "dtype": dtype, "fast": _fast_enabled()}
-        jobs = enumerate(iter_chunks(specs, opts.chunk_size))
+        final = os.path.join(tmpdir, "final")
+        outputs = (final + ".bin", lang_prefix(final) + ".bin")
+        ctx = {"opts": opts, "inputs": specs, "dtype": dtype, "fast": _fast_enabled(),
+               "outputs": outputs}
+        chunks = iter_chunks if opts.workers == 1 else iter_chunk_ranges
+        jobs = enumerate(chunks(specs, opts.chunk_size))
         total, bad, lengths = Stats(), [], []
         unknown: Dict[int, Set[str]] = {}
-        final = os.path.join(tmpdir, "final")
         h = content_hasher(CONTENT_HASH)
-        results = _run_chunks(jobs, opts, ctx)
-        try:
-            with _progress(opts, f"build {os.path.basename(output_prefix)}") as bar, \
-                    open(final + ".bin", "wb") as tf, open(lang_prefix(final) + ".bin", "wb") as lf:
-                for res, n in results:
-                    total.add(res["stats"])
-                    bad.extend(res["bad"])
-                    for fi, names in res["unknown"].items():
-                        unknown.setdefault(fi, set()).update(names)
-                    if "file" in res:
-                        _append_chunk_file(res["file"], tf, lf, h)
-                        lengths.append(res["lengths"])
-                    elif res["lengths"].size:
-                        tf.write(res["tokens"])
-                        h.update(res["tokens"])
-                        lf.write(res["langs"])
-                        lengths.append(res["lengths"])
-                    bar.update(n)
-        finally:
-            results.close()     # on error: terminate and join the workers before removing the temps
+        placed = 0              # tokens the pool workers wrote into the outputs themselves
+        with open(outputs[0], "wb") as tf, open(outputs[1], "wb") as lf:
+            results = _run_chunks(jobs, opts, ctx)
+            try:
+                with _progress(opts, f"build {os.path.basename(output_prefix)}") as bar:
+                    for res, n in results:
+                        total.add(res["stats"])
+                        bad.extend(res["bad"])
+                        for fi, names in res["unknown"].items():
+                            unknown.setdefault(fi, set()).update(names)
+                        if res["lengths"].size:
+                            lengths.append(res["lengths"])
+                        if "placed" in res:
+                            placed += res["placed"]
+                        elif res["lengths"].size:
+                            tf.write(res["tokens"])
+                            h.update(res["tokens"])
+                            lf.write(res["langs"])
+                        bar.update(n)
+            finally:
+                results.close()     # on error: terminate and join the workers before removing the temps
         if total.documents == 0:
             raise DataError("no valid records: refusing to write an empty dataset"
                             + (f" ({len(bad)} quarantined)" if bad else ""), path=specs[0].path)
         lengths = np.concatenate(lengths)
+        if placed and os.path.getsize(outputs[0]) != placed * np.dtype(dtype).itemsize:
+            raise DataError(f"the workers wrote {os.path.getsize(outputs[0])} bytes, expected {placed} tokens",
+                            path=outputs[0])
         write_index(final + ".idx", dtype, lengths)
         write_index(lang_prefix(final) + ".idx", np.uint8, lengths)
-        with open(lang_prefix(final) + ".bin", "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
+        block = bytearray(1 << 22)
+        for path in (outputs if placed else outputs[1:]):   # one worker hashed its tokens as it wrote them
+            with open(path, "rb", buffering=0) as f:
+                while True:
+                    got = f.readinto(block)
+                    if not got:
+                        break
+                    h.update(memoryview(block)[:got])
         ignored = {specs[fi].path: sorted(names) for fi, names in sorted(unknown.items())}
         for path, names in ignored.items():
             print(f"warning: {path}: unknown field(s) {names} ignored (data_tools reads only the fields in "
@@ -319,6 +358,7 @@ def build_dataset(inputs: Sequence[Union[str, InputSpec]], output_prefix: str,
         os.replace(os.path.join(tmpdir, "manifest.json"), manifest_path(output_prefix))
         return manifest
     finally:
+        clear_caches()
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 

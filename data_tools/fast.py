@@ -76,7 +76,8 @@ def parse_int_lists(bodies: Sequence[bytes], limit: int) -> Optional[Tuple[np.nd
     pad[B:] = y
     # overlapping words: element i = pad[i:i+B] (unaligned; NumPy reads it correctly)
     win = np.ndarray((size + 1,), dtype=word, buffer=pad, strides=(1,))
-    v = np.take(win, last + 1)                       # the B bytes ending at the last digit (pad index last+B)
+    v = win[last + 1]                                # the B bytes ending at the last digit (pad index last+B;
+    #                                                  indexing, not np.take, which copies a strided view whole)
     k = [word.type(x & ((1 << 8 * B) - 1)) for x in (0x7070707070707070, 0x8080808080808080, 0xFF, 8, 16, 32,
                                                      7, 10, 100, 10000, 0x00FF00FF00FF00FF,
                                                      0x0000FFFF0000FFFF, 0xFFFFFFFF)]
@@ -170,8 +171,10 @@ def _lang_table(opts: BuildOptions) -> Dict[str, int]:
 
 
 def _check_range(units: np.ndarray, codebook_size: int) -> bool:
-    return units.size > 0 and units.dtype.kind in "iu" and int(units.min()) >= 0 and \
-        int(units.max()) < codebook_size
+    """0 <= every unit < codebook_size, in one pass: as unsigned integers, negative units are huge."""
+    if units.size == 0 or units.dtype.kind not in "iu":
+        return False
+    return int(units.view(units.dtype.str.replace("i", "u")).max()) < codebook_size
 
 
 def jsonl_chunk(lines: List[bytes], source: str, opts: BuildOptions, dtype):

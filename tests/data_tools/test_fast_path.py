@@ -134,3 +134,49 @@ def test_parse_int_lists_reads_every_width(limit):
     for big in (str(limit * 10).encode(), b"123456789", b"99999999999999999999"):
         r = parse_int_lists([b"1", big], limit)
         assert r is None or (r[0][1] == int(big) and r[0][1] >= limit)
+
+
+def test_npy_bounds_in_other_layouts_build_the_same_bytes(tmp_path, monkeypatch):
+    """Sidecar lines in other layouts (key order, spacing, non-ASCII ids, no lang) write the record path's
+    bytes."""
+    rng = np.random.default_rng(1)
+    lens = rng.integers(1, 30, size=300)
+    off = np.concatenate(([0], np.cumsum(lens)))
+    np.save(tmp_path / "n.npy", rng.integers(0, 2048, size=int(off[-1])).astype(np.int64))
+    with open(tmp_path / "n.bounds.jsonl", "w") as f:
+        for i in range(300):
+            o = {"end": int(off[i + 1]), "start": int(off[i]), "id": f"ütt{i}"}
+            if i % 3:
+                o["lang"] = "fr"
+            f.write(json.dumps(o, ensure_ascii=i % 2 == 0, indent=None, separators=(", ", " : ")) + "\n")
+    outs = []
+    for record_path in ("0", "1"):
+        monkeypatch.setenv("DATA_TOOLS_RECORD_PATH", record_path)
+        build_dataset([str(tmp_path / "n.npy")], str(tmp_path / f"o{record_path}"), vocab=UnitVocab(),
+                      progress=False, chunk_size=70)
+        outs.append(str(tmp_path / f"o{record_path}"))
+    _same(*outs)
+
+
+def test_chunk_ranges_are_the_chunks_of_iter_chunks(tmp_path, monkeypatch):
+    """iter_chunk_ranges (newline scan over a memory map; what pool workers get) cuts every file exactly as
+    iter_chunks reads it: same first line numbers, same bytes, same line counts, across scan blocks."""
+    import random
+
+    import data_tools.formats as formats
+    from data_tools.formats import InputSpec, iter_chunk_ranges, iter_chunks
+
+    monkeypatch.setattr(formats, "SCAN_BLOCK", 7)
+    rnd = random.Random(0)
+    p = tmp_path / "a.jsonl"
+    for _ in range(300):
+        n = rnd.randint(0, 40)
+        text = b"\n".join(b"x" * rnd.randint(0, 9) for _ in range(n))
+        text += b"\n" if n and rnd.random() < 0.5 else b""
+        text += b"\n\n" if rnd.random() < 0.2 else b""
+        p.write_bytes(text)
+        cs = rnd.randint(1, 7)
+        want = [(fi, first, len(pl), b"".join(pl)) for fi, first, pl in iter_chunks([InputSpec(str(p), "a")], cs)]
+        got = [(fi, first, pl[2], text[pl[0]:pl[0] + pl[1]])
+               for fi, first, pl in iter_chunk_ranges([InputSpec(str(p), "a")], cs)]
+        assert got == want, (text, cs)

@@ -75,9 +75,29 @@ def test_token_dtype_is_megatron_cores_rule():
         assert token_dtype(n) is DType.optimal_dtype(n), n
 
 
-def test_build_does_not_import_torch_before_forking_workers(tmp_path):
-    """Forking a process that holds torch costs ~0.1 s per worker pool: the CLI's build imports
-    megatron-core (and so torch) only after the workers are done."""
+def test_write_index_is_megatron_cores_index_writer():
+    """data_tools.common.write_index (torch-free) writes the bytes of megatron-core's _IndexWriter."""
+    import tempfile
+
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import _IndexWriter
+
+    from data_tools.common import write_index
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as d:
+        for dtype in (np.uint16, np.int32, np.uint8):
+            for n in (1, 2, 37, 1000):
+                lengths = rng.integers(1, 3000, size=n)
+                write_index(os.path.join(d, "a.idx"), dtype, lengths)
+                with _IndexWriter(os.path.join(d, "b.idx"), dtype) as w:
+                    w.write(lengths.tolist(), None, list(range(n + 1)))
+                assert open(os.path.join(d, "a.idx"), "rb").read() == open(os.path.join(d, "b.idx"), "rb").read()
+
+
+def test_build_never_imports_torch(tmp_path):
+    """A build needs neither torch nor megatron-core (importing them is ~7 s of a small build, and forking
+    a process that holds torch costs ~0.1 s per worker pool): the CLI's build, workers included, runs and
+    ends without them."""
     import subprocess
     src = tmp_path / "u.jsonl"
     src.write_text("\n".join('{"units": [%d, 2]}' % i for i in range(50)) + "\n")
@@ -88,8 +108,10 @@ def test_build_does_not_import_torch_before_forking_workers(tmp_path):
             "    orig(self, *a, **k)\n"
             "mp.Pool.__init__ = spy\n"
             "from data_tools.cli import main\n"
-            f"sys.exit(main(['build', '-i', {str(src)!r}, '-o', {str(tmp_path / 'o')!r}, '--workers', '2',"
-            " '--chunk-size', '10', '-q']))\n")
+            f"rc = main(['build', '-i', {str(src)!r}, '-o', {str(tmp_path / 'o')!r}, '--workers', '2',"
+            " '--chunk-size', '10', '-q'])\n"
+            "assert 'torch' not in sys.modules and 'megatron' not in sys.modules, 'torch imported by the build'\n"
+            "sys.exit(rc)\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": ROOT})
     assert r.returncode == 0, r.stderr[-2000:]
