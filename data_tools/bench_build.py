@@ -8,12 +8,15 @@ runs the anchor a user would write -- a Python loop of ``IndexedDatasetBuilder.a
 ``end_document`` per record (``json.loads`` per line for JSONL and for the .npy sidecar) -- and
 ``build_dataset`` (what ``python -m data_tools build`` runs) on the same input, checks that the anchor's
 ``.bin``/``.idx`` and ours are byte-identical (and ours identical across worker counts), then prints and
-stores units/s and the ratio. Times are in-process wall times of the build call alone (interpreter start
-and the megatron-core/torch import are paid once before timing, for both), median of ``--repeats``.
+stores units/s and the ratio. Times are in-process wall times of the build call alone (interpreter start,
+and the anchor's megatron-core/torch import, are paid before timing; ``build`` imports neither), median of
+``--repeats``, each repeat building into a fresh prefix.
 The anchor runs in a child interpreter (it needs torch; this process must not hold torch when ``build``
 forks its workers, as in the CLI), timed in there the same way. CPU seconds (the process and the workers
 it waited for) are recorded beside wall seconds: on a shared machine they show the work done, where wall
-time also shows the wait for a core. The JSON records the load average before and after the run.
+time also shows the wait for a core. The JSON records the load average before and after the run. Beside
+them, the I/O floor: reading the input files whole and writing the output's bytes to two new files, the
+least a build of that input can take on this machine's page cache ("disk speed").
 
 Worker scaling is measured on a second input ``--scale`` times larger (default 10x: 200k sequences), where
 process start-up does not dominate: ``build`` with 1 worker vs each count in ``--workers`` on that input
@@ -111,6 +114,30 @@ def anchor_in_subprocess(fmt: str, path: str, prefix: str, repeats: int):
 def ours(path: str, prefix: str, vocab: UnitVocab, workers: int) -> None:
     from data_tools.build import build_dataset
     build_dataset([path], prefix, vocab=vocab, mode="mono", lang="en", workers=workers, progress=False)
+
+
+def io_floor(inputs, out_prefix: str, out_bytes: int, repeats: int) -> float:
+    """Median seconds to read ``inputs`` whole (into a reused buffer) and write ``out_bytes`` to two new
+    files (tokens and language channel, as a build does): the least any build of this input can take on
+    this machine's page cache, i.e. the build's "disk speed"."""
+    buf = bytearray(1 << 22)
+    data = bytes(len(buf))
+    times = []
+    for _ in range(repeats):
+        for ext in (".floor.bin", ".floor.lang.bin"):
+            if os.path.exists(out_prefix + ext):
+                os.remove(out_prefix + ext)
+        t = time.perf_counter()
+        for path in inputs:
+            with open(path, "rb", buffering=0) as f:
+                while f.readinto(buf):
+                    pass
+        for ext, n in ((".floor.bin", out_bytes * 2 // 3), (".floor.lang.bin", out_bytes - out_bytes * 2 // 3)):
+            with open(out_prefix + ext, "wb", buffering=0) as f:
+                while n > 0:
+                    n -= f.write(data[:min(n, len(data))])
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
 
 
 def timed(fn, *args):
@@ -212,7 +239,13 @@ def main(argv=None) -> int:
             path = paths[fmt]
             ref = os.path.join(work, f"anchor_{fmt}")
             t_anchor, c_anchor = anchor_in_subprocess(fmt, path, ref, a.repeats)
-            row = {"format": fmt, "units": units, "sequences": a.sequences, "anchor_s": t_anchor,
+            out_bytes = os.path.getsize(ref + ".bin") * 3 // 2   # uint16 tokens + one language byte per token
+            floor_inputs = [path] + ([path[:-4] + ".bounds.jsonl"] if fmt == "npy" else [])
+            t_floor = io_floor(floor_inputs, os.path.join(work, "floor"), out_bytes, a.repeats)
+            print(f"{fmt:5s} I/O floor (read the input, write {out_bytes / 1e6:.1f} MB): {t_floor * 1e3:.1f} ms = "
+                  f"{units / t_floor / 1e6:.0f} M units/s")
+            row = {"format": fmt, "units": units, "sequences": a.sequences, "io_floor_s": t_floor,
+                   "io_floor_units_per_s": units / t_floor, "anchor_s": t_anchor,
                    "anchor_units_per_s": units / t_anchor, "anchor_cpu_s": c_anchor,
                    "anchor_units_per_cpu_s": units / c_anchor, "workers": {}}
             for w in workers:
@@ -223,6 +256,7 @@ def main(argv=None) -> int:
                 # so getrusage cannot see their time
                 cpu_ok = w == 1
                 row["workers"][str(w)] = {"s": t, "units_per_s": units / t, "ratio_vs_anchor": t_anchor / t,
+                                          "times_io_floor": t / t_floor,
                                           "cpu_s": c if cpu_ok else None,
                                           "units_per_cpu_s": units / c if cpu_ok else None,
                                           "cpu_ratio_vs_anchor": c_anchor / c if cpu_ok else None,
@@ -230,7 +264,8 @@ def main(argv=None) -> int:
                 cpu_txt = (f"per CPU-second: anchor {units / c_anchor / 1e6:6.2f} M, ours {units / c / 1e6:7.2f} M "
                            f"({c_anchor / c:5.1f}x)") if cpu_ok else "per CPU-second: n/a (workers)"
                 print(f"{fmt:5s} anchor {units / t_anchor / 1e6:7.2f} M units/s | data_tools workers={w} "
-                      f"{units / t / 1e6:8.2f} M units/s ({t_anchor / t:5.1f}x) | {cpu_txt} | byte-identical: {ident}")
+                      f"{units / t / 1e6:8.2f} M units/s ({t_anchor / t:5.1f}x; {t / t_floor:4.1f}x the I/O floor) | "
+                      f"{cpu_txt} | byte-identical: {ident}")
                 if not ident:
                     print(f"error: outputs differ: {ref} vs {out}", file=sys.stderr)
                     return 1

@@ -906,9 +906,11 @@ def train_command(cfg_path: str, python: str, gpus: int, nodes: int, hostfile: O
 
 
 def execute_run(sweep_json: str, name: str, python: Optional[str] = None, gpus: int = 0, nodes: int = 1,
-                devices: Optional[str] = None) -> Dict:
+                devices: Optional[str] = None, lock_wait: float = 30.0) -> Dict:
     """Data (built once, shared) -> training (resumes by itself; skipped when the budget is complete)
-    -> evaluation of the final checkpoint. Idempotent; returns the run's state."""
+    -> evaluation of the final checkpoint. Idempotent; returns the run's state. ``lock_wait``: seconds to
+    wait for a run held by another process before refusing it (a just-killed holder may take a moment to
+    exit and release it)."""
     python = python or sys.executable
     with open(sweep_json) as f:
         sj = json.load(f)
@@ -922,7 +924,7 @@ def execute_run(sweep_json: str, name: str, python: Optional[str] = None, gpus: 
     # started meanwhile refuses the run instead of training it twice into the same directory.
     os.makedirs(run.dir, exist_ok=True)
     lock = open(os.path.join(run.dir, ".sweep.lock"), "a")
-    deadline = time.time() + 30.0   # a just-killed holder may take a moment to exit (and release it)
+    deadline = time.time() + lock_wait
     while True:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -164,9 +164,12 @@ def test_kernels_import_only_torch_and_triton():
 
 
 def test_config_and_vocab_are_torch_free():
+    # vocab.py may also import xxhash (a small C extension, no torch): the dataset content hash that
+    # data_tools writes and training verifies
+    light = {"megaslm/config.py": {"yaml", "megaslm"}, "megaslm/vocab.py": {"yaml", "megaslm", "xxhash"}}
     for f, m, full in imports_of("megaslm"):
-        if f in ("megaslm/config.py", "megaslm/vocab.py"):
-            assert m in STDLIB | {"yaml", "megaslm"}, (f, full)
+        if f in light:
+            assert m in STDLIB | light[f], (f, full)
             if m == "megaslm":
                 assert full in ("megaslm.vocab", "megaslm.config"), (f, full)
 

@@ -55,7 +55,7 @@ def test_a_run_held_by_another_process_is_refused(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(SweepError, match="another process is running it"):
-            execute_run(os.path.join(sw.dir, "sweep.json"), run.name)
+            execute_run(os.path.join(sw.dir, "sweep.json"), run.name, lock_wait=1.0)
         assert not os.path.exists(os.path.join(run.dir, "logs", "train.log"))   # nothing started
     finally:
         holder.kill()
