@@ -42,6 +42,6 @@ setup(
         "submitit>=1.5",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],
     },
 )
