@@ -7,8 +7,8 @@ with the same bytes either way. With one worker the main process does this itsel
 ``<prefix>.tmp-<pid>/final.bin`` (hashing as it writes). With ``--workers N`` the main process only finds the
 chunks' byte ranges (``formats.iter_chunk_ranges``) and hands them out (at most 2 chunks per worker in
 flight); each worker reads its lines and writes its arrays into the final files itself, at the offset the
-workers agree on (``_OffsetChain``), and the main process hashes the files at the end. The .idx is written
-with megatron-core's index writer. Everything is moved into place at the end, manifest last.
+workers agree on (``_OffsetChain``), and the main process hashes the files at the end. The .idx has
+megatron-core's layout (``common.write_index``). Everything is moved into place at the end, manifest last.
 """
 from __future__ import annotations
 
