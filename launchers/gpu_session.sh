@@ -4,11 +4,11 @@
 # training throughput of the presets (Triton vs reference). Results stay in the repository's result folders
 # (kernels/bench/results/, kernels/bench/results/train/) and are packed into $OUT/gpu_results.tar.gz.
 #
-# On a machine whose image lacks deepspeed / megatron-core / orjson (the lent H100/H200 image), build the wheels
-# first, here, from the repository root with the project's environment active:
+# On a machine whose image lacks deepspeed / megatron-core / orjson / xxhash (the lent H100/H200 image), build
+# the wheels first, here, from the repository root with the project's environment active:
 #   bash ../shared/tools/device-wheels.sh
 #   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_17_x86_64 -d .whl orjson
+#     --platform manylinux_2_17_x86_64 -d .whl orjson xxhash
 # and carry `.whl` with the call; this script installs them into /tmp/site.
 #   bash launchers/gpu_session.sh            # OUT defaults to runs/gpu_session
 set -uo pipefail
