@@ -79,21 +79,29 @@ Chunk = Tuple[int, int, Union[List[bytes], int]]
 Item = Tuple[int, int, Optional[bytes]]
 
 
+def _npz_chunks(fi: int, spec: InputSpec, chunk_size: int) -> Iterator[Chunk]:
+    n = len(_load_npz(spec.path)["offsets"]) - 1
+    for a in range(0, n, chunk_size):
+        yield fi, a + 1, min(chunk_size, n - a)
+
+
+def _open_lines(spec: InputSpec):
+    """The line file of an input (the JSONL itself, or an .npy's bounds sidecar), opened for reading."""
+    path = bounds_path(spec.path) if spec.kind == "npy" else spec.path
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise DataError(f"cannot read ({e.strerror})", path=path) from None
+
+
 def iter_chunks(inputs: Sequence[InputSpec], chunk_size: int) -> Iterator[Chunk]:
     """Cut every input, in order, into chunks of ``chunk_size`` lines (read lazily: memory stays bounded;
     a chunk never spans two files)."""
     for fi, spec in enumerate(inputs):
         if spec.kind == "npz":
-            n = len(_load_npz(spec.path)["offsets"]) - 1
-            for a in range(0, n, chunk_size):
-                yield fi, a + 1, min(chunk_size, n - a)
+            yield from _npz_chunks(fi, spec, chunk_size)
             continue
-        path = bounds_path(spec.path) if spec.kind == "npy" else spec.path
-        try:
-            f = open(path, "rb")
-        except OSError as e:
-            raise DataError(f"cannot read ({e.strerror})", path=path) from None
-        with f:
+        with _open_lines(spec) as f:
             first = 1
             while True:
                 lines = list(itertools.islice(f, chunk_size))
@@ -119,16 +127,9 @@ def iter_chunk_ranges(inputs: Sequence[InputSpec], chunk_size: int) -> Iterator[
     for fi, spec in enumerate(inputs):
         size_of_chunk = chunk_size * (BINARY_CHUNK_FACTOR if spec.kind in ("npy", "npz") else 1)
         if spec.kind == "npz":
-            n = len(_load_npz(spec.path)["offsets"]) - 1
-            for a in range(0, n, size_of_chunk):
-                yield fi, a + 1, min(size_of_chunk, n - a)
+            yield from _npz_chunks(fi, spec, size_of_chunk)
             continue
-        path = bounds_path(spec.path) if spec.kind == "npy" else spec.path
-        try:
-            f = open(path, "rb")
-        except OSError as e:
-            raise DataError(f"cannot read ({e.strerror})", path=path) from None
-        with f:
+        with _open_lines(spec) as f:
             size = os.fstat(f.fileno()).st_size
             if size == 0:
                 continue
