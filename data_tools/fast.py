@@ -293,8 +293,172 @@ def _lang_ids(langs: list, table: Dict[str, int]) -> Optional[np.ndarray]:
     return np.fromiter(map(table.__getitem__, langs), dtype=np.uint8, count=len(langs))
 
 
-def npy_chunk(path: str, lines: List[bytes], source: str, opts: BuildOptions, dtype):
-    """.bounds.jsonl lines of ``path`` -> assemble(...) + unknown field names, or None.
+_DIGIT_MAX = 15          # template_lines: longer integers go to orjson (record path semantics for huge values)
+
+
+class _Template:
+    """One line layout of ``template_lines``: the line with every run of digits squashed to one 0xFF byte
+    (a "slot"), parsed once with its slots read as 1 (and probed: one slot at a time read as 2)."""
+
+    __slots__ = ("obj", "int_slot", "blank", "slots")
+
+    def __init__(self, row: np.ndarray, int_keys: Sequence[str], fixed_keys: Sequence[str]):
+        self.int_slot: Dict[str, int] = {}
+        text = row.tobytes()
+        self.blank = not text.strip()
+        self.obj = None
+        slots = np.flatnonzero(row == 255)
+        self.slots = int(slots.size)
+        if self.blank:
+            return
+        if b"\\" in text:        # escapes: a digit slot could sit inside one (\u00e9); orjson decides
+            raise _NotUniform
+        base = bytearray(text)
+        for s in slots:
+            base[s] = 49                                  # '1'
+        try:
+            obj = orjson.loads(bytes(base))
+        except orjson.JSONDecodeError:
+            raise _NotUniform from None
+        if type(obj) is not dict:
+            raise _NotUniform
+        string_keys = set()
+        for j, s in enumerate(slots):
+            probe = bytearray(base)
+            probe[s] = 50                                 # '2'
+            try:
+                other = orjson.loads(bytes(probe))
+            except orjson.JSONDecodeError:
+                raise _NotUniform from None
+            changed = [k for k in obj if obj[k] != other.get(k)] if other.keys() == obj.keys() else None
+            if not changed or len(changed) != 1:
+                raise _NotUniform          # a slot without one visible effect (duplicate keys, nesting, ...)
+            k = changed[0]
+            if type(obj[k]) is int and obj[k] == 1 and other[k] == 2:
+                if k in self.int_slot:
+                    raise _NotUniform
+                self.int_slot[k] = j
+            elif type(obj[k]) is str and type(other[k]) is str:
+                string_keys.add(k)         # digits inside a string: any digits are valid there
+            else:
+                raise _NotUniform          # a float, a negative or nested number: orjson decides
+        if any(k not in self.int_slot for k in int_keys) or any(k in string_keys or k in self.int_slot
+                                                                             for k in fixed_keys):
+            raise _NotUniform
+        self.obj = obj
+
+
+class _NotUniform(Exception):
+    pass
+
+
+def template_lines(raw: np.ndarray, int_keys: Sequence[str], fixed_keys: Sequence[str] = (),
+                   max_templates: int = 16):
+    """Machine-written JSON lines (every line the same few layouts, differing only in the digits they
+    carry: ``{"id": "u17", "start": 4120, "end": 4388, "lang": "en"}``) -> (templates, the index of each
+    record (non-blank line), the template of each record, {key: its integer in each record} for
+    ``int_keys``, which every record must hold), or None when the lines are not like that (the caller then
+    has orjson parse them one object each).
+
+    ``raw``: the lines' bytes, each line ending with a newline. Every run of digits is squashed to one
+    0xFF byte (a slot: never a byte of UTF-8 text); the lines then fall into a few distinct layouts ("templates"), each checked once with
+    orjson (its slots read as 1, and each slot read as 2 to see which field it feeds: an integer field, or
+    digits inside a string). A line whose layout is valid JSON with plain integer fields is valid JSON for
+    any digits in its slots, except a leading zero in an integer (refused here); so the whole chunk is
+    validated by a few NumPy passes over its bytes and ~(slots + 1) orjson calls per layout, instead of
+    one Python dict per line. The values of ``fixed_keys`` (e.g. ``lang``) are read from the template
+    (a slot inside them refuses). Blank lines are their own template (``blank``)."""
+    size = raw.size
+    if size == 0 or raw[-1] != 10:
+        return None
+    isd = (raw - np.uint8(48)) < 10
+    first = isd.copy()
+    first[1:] &= ~isd[:-1]                       # the first digit of each run
+    keep = ~isd
+    keep |= first
+    sq = raw[keep]                               # runs squashed to their first digit
+    sq |= np.negative(((sq - np.uint8(48)) < 10).view(np.uint8))    # ... and that digit to 0xFF (a slot)
+    ends = np.flatnonzero(sq == 10)
+    n = ends.size
+    lens = np.diff(ends, prepend=-1)
+    starts = ends - lens + 1
+    tmpl_of = np.full(n, -1, dtype=np.int64)
+    templates: List[_Template] = []
+    try:
+        uniq = [int(lens[0])] if lens.min() == lens.max() else np.unique(lens).tolist()
+        if len(uniq) > max_templates:
+            return None
+        for L in uniq:
+            idx = np.flatnonzero(lens == L) if len(uniq) > 1 else np.arange(n)
+            rows = sq.reshape(n, L) if len(uniq) == 1 else sq[starts[idx][:, None] + np.arange(L)]
+            todo = np.arange(idx.size)
+            sub = rows
+            while todo.size:
+                if len(templates) == max_templates:
+                    return None
+                row = sub[0]
+                # the rows that differ from this one: their few differing bytes, not a reduction per row
+                differ = np.zeros(todo.size, dtype=bool)
+                differ[np.flatnonzero(sub != row) // L] = True
+                tmpl_of[idx[todo[~differ]]] = len(templates)
+                templates.append(_Template(row, int_keys, fixed_keys))
+                todo = todo[differ]
+                sub = rows[todo]
+    except _NotUniform:
+        return None
+    # the digit runs of each line, in order: run r of line i is run first_run[i] + r in the chunk
+    run_start = np.flatnonzero(first)
+    last = isd
+    last[:-1] &= ~isd[1:]                         # (isd is not needed any more)
+    run_end = np.flatnonzero(last)
+    per_line = np.array([t.slots for t in templates], dtype=np.int64)[tmpl_of]
+    if int(per_line.sum()) != run_start.size:
+        return None
+    first_run = np.cumsum(per_line) - per_line
+    records = np.flatnonzero(~np.array([t.blank for t in templates])[tmpl_of])
+    tmpl_of, first_run = tmpl_of[records], first_run[records]
+    if not int_keys:
+        return templates, records, tmpl_of, {}
+    # every key's run in every record, all keys at once: (keys, records)
+    slot_of = np.array([[t.int_slot.get(key, 0) for t in templates] for key in int_keys], dtype=np.int64)
+    r = first_run + slot_of[:, tmpl_of]
+    a, b = run_start[r], run_end[r]
+    width = b - a + 1
+    w = int(width.max())
+    if w > _DIGIT_MAX or np.any((width > 1) & (raw[a] == 48)):
+        return None                              # a leading zero ("012" is not JSON), or a huge integer
+    # the w bytes ending at each run's last digit, as digits; those before the run's first digit zeroed
+    back = np.arange(w - 1, -1, -1)
+    digits = raw[np.maximum(b[..., None] - back, 0)].astype(np.int64) - 48
+    digits[back >= width[..., None]] = 0
+    val = digits @ (10 ** np.arange(w - 1, -1, -1, dtype=np.int64))
+    return templates, records, tmpl_of, dict(zip(int_keys, val))
+
+
+def _bounds_by_template(lines: List[bytes], table: Dict[str, int], default: str):
+    """The sidecar chunk through ``template_lines``: (starts, ends, language ids, field names), or None."""
+    text = b"".join(lines)
+    if not text.endswith(b"\n"):
+        text += b"\n"                                # the file's last line may lack its newline
+    got = template_lines(np.frombuffer(text, dtype=np.uint8), ("start", "end"), ("lang",))
+    if got is None or got[1].size == 0:
+        return None
+    templates, _, tmpl_of, ints = got
+    ids, keys = [], set()
+    for t in templates:
+        lid = 0
+        if not t.blank:
+            lang = t.obj.get("lang", default)
+            lid = table.get(lang) if type(lang) is str else None
+            if lid is None:
+                return None
+            keys.update(t.obj)
+        ids.append(lid)
+    return ints["start"], ints["end"], np.array(ids, dtype=np.uint8)[tmpl_of], keys
+
+
+def _bounds_by_objects(lines: List[bytes], table: Dict[str, int], default: str):
+    """The sidecar chunk parsed by orjson, one dict per line (any layout): the same result, or None.
 
     No Python bytecode per record: orjson parses the whole chunk as one array, the columns come out with
     C-level ``map(dict.get, ...)``, and types are checked as sets of types."""
@@ -305,20 +469,30 @@ def npy_chunk(path: str, lines: List[bytes], source: str, opts: BuildOptions, dt
     en = _column(objs, "end")
     if set(map(type, st)) != {int} or set(map(type, en)) != {int}:     # C-level type check (no bools)
         return None
-    arr = _load_npy(path)
     try:
         a = np.array(st, dtype=np.int64)
         b = np.array(en, dtype=np.int64)
     except OverflowError:
         return None
-    if np.any(a < 0) or np.any(b <= a) or np.any(b > arr.shape[0]):
-        return None
-    table = _lang_table(opts)
-    lang_ids = _lang_ids(_column(objs, "lang", opts.lang), table)
+    lang_ids = _lang_ids(_column(objs, "lang", default), table)
     if lang_ids is None:
         return None
     keys = set()
     keys.update(*objs)
+    return a, b, lang_ids, keys
+
+
+def npy_chunk(path: str, lines: List[bytes], source: str, opts: BuildOptions, dtype):
+    """.bounds.jsonl lines of ``path`` -> assemble(...) + unknown field names, or None. The sidecar is
+    read by its layouts (``template_lines``) when it is machine-written, else by orjson."""
+    table = _lang_table(opts)
+    cols = _bounds_by_template(lines, table, opts.lang) or _bounds_by_objects(lines, table, opts.lang)
+    if cols is None:
+        return None
+    a, b, lang_ids, keys = cols
+    arr = _load_npy(path)
+    if np.any(a < 0) or np.any(b <= a) or np.any(b > arr.shape[0]):
+        return None
     unknown = keys - BOUNDS_FIELDS
     units = _gather(arr, a, b)
     if units is None or not _check_range(units, opts.vocab.codebook_size):
@@ -364,4 +538,4 @@ def npz_chunk(path: str, first: int, count: int, source: str, opts: BuildOptions
     return assemble(units, counts, lang_ids, counts, source, opts, dtype, opts.vocab.languages) + (set(),)
 
 
-__all__ = ["parse_int_lists", "assemble", "jsonl_chunk", "npy_chunk", "npz_chunk", "bounds_path"]
+__all__ = ["parse_int_lists", "template_lines", "assemble", "jsonl_chunk", "npy_chunk", "npz_chunk", "bounds_path"]

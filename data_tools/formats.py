@@ -94,17 +94,18 @@ def _open_lines(spec: InputSpec):
         raise DataError(f"cannot read ({e.strerror})", path=path) from None
 
 
-def iter_chunks(inputs: Sequence[InputSpec], chunk_size: int) -> Iterator[Chunk]:
+def iter_chunks(inputs: Sequence[InputSpec], chunk_size: int, binary_factor: int = 1) -> Iterator[Chunk]:
     """Cut every input, in order, into chunks of ``chunk_size`` lines (read lazily: memory stays bounded;
-    a chunk never spans two files)."""
+    a chunk never spans two files); chunks of .npy/.npz inputs hold ``binary_factor`` times more records."""
     for fi, spec in enumerate(inputs):
+        size_of_chunk = chunk_size * (binary_factor if spec.kind in ("npy", "npz") else 1)
         if spec.kind == "npz":
-            yield from _npz_chunks(fi, spec, chunk_size)
+            yield from _npz_chunks(fi, spec, size_of_chunk)
             continue
         with _open_lines(spec) as f:
             first = 1
             while True:
-                lines = list(itertools.islice(f, chunk_size))
+                lines = list(itertools.islice(f, size_of_chunk))
                 if not lines:
                     break
                 yield fi, first, lines
@@ -112,7 +113,7 @@ def iter_chunks(inputs: Sequence[InputSpec], chunk_size: int) -> Iterator[Chunk]
 
 
 SCAN_BLOCK = 8 << 20    # bytes scanned for newlines at a time by iter_chunk_ranges
-BINARY_CHUNK_FACTOR = 16   # iter_chunk_ranges: chunks of .npy/.npz inputs are this many times chunk_size
+BINARY_CHUNK_FACTOR = 16   # a build's chunks of .npy/.npz inputs are this many times chunk_size
 
 
 def iter_chunk_ranges(inputs: Sequence[InputSpec], chunk_size: int) -> Iterator[Chunk]:
@@ -121,8 +122,9 @@ def iter_chunk_ranges(inputs: Sequence[InputSpec], chunk_size: int) -> Iterator[
     NumPy over a memory map, 8 MiB at a time, and whoever converts the chunk (a pool worker) reads the
     lines. The parent of a pool then does not split the whole input into line objects (that serial pass
     kept ``--workers`` from scaling). Chunks of .npy/.npz inputs hold ``BINARY_CHUNK_FACTOR`` times more
-    records: converting 1,024 of their records takes about a millisecond, less than handing a chunk to a
-    worker and its result back (the output does not depend on how the input is cut)."""
+    records (as a build's ``iter_chunks`` does): converting 1,024 of their records takes about a
+    millisecond, less than handing a chunk to a worker and its result back, and about what each chunk's
+    fixed NumPy calls cost in one process (the output does not depend on how the input is cut)."""
     block = SCAN_BLOCK
     for fi, spec in enumerate(inputs):
         size_of_chunk = chunk_size * (BINARY_CHUNK_FACTOR if spec.kind in ("npy", "npz") else 1)

@@ -180,3 +180,72 @@ def test_chunk_ranges_are_the_chunks_of_iter_chunks(tmp_path, monkeypatch):
         got = [(fi, first, pl[2], text[pl[0]:pl[0] + pl[1]])
                for fi, first, pl in iter_chunk_ranges([InputSpec(str(p), "a")], cs)]
         assert got == want, (text, cs)
+
+
+def _lines_array(lines):
+    return np.frombuffer("".join(l + "\n" for l in lines).encode(), dtype=np.uint8)
+
+
+def test_template_lines_reads_what_orjson_reads():
+    """Sidecar-like lines in a few layouts (key order, spacing, digits inside strings, non-ASCII, extra
+    fields, blank lines; escapes are refused, below): every record's integers and fixed fields are orjson's."""
+    import orjson
+
+    from data_tools.fast import template_lines
+
+    rng = np.random.default_rng(3)
+    for trial in range(60):
+        lines, want = [], []
+        for i in range(int(rng.integers(1, 80))):
+            if rng.random() < 0.05:
+                lines.append(" " if rng.random() < 0.5 else "")
+                continue
+            o = {"id": f"spk{rng.integers(0, 99)}/ütt{i:06d}", "start": int(rng.integers(0, 10 ** rng.integers(1, 12))),
+                 "end": int(rng.integers(0, 10 ** 9)), "lang": ["en", "fr"][int(rng.integers(0, 2))]}
+            if trial % 3 == 0:
+                o["score"] = "0.5"
+            if trial % 4 == 1:
+                o = {k: o[k] for k in ("end", "lang", "id", "start")}
+            lines.append(json.dumps(o, ensure_ascii=False,
+                                    separators=[(", ", ": "), (",", ":")][int(rng.integers(0, 2)) if trial % 5 else 0]))
+            want.append(o)
+        got = template_lines(_lines_array(lines), ("start", "end"), ("lang",))
+        assert got is not None, lines
+        templates, records, tmpl_of, ints = got
+        assert records.tolist() == [k for k, l in enumerate(lines) if l.strip()]
+        assert ints["start"].tolist() == [o["start"] for o in want]
+        assert ints["end"].tolist() == [o["end"] for o in want]
+        assert [templates[t].obj["lang"] for t in tmpl_of] == [o["lang"] for o in want]
+        assert [orjson.loads(lines[k]) for k in records] == want
+
+
+@pytest.mark.parametrize("bad", [
+    '{"start": 012, "end": 20}', '{"start": 1.5, "end": 20}', '{"start": -1, "end": 20}',
+    '{"start": 1e3, "end": 20}', '{"start": 1, "end": 20, "x1": 2}', '{"start": 1, "start": 2, "end": 20}',
+    '{"id": "\\u00e9", "start": 1, "end": 20}', '{"start": 1234567890123456, "end": 20}', '{"start": 1}',
+    '{"start": true, "end": 20}', '{"start": 1, "end": 20, "a": [1, 2]}', '{"start": 1, "end": 20',
+    '[1, 2]', '{"start": 1, "end": 20, "lang": "e1"}', '{"start": "1", "end": 20}'])
+def test_template_lines_refuses_what_it_cannot_vouch_for(bad):
+    from data_tools.fast import template_lines
+
+    assert template_lines(_lines_array(['{"start": 0, "end": 1}', bad]), ("start", "end"), ("lang",)) is None
+
+
+@pytest.mark.parametrize("line", [
+    '{"start": 012, "end": 20}', '{"start": 1.0, "end": 20}', '{"start": 1, "end": 20, "x1": 2}',
+    '{"start": 20, "start": 1, "end": 20}', '{"id": "\\u00e9", "start": 1, "end": 20}', '{"start": 1}',
+    '{"start": 99999999999999999999, "end": 20}', '{"start": 1, "end": 20, "lang": "de"}', '{"start": 1, "end": 20',
+    '{"start": 1, "end": 2000}', '{"start": 5, "end": 5}', '{"start": 1, "end": 20, "lang": "fr"}'])
+def test_npy_sidecar_fast_path_never_accepts_what_the_record_path_refuses(tmp_path, monkeypatch, line):
+    np.save(tmp_path / "n.npy", np.arange(40, dtype=np.int64))
+    (tmp_path / "n.bounds.jsonl").write_text('{"id": "a", "start": 0, "end": 3}\n' + line + "\n")
+    outcomes = []
+    for record_path in ("0", "1"):
+        monkeypatch.setenv("DATA_TOOLS_RECORD_PATH", record_path)
+        try:
+            m = build_dataset([str(tmp_path / "n.npy")], str(tmp_path / f"o{record_path}"), vocab=UnitVocab(),
+                              progress=False)
+            outcomes.append(("ok", m["content_hash"], m["ignored_fields"] and sorted(m["ignored_fields"].values())))
+        except Exception as e:                      # noqa: BLE001 - compare whatever happens
+            outcomes.append((type(e).__name__, str(e)))
+    assert outcomes[0] == outcomes[1]
