@@ -5,20 +5,21 @@ array, one language array and the document lengths: utterance chunks through the
 (``data_tools.fast``), stories, BPE and anything unusual record by record (``streams.record_documents``),
 with the same bytes either way. With one worker the main process does this itself and appends the arrays to
 ``<prefix>.tmp-<pid>/final.bin`` (hashing as it writes). With ``--workers N`` the main process only finds the
-chunks' byte ranges (``formats.iter_chunk_ranges``) and hands them out (at most 2 chunks per worker in
-flight); each worker reads its lines and writes its arrays into the final files itself, at the offset the
+chunks' byte ranges (``formats.iter_chunk_ranges``) and hands them out (at most IN_FLIGHT chunks per
+worker in flight); each worker reads its lines and writes its arrays into the final files itself, at the offset the
 workers agree on (``_OffsetChain``), and the main process hashes the files at the end. The .idx has
 megatron-core's layout (``common.write_index``). Everything is moved into place at the end, manifest last.
 """
 from __future__ import annotations
 
 import collections
-import io
 import json
 import multiprocessing
 import os
+import queue
 import shutil
 import sys
+import threading
 from typing import Any, Dict, List, Optional, Sequence, Set, Union
 
 import numpy as np
@@ -28,8 +29,8 @@ from megaslm.vocab import CONTENT_HASH, LANG_SUFFIX, MANIFEST_VERSION, content_h
 from data_tools import fast
 from data_tools.common import keep_freed_memory, token_dtype, write_index
 from data_tools.errors import DataError
-from data_tools.formats import (InputSpec, bounds_path, check_inputs, chunk_items, clear_caches, iter_chunk_ranges,
-                                iter_chunks, parse_item)
+from data_tools.formats import (InputSpec, LineText, bounds_path, check_inputs, chunk_items, clear_caches,
+                                iter_chunk_ranges, iter_chunks, parse_item)
 from data_tools.streams import RANDOM_MODES, BuildOptions, Encoder, Stats, record_documents, story_rng
 
 _CTX: Dict[str, Any] = {}
@@ -38,6 +39,9 @@ _CTX: Dict[str, Any] = {}
 # (fewer per-chunk NumPy calls and sidecar layouts to check) and no slower on .npz; 16x (a pool's
 # formats.BINARY_CHUNK_FACTOR) is slower there, its 3.7M-unit chunks no longer fit the core's cache.
 LOCAL_BINARY_CHUNK_FACTOR = 4
+# Chunks handed to each pool worker ahead of the results the parent is waiting for: with 2, a worker sat
+# idle whenever the parent was late to collect (the parent shares the cores with the workers).
+IN_FLIGHT = 4
 
 
 def _init_worker(ctx: Dict[str, Any]) -> None:
@@ -62,7 +66,7 @@ class _OffsetChain:
     chunks after it stop instead of waiting (the parent raises the failed chunk's own error)."""
 
     def __init__(self, mp, workers: int):
-        self.slots = 2 * workers + 4
+        self.slots = IN_FLIGHT * workers + 4
         self.arr = mp.Array("q", [-1, 0] * self.slots, lock=False)
         self.cond = mp.Condition()
 
@@ -81,6 +85,52 @@ class _OffsetChain:
             self.arr[s + 1] = end
             self.arr[s] = k
             self.cond.notify_all()
+
+
+def _write_error(e: OSError, path: str) -> DataError:
+    """A failed write of the dataset (disk full, a file size limit...) as one line naming the file."""
+    return DataError(f"cannot write the dataset ({e.strerror or e}); nothing was written at the output prefix",
+                     path=path)
+
+
+class _Writer:
+    """One process's build writes (and hashes) its chunks in a thread, in order, while it converts the
+    next chunk: the page-cache copy of a chunk's tokens and languages (~15% of a .npy build) then overlaps
+    NumPy's work instead of following it. At most 2 chunks wait (bounded memory). A write error (disk full)
+    is raised in the building thread, at the next chunk or at ``close``."""
+
+    def __init__(self, tf, lf, h):
+        self.q: "queue.Queue" = queue.Queue(maxsize=2)
+        self.error: Optional[BaseException] = None
+        self.thread = threading.Thread(target=self._run, args=(tf, lf, h), name="data_tools-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self, tf, lf, h) -> None:
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            if self.error is None:
+                try:
+                    tf.write(item[0])
+                    h.update(item[0])
+                    lf.write(item[1])
+                except OSError as e:
+                    self.error = _write_error(e, tf.name)
+                except BaseException as e:   # noqa: BLE001 - handed to the building thread
+                    self.error = e
+
+    def put(self, tokens: np.ndarray, langs: np.ndarray) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put((tokens, langs))
+
+    def close(self, check: bool = True) -> None:
+        if self.thread.is_alive():
+            self.q.put(None)
+            self.thread.join()
+        if check and self.error is not None:
+            raise self.error
 
 
 class _ChunkAborted(Exception):
@@ -104,23 +154,24 @@ def _fast_chunk(spec: InputSpec, chunk, opts: BuildOptions, dtype):
             return fast.npz_chunk(spec.path, first, payload, spec.source, opts, dtype)
         if spec.kind == "npy":
             return fast.npy_chunk(spec.path, payload, spec.source, opts, dtype)
-        return fast.jsonl_chunk(payload, spec.source, opts, dtype)
+        return fast.jsonl_chunk(payload.lines() if isinstance(payload, LineText) else payload, spec.source,
+                                opts, dtype)
     except (DataError, ValueError, TypeError, KeyError, IndexError):
         return None             # e.g. an unreadable .npy: the record path reports it where it belongs
 
 
 def _read_range(chunk):
-    """A chunk shipped as (input, first line, (byte offset, byte count, line count)) -> the usual chunk with
-    its lines, read here in the worker (the parent does not pickle the text to every worker)."""
+    """A chunk given as (input, first line, (byte offset, byte count, line count)) -> the chunk with its
+    lines as one ``LineText``, read here, where it is converted (a pool worker: the parent does not pickle
+    the text to every worker)."""
     fi, first, (offset, nbytes, nlines) = chunk
     spec = _CTX["inputs"][fi]
     path = bounds_path(spec.path) if spec.kind == "npy" else spec.path
-    with open(path, "rb") as f:
-        f.seek(offset)
-        lines = io.BytesIO(f.read(nbytes)).readlines()   # splits on b"\n" only, like iterating the file
-    if len(lines) != nlines:
+    with open(path, "rb", buffering=0) as f:
+        text = os.pread(f.fileno(), nbytes, offset)
+    if len(text) != nbytes or text.count(b"\n") + (0 if text.endswith(b"\n") else 1) != nlines:
         raise DataError("input changed while building", path=path)
-    return fi, first, lines
+    return fi, first, LineText(text, nlines)
 
 
 def _pool_chunk(job) -> Dict[str, Any]:
@@ -130,8 +181,6 @@ def _pool_chunk(job) -> Dict[str, Any]:
     index, chunk = job
     chain: _OffsetChain = _CTX["chain"]
     try:
-        if isinstance(chunk[2], tuple):
-            chunk = _read_range(chunk)
         res = _process_chunk((index, chunk))
     except BaseException:
         chain.publish(index, -1)
@@ -144,8 +193,11 @@ def _pool_chunk(job) -> Dict[str, Any]:
     chain.publish(index, start + int(tokens.size))
     if tokens.size:
         tok_fd, lang_fd = _CTX["fds"]
-        _pwrite_all(tok_fd, tokens, start * tokens.itemsize)
-        _pwrite_all(lang_fd, langs, start)
+        try:
+            _pwrite_all(tok_fd, tokens, start * tokens.itemsize)
+            _pwrite_all(lang_fd, langs, start)
+        except OSError as e:
+            raise _write_error(e, _CTX["outputs"][0]) from None
     res["placed"] = int(tokens.size)
     return res
 
@@ -153,6 +205,8 @@ def _pool_chunk(job) -> Dict[str, Any]:
 def _process_chunk(job) -> Dict[str, Any]:
     """Parse, validate and convert one chunk. Runs in a worker."""
     index, chunk = job
+    if isinstance(chunk[2], tuple):
+        chunk = _read_range(chunk)
     opts: BuildOptions = _CTX["opts"]
     inputs: List[InputSpec] = _CTX["inputs"]
     dtype = _CTX["dtype"]
@@ -219,7 +273,7 @@ def _chunk_len(chunk) -> int:
     payload = chunk[2]
     if isinstance(payload, int):
         return payload
-    return payload[2] if isinstance(payload, tuple) else len(payload)
+    return payload[2] if isinstance(payload, tuple) else len(payload)   # a range, a LineText or lines
 
 
 def _pool_context():
@@ -234,7 +288,7 @@ def _pool_context():
 
 
 def _run_chunks(jobs, opts: BuildOptions, ctx: Dict[str, Any]):
-    """Yield chunk results in input order, with at most 2 chunks per worker in flight."""
+    """Yield chunk results in input order, with at most IN_FLIGHT chunks per worker in flight."""
     if opts.workers == 1:
         _init_worker(ctx)
         for job in jobs:
@@ -248,7 +302,7 @@ def _run_chunks(jobs, opts: BuildOptions, ctx: Dict[str, Any]):
         for index, chunk in jobs:                    # line chunks come as byte ranges (iter_chunk_ranges)
             n = _chunk_len(chunk)
             pending.append((pool.apply_async(_pool_chunk, ((index, chunk),)), n))
-            while len(pending) >= 2 * opts.workers:
+            while len(pending) >= IN_FLIGHT * opts.workers:
                 r, n = pending.popleft()
                 yield r.get(), n
         while pending:
@@ -314,6 +368,7 @@ def build_dataset(inputs: Sequence[Union[str, InputSpec]], output_prefix: str,
         placed = 0              # tokens the pool workers wrote into the outputs themselves
         with open(outputs[0], "wb") as tf, open(outputs[1], "wb") as lf:
             results = _run_chunks(jobs, opts, ctx)
+            writer = _Writer(tf, lf, h) if opts.workers == 1 else None
             try:
                 with _progress(opts, f"build {os.path.basename(output_prefix)}") as bar:
                     for res, n in results:
@@ -326,11 +381,13 @@ def build_dataset(inputs: Sequence[Union[str, InputSpec]], output_prefix: str,
                         if "placed" in res:
                             placed += res["placed"]
                         elif res["lengths"].size:
-                            tf.write(res["tokens"])
-                            h.update(res["tokens"])
-                            lf.write(res["langs"])
+                            writer.put(res["tokens"], res["langs"])
                         bar.update(n)
+                if writer is not None:
+                    writer.close()
             finally:
+                if writer is not None:
+                    writer.close(check=False)   # on error: the thread ends before the temps are removed
                 results.close()     # on error: terminate and join the workers before removing the temps
         if total.documents == 0:
             raise DataError("no valid records: refusing to write an empty dataset"

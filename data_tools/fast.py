@@ -21,7 +21,8 @@ import orjson
 
 from megaslm.vocab import LANG_NONE
 
-from data_tools.formats import AUDIO_REPR_FIELDS, BOUNDS_FIELDS, UTT_FIELDS, _load_npy, _load_npz, bounds_path
+from data_tools.formats import (AUDIO_REPR_FIELDS, BOUNDS_FIELDS, UTT_FIELDS, LineText, _load_npy, _load_npz,
+                                bounds_path)
 from data_tools.streams import BuildOptions, Stats
 
 def parse_int_lists(bodies: Sequence[bytes], limit: int) -> Optional[Tuple[np.ndarray, np.ndarray]]:
@@ -125,7 +126,8 @@ def _parse_in_batches(bodies: List[bytes], limit: int) -> Optional[Tuple[np.ndar
 
 def assemble(units: np.ndarray, counts: np.ndarray, lang_ids: np.ndarray, frames: np.ndarray,
              source: str, opts: BuildOptions, dtype, lang_names: Sequence[str]):
-    """Validated units of consecutive utterances -> (tokens, languages, document lengths, Stats), exactly as
+    """Validated units of consecutive utterances, already as tokens (``token_body``: unit + vocab.offset,
+    in the token dtype) -> (tokens, languages, document lengths, Stats), exactly as
     ``streams.record_documents`` lays out one utterance per document: [bos] [language tag] units eod (the
     tag when ``vocab.lang_tags``: an utterance is one sentence, so it always opens with its tag; a separator
     never appears, since it sits only between sentences)."""
@@ -154,9 +156,7 @@ def assemble(units: np.ndarray, counts: np.ndarray, lang_ids: np.ndarray, frames
     for k in range(head):
         is_unit[doc_start + k] = False
     tokens = np.empty(total, dtype=dtype)
-    body = units.astype(dtype)                        # units < codebook: offset + unit fits the token dtype
-    body += vocab.offset
-    tokens[is_unit] = body                            # the units, in order, around the specials
+    tokens[is_unit] = units                            # the units, in order, around the specials
     single = n == 0 or lang_ids.min() == lang_ids.max()
     if single:                                        # one language in the chunk (mono): one fill
         langs = np.full(total, lang_ids[0] if n else LANG_NONE, dtype=np.uint8)
@@ -191,11 +191,26 @@ def _lang_table(opts: BuildOptions) -> Dict[str, int]:
     return {name: opts.vocab.lang_id(name) for name in opts.vocab.languages}
 
 
-def _check_range(units: np.ndarray, codebook_size: int) -> bool:
-    """0 <= every unit < codebook_size, in one pass: as unsigned integers, negative units are huge."""
+RANGE_BLOCK = 1 << 17      # token_body: units per block (1 MiB of int64, which stays in L2 until cast)
+
+
+def token_body(units: np.ndarray, opts: BuildOptions, dtype) -> Optional[np.ndarray]:
+    """Units -> their tokens (unit + vocab.offset) in the token dtype, or None unless 0 <= every unit <
+    codebook_size. Checked and cast block by block: a block the range check has just read is still in the
+    core's cache when the cast reads it (one pass over memory, not two; ~1 ms less on 4.5M int64 units).
+    As unsigned integers, negative units are huge, so one ``max`` checks both bounds."""
     if units.size == 0 or units.dtype.kind not in "iu":
-        return False
-    return int(units.view(units.dtype.str.replace("i", "u")).max()) < codebook_size
+        return None
+    u = units.view(units.dtype.str.replace("i", "u"))
+    limit = opts.vocab.codebook_size
+    out = np.empty(u.size, dtype=dtype)
+    for s in range(0, u.size, RANGE_BLOCK):
+        blk = u[s:s + RANGE_BLOCK]
+        if int(blk.max()) >= limit:
+            return None
+        np.copyto(out[s:s + RANGE_BLOCK], blk, casting="unsafe")   # < codebook_size: fits the token dtype
+    out += np.dtype(dtype).type(opts.vocab.offset)
+    return out
 
 
 def _utterance_layouts(rests: List[bytes], table: Dict[str, int], default: str):
@@ -271,7 +286,8 @@ def jsonl_chunk(lines: List[bytes], source: str, opts: BuildOptions, dtype):
     if parsed is None:
         return None
     units, counts = parsed
-    if not _check_range(units, opts.vocab.codebook_size):
+    units = token_body(units, opts, dtype)
+    if units is None:
         return None
     if by_layout is not None:
         lang_ids, unknown = by_layout
@@ -404,6 +420,66 @@ class _NotUniform(Exception):
     pass
 
 
+_U8 = [np.uint64(x) for x in (0x7F7F7F7F7F7F7F7F, 0x7676767676767676, 0x8080808080808080, 8, 16, 32, 7, 0xFF,
+                               10, 100, 10000, 0x00FF00FF00FF00FF, 0x0000FFFF0000FFFF, 0xFFFFFFFF)]
+
+
+def _read_integers_swar(d: np.ndarray, last: np.ndarray):
+    """The integers whose last digit sits at ``last`` in ``d`` (bytes - 48: digits 0..9) -> (values,
+    digit counts, leading digits), each read with one gather of the 8 bytes ending at its last digit,
+    combined SWAR-style (as in ``parse_int_lists``, but carry-free for any byte before the number, since
+    here the bytes around a number are any text); None if any integer has more than 8 digits."""
+    c7f, c76, c80, s8, s16, s32, s7, cff, t10, t100, t1e4, m8, m16, m32 = _U8
+    pad = np.empty(d.size + 8, dtype=np.uint8)
+    pad[:8] = 255                                # non-digits in front: every window is in range
+    pad[8:] = d
+    win = np.ndarray((d.size + 1,), dtype="<u8", buffer=pad, strides=(1,))
+    v = win[last + 1]                            # pad[last+1 : last+9] = d[last-7 : last+1]
+    nd = (v & c7f) + c76                         # bit 7 of each byte >= 10 (no carry: bytes <= 0x7F + 0x76)
+    nd |= v
+    nd &= c80                                    # ... or >= 128: the non-digit bytes
+    nd |= nd >> s8                               # smear down: every byte at or before the last non-digit
+    nd |= nd >> s16
+    nd |= nd >> s32
+    if np.any(nd == 0):
+        return None                              # 8 digits and more before them
+    nd >>= s7
+    nd *= cff                                    # 0xFF on the bytes that are not the number's digits
+    width = 8 - np.bitwise_count(nd).astype(np.int64) // 8
+    lead = d[last - width + 1]
+    v &= ~nd                                     # keep only the number's digit bytes
+    v = (v * t10 + (v >> s8)) & m8               # 2-digit lanes
+    v = (v * t100 + (v >> s16)) & m16            # 4-digit lanes
+    v = (v * t1e4 + (v >> s32)) & m32
+    return v.astype(np.int64), width, lead
+
+
+def _read_integers_by_digit(raw: np.ndarray, b: np.ndarray):
+    """``_read_integers_swar`` for integers of up to _DIGIT_MAX digits, one digit position per step from
+    the last digit backwards, until a non-digit; None if any is longer."""
+    val = raw[b].astype(np.int64) - 48
+    lead = val.copy()                            # the leftmost digit so far
+    width = np.ones(b.shape, dtype=np.int64)
+    more = np.ones(b.shape, dtype=bool)
+    scale = 1
+    for k in range(1, _DIGIT_MAX + 1):
+        at = b - k
+        np.maximum(at, 0, out=at)
+        c = raw[at]
+        more &= (c - np.uint8(48)) < 10
+        more &= b >= k
+        if not more.any():
+            return val, width, lead
+        if k == _DIGIT_MAX:
+            return None                          # a huge integer: orjson decides
+        width += more
+        scale *= 10
+        c = c.astype(np.int64) - 48
+        np.copyto(lead, c, where=more)
+        val += np.where(more, c * scale, 0)
+    return None
+
+
 def template_lines(raw: np.ndarray, int_keys: Sequence[str], fixed_keys: Sequence[str] = (),
                    max_templates: int = 16):
     """Machine-written JSON lines (every line the same few layouts, differing only in the digits they
@@ -423,18 +499,21 @@ def template_lines(raw: np.ndarray, int_keys: Sequence[str], fixed_keys: Sequenc
     size = raw.size
     if size == 0 or raw[-1] != 10:
         return None
-    isd = (raw - np.uint8(48)) < 10
-    first = isd.copy()
-    first[1:] &= ~isd[:-1]                       # the first digit of each run
-    keep = ~isd
-    keep |= first
-    sq = raw[keep]                               # runs squashed to their first digit
-    sq |= np.negative(((sq - np.uint8(48)) < 10).view(np.uint8))    # ... and that digit to 0xFF (a slot)
+    d = raw - np.uint8(48)                       # digits -> 0..9, every other byte -> 10..255
+    isd = d < 10
+    inner = isd[1:] & isd[:-1]                   # a digit after a digit: squashed away
+    keep = np.empty(size, dtype=bool)
+    keep[0] = True
+    np.logical_not(inner, out=keep[1:])
+    slotted = raw | np.negative(isd.view(np.uint8))              # every digit -> 0xFF (a slot)
+    sq = slotted[keep]                           # each run of digits -> one slot
     ends = np.flatnonzero(sq == 10)
     n = ends.size
-    lens = np.diff(ends, prepend=-1)
+    lens = np.empty(n, dtype=np.int64)
+    lens[0] = ends[0] + 1
+    np.subtract(ends[1:], ends[:-1], out=lens[1:])
     starts = ends - lens + 1
-    tmpl_of = np.full(n, -1, dtype=np.int64)
+    tmpl_of = np.zeros(n, dtype=np.int64)
     templates: List[_Template] = []
     try:
         uniq = [int(lens[0])] if lens.min() == lens.max() else np.unique(lens).tolist()
@@ -452,44 +531,52 @@ def template_lines(raw: np.ndarray, int_keys: Sequence[str], fixed_keys: Sequenc
                 # the rows that differ from this one: their few differing bytes, not a reduction per row
                 differ = np.zeros(todo.size, dtype=bool)
                 differ[np.flatnonzero(sub != row) // L] = True
-                tmpl_of[idx[todo[~differ]]] = len(templates)
+                if templates:
+                    tmpl_of[idx[todo[~differ]]] = len(templates)
                 templates.append(_Template(row, int_keys, fixed_keys))
                 todo = todo[differ]
                 sub = rows[todo]
     except _NotUniform:
         return None
-    # the digit runs of each line, in order: run r of line i is run first_run[i] + r in the chunk
-    run_start = np.flatnonzero(first)
+    # the last digit of every run of digits, in order: run r of line i is run first_run[i] + r
     last = isd
     last[:-1] &= ~isd[1:]                         # (isd is not needed any more)
     run_end = np.flatnonzero(last)
-    per_line = np.array([t.slots for t in templates], dtype=np.int64)[tmpl_of]
-    if int(per_line.sum()) != run_start.size:
-        return None
-    first_run = np.cumsum(per_line) - per_line
-    records = np.flatnonzero(~np.array([t.blank for t in templates])[tmpl_of])
-    tmpl_of, first_run = tmpl_of[records], first_run[records]
+    slots = np.array([t.slots for t in templates], dtype=np.int64)
+    if len(templates) == 1:
+        if n * int(slots[0]) != run_end.size or templates[0].blank:
+            return None
+        records = np.arange(n)
+        first_run = records * int(slots[0])
+    else:
+        per_line = slots[tmpl_of]
+        if int(per_line.sum()) != run_end.size:
+            return None
+        first_run = np.cumsum(per_line) - per_line
+        records = np.flatnonzero(~np.array([t.blank for t in templates])[tmpl_of])
+        tmpl_of, first_run = tmpl_of[records], first_run[records]
     if not int_keys:
         return templates, records, tmpl_of, {}
     # every key's run in every record, all keys at once: (keys, records)
     slot_of = np.array([[t.int_slot.get(key, 0) for t in templates] for key in int_keys], dtype=np.int64)
-    r = first_run + slot_of[:, tmpl_of]
-    a, b = run_start[r], run_end[r]
-    width = b - a + 1
-    w = int(width.max())
-    if w > _DIGIT_MAX or np.any((width > 1) & (raw[a] == 48)):
-        return None                              # a leading zero ("012" is not JSON), or a huge integer
-    # the w bytes ending at each run's last digit, as digits; those before the run's first digit zeroed
-    back = np.arange(w - 1, -1, -1)
-    digits = raw[np.maximum(b[..., None] - back, 0)].astype(np.int64) - 48
-    digits[back >= width[..., None]] = 0
-    val = digits @ (10 ** np.arange(w - 1, -1, -1, dtype=np.int64))
+    if len(templates) == 1:
+        b = run_end[first_run + slot_of[:, :1]]
+    else:
+        b = run_end[first_run + slot_of[:, tmpl_of]]
+    got = _read_integers_swar(d, b)
+    if got is None:
+        got = _read_integers_by_digit(raw, b)
+    if got is None:
+        return None
+    val, width, lead = got
+    if np.any((width > 1) & (lead == 0)):
+        return None                              # a leading zero ("012" is not JSON)
     return templates, records, tmpl_of, dict(zip(int_keys, val))
 
 
-def _bounds_by_template(lines: List[bytes], table: Dict[str, int], default: str):
+def _bounds_by_template(lines, table: Dict[str, int], default: str):
     """The sidecar chunk through ``template_lines``: (starts, ends, language ids, field names), or None."""
-    text = b"".join(lines)
+    text = lines.text if isinstance(lines, LineText) else b"".join(lines)
     if not text.endswith(b"\n"):
         text += b"\n"                                # the file's last line may lack its newline
     got = template_lines(np.frombuffer(text, dtype=np.uint8), ("start", "end"), ("lang",))
@@ -509,12 +596,12 @@ def _bounds_by_template(lines: List[bytes], table: Dict[str, int], default: str)
     return ints["start"], ints["end"], np.array(ids, dtype=np.uint8)[tmpl_of], keys
 
 
-def _bounds_by_objects(lines: List[bytes], table: Dict[str, int], default: str):
+def _bounds_by_objects(lines, table: Dict[str, int], default: str):
     """The sidecar chunk parsed by orjson, one dict per line (any layout): the same result, or None.
 
     No Python bytecode per record: orjson parses the whole chunk as one array, the columns come out with
     C-level ``map(dict.get, ...)``, and types are checked as sets of types."""
-    objs = _load_lines(lines)
+    objs = _load_lines(lines.lines() if isinstance(lines, LineText) else lines)
     if not objs or set(map(type, objs)) != {dict}:
         return None
     st = _column(objs, "start")
@@ -534,8 +621,8 @@ def _bounds_by_objects(lines: List[bytes], table: Dict[str, int], default: str):
     return a, b, lang_ids, keys
 
 
-def npy_chunk(path: str, lines: List[bytes], source: str, opts: BuildOptions, dtype):
-    """.bounds.jsonl lines of ``path`` -> assemble(...) + unknown field names, or None. The sidecar is
+def npy_chunk(path: str, lines, source: str, opts: BuildOptions, dtype):
+    """.bounds.jsonl lines of ``path`` (a list of lines, or a formats.LineText) -> assemble(...) + unknown field names, or None. The sidecar is
     read by its layouts (``template_lines``) when it is machine-written, else by orjson."""
     table = _lang_table(opts)
     cols = _bounds_by_template(lines, table, opts.lang) or _bounds_by_objects(lines, table, opts.lang)
@@ -547,7 +634,8 @@ def npy_chunk(path: str, lines: List[bytes], source: str, opts: BuildOptions, dt
         return None
     unknown = keys - BOUNDS_FIELDS
     units = _gather(arr, a, b)
-    if units is None or not _check_range(units, opts.vocab.codebook_size):
+    units = None if units is None else token_body(units, opts, dtype)
+    if units is None:
         return None
     counts = b - a
     return assemble(units, counts, lang_ids, counts, source, opts, dtype, opts.vocab.languages) + (unknown,)
@@ -584,7 +672,8 @@ def npz_chunk(path: str, first: int, count: int, source: str, opts: BuildOptions
     else:
         lang_ids = np.full(count, table[opts.lang], dtype=np.uint8)
     units = _gather(d["units"], a, b)
-    if units is None or not _check_range(units, opts.vocab.codebook_size):
+    units = None if units is None else token_body(units, opts, dtype)
+    if units is None:
         return None
     counts = b - a
     return assemble(units, counts, lang_ids, counts, source, opts, dtype, opts.vocab.languages) + (set(),)

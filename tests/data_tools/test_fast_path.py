@@ -158,28 +158,38 @@ def test_npy_bounds_in_other_layouts_build_the_same_bytes(tmp_path, monkeypatch)
     _same(*outs)
 
 
-def test_chunk_ranges_are_the_chunks_of_iter_chunks(tmp_path, monkeypatch):
-    """iter_chunk_ranges (newline scan over a memory map; what pool workers get) cuts every file exactly as
-    iter_chunks reads it: same first line numbers, same bytes, same line counts, across scan blocks."""
+def test_chunk_ranges_cover_every_line_once_with_its_number(tmp_path, monkeypatch):
+    """iter_chunk_ranges (what pool workers get: cut by size, lines counted by NumPy) tiles every file:
+    ranges in order, each ending at a newline (or the end of the file), each with the right line count and
+    first line number, together the lines iter_chunks reads -- with no newline at the end, blank lines,
+    lines longer than a chunk and a mean line length estimated from a few bytes."""
+    import io
     import random
 
     import data_tools.formats as formats
     from data_tools.formats import InputSpec, iter_chunk_ranges, iter_chunks
 
-    monkeypatch.setattr(formats, "SCAN_BLOCK", 7)
     rnd = random.Random(0)
     p = tmp_path / "a.jsonl"
-    for _ in range(300):
+    for trial in range(300):
+        monkeypatch.setattr(formats, "LINE_SAMPLE", rnd.choice([3, 16, 1 << 20]))
         n = rnd.randint(0, 40)
-        text = b"\n".join(b"x" * rnd.randint(0, 9) for _ in range(n))
+        text = b"\n".join(b"x" * rnd.choice([0, 1, 5, 9, 60]) for _ in range(n))
         text += b"\n" if n and rnd.random() < 0.5 else b""
         text += b"\n\n" if rnd.random() < 0.2 else b""
         p.write_bytes(text)
         cs = rnd.randint(1, 7)
-        want = [(fi, first, len(pl), b"".join(pl)) for fi, first, pl in iter_chunks([InputSpec(str(p), "a")], cs)]
-        got = [(fi, first, pl[2], text[pl[0]:pl[0] + pl[1]])
-               for fi, first, pl in iter_chunk_ranges([InputSpec(str(p), "a")], cs)]
-        assert got == want, (text, cs)
+        want = [l for _, _, pl in iter_chunks([InputSpec(str(p), "a")], cs) for l in pl]
+        got, at, line = [], 0, 1
+        for fi, first, (offset, nbytes, nlines) in iter_chunk_ranges([InputSpec(str(p), "a")], cs):
+            assert (fi, offset, first) == (0, at, line) and nbytes > 0
+            chunk = text[offset:offset + nbytes]
+            assert chunk.endswith(b"\n") or offset + nbytes == len(text)
+            lines = io.BytesIO(chunk).readlines()
+            assert len(lines) == nlines
+            got += lines
+            at, line = offset + nbytes, line + nlines
+        assert at == len(text) and got == want, (text, cs)
 
 
 def _lines_array(lines):

@@ -102,3 +102,28 @@ def test_slamkit_audio_repr_lines(tmp_path):
         with pytest.raises(DataError) as ei:
             build_dataset([str(src)], prefix + "2", vocab=UnitVocab(codebook_size=1000), progress=False)
         assert ei.value.line == 2 and ei.value.field == field and msg in str(ei.value), str(ei.value)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_failed_write_is_one_line_and_leaves_the_old_dataset(tmp_path, workers):
+    """A write that fails mid-build (here a 1 MB file-size limit, as a full disk would) is one line naming
+    the file, from the writer thread (1 worker) or a pool worker, and the dataset already at the prefix is
+    left whole."""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(0)
+    src = write_jsonl(tmp_path / "u.jsonl", [{"file_name": f"u{i}", "units": rng.integers(0, 500, 300).tolist()}
+                                             for i in range(4000)])
+    small = write_jsonl(tmp_path / "s.jsonl", [{"file_name": "a", "units": [1, 2]}])
+    prefix = str(tmp_path / "ds")
+    build_dataset([small], prefix, progress=False)
+    before = {n: open(os.path.join(tmp_path, n), "rb").read() for n in leftovers(tmp_path, "ds")}
+    code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20)); "
+            "from data_tools.cli import main; "
+            f"sys.exit(main(['build', '-i', {src!r}, '-o', {prefix!r}, '-q', '--workers', '{workers}']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "cannot write the dataset (File too large)" in r.stderr and "final.bin" in r.stderr
+    assert {n: open(os.path.join(tmp_path, n), "rb").read() for n in leftovers(tmp_path, "ds")} == before
