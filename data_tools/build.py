@@ -314,6 +314,16 @@ def _run_chunks(jobs, opts: BuildOptions, ctx: Dict[str, Any]):
         pool.join()
 
 
+def _local_chunks(specs: Sequence[InputSpec], chunk_size: int):
+    """The chunks one process converts itself: JSONL as lists of lines (read through the file's buffer);
+    an .npy's sidecar as byte ranges, read whole into a LineText (its vectorised reader needs no line
+    objects); .npz as record counts."""
+    for fi, spec in enumerate(specs):
+        cut = iter_chunk_ranges if spec.kind == "npy" else iter_chunks
+        for _, first, payload in cut([spec], chunk_size, LOCAL_BINARY_CHUNK_FACTOR):
+            yield fi, first, payload
+
+
 def _fast_enabled() -> bool:
     """``DATA_TOOLS_RECORD_PATH=1`` forces the record-by-record path (tests compare both paths' bytes)."""
     return os.environ.get("DATA_TOOLS_RECORD_PATH", "") in ("", "0")
@@ -359,7 +369,7 @@ def build_dataset(inputs: Sequence[Union[str, InputSpec]], output_prefix: str,
         ctx = {"opts": opts, "inputs": specs, "dtype": dtype, "fast": _fast_enabled(),
                "outputs": outputs}
         if opts.workers == 1:
-            jobs = enumerate(iter_chunks(specs, opts.chunk_size, LOCAL_BINARY_CHUNK_FACTOR))
+            jobs = enumerate(_local_chunks(specs, opts.chunk_size))
         else:
             jobs = enumerate(iter_chunk_ranges(specs, opts.chunk_size))
         total, bad, lengths = Stats(), [], []

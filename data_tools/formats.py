@@ -384,10 +384,42 @@ def clear_caches() -> None:
     _NPY_CACHE.clear()
 
 
+def _npy_populated(path: str) -> Optional[np.ndarray]:
+    """A read-only map of a plain 1-D .npy with its pages mapped up front (MAP_POPULATE: one batched
+    kernel call instead of a fault per page as the build first reads them), or None (then np.load)."""
+    flags = getattr(mmap, "MAP_POPULATE", 0)
+    if not flags:
+        return None
+    try:
+        return _map_npy(path, flags)
+    except Exception:  # noqa: BLE001 - anything unusual: np.load reads it (or names what is wrong)
+        return None
+
+
+def _map_npy(path: str, flags: int) -> Optional[np.ndarray]:
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version in ((2, 0), (3, 0)):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            return None
+        start = f.tell()
+        if fortran or dtype.hasobject or len(shape) != 1 or shape[0] == 0:
+            return None
+        if start + shape[0] * dtype.itemsize > os.fstat(f.fileno()).st_size:
+            return None
+        mm = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED | flags, prot=mmap.PROT_READ)
+    return np.frombuffer(mm, dtype=dtype, count=shape[0], offset=start)
+
+
 def _load_npy(path: str) -> np.ndarray:
     if path not in _NPY_CACHE:
         try:
-            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            arr = _npy_populated(path)
+            if arr is None:
+                arr = np.load(path, mmap_mode="r", allow_pickle=False)
         except Exception as e:  # noqa: BLE001
             raise DataError(f"cannot read .npy ({e})", path=path) from None
         if arr.ndim != 1:

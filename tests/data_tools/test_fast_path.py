@@ -290,3 +290,37 @@ def test_jsonl_lines_read_by_layout_build_the_record_paths_bytes(tmp_path, monke
     _same(outs[0][0], outs[1][0])
     assert outs[0][1] == outs[1][1] and list(outs[0][1].values()) == [["speaker"]]
     assert used and all(u is not None for u in used)
+
+
+@pytest.mark.parametrize("case", ["int16", "big-endian", "uint32", "2-D", "float", "empty", "truncated", "v2 header",
+                                  "not npy"])
+def test_npy_mapped_up_front_reads_what_np_load_reads(tmp_path, monkeypatch, case):
+    """formats._npy_populated (a MAP_POPULATE map of a plain .npy) gives the bytes and the errors that
+    np.load's memory map gives, for other dtypes, byte orders, shapes and header versions."""
+    import data_tools.formats as formats
+
+    units = np.arange(30) % 7
+    arr = {"int16": units.astype(np.int16), "big-endian": units.astype(">i4"), "uint32": units.astype(np.uint32),
+           "2-D": units.reshape(5, 6), "float": units.astype(float), "empty": units[:0]}.get(case, units)
+    path = tmp_path / "n.npy"
+    if case == "v2 header":
+        with open(path, "wb") as f:
+            np.lib.format.write_array(f, arr, version=(2, 0))
+    else:
+        np.save(path, arr)
+    if case == "truncated":
+        path.write_bytes(path.read_bytes()[:-16])
+    if case == "not npy":
+        path.write_bytes(b"PK\x03\x04 not an array at all")
+    (tmp_path / "n.bounds.jsonl").write_text('{"start": 0, "end": 12}\n{"start": 12, "end": 30}\n')
+    outcomes = []
+    for mapped in (True, False):
+        if not mapped:
+            monkeypatch.setattr(formats, "_npy_populated", lambda p: None)
+        try:
+            m = build_dataset([str(path)], str(tmp_path / f"o{mapped}"), vocab=UnitVocab(), progress=False)
+            outcomes.append(("ok", m["content_hash"]))
+        except Exception as e:                      # noqa: BLE001 - compare whatever happens
+            outcomes.append((type(e).__name__, str(e).replace(str(tmp_path), "")))
+    assert outcomes[0] == outcomes[1]
+    assert (outcomes[0][0] == "ok") == (case in ("int16", "big-endian", "uint32", "v2 header")), outcomes
