@@ -8,11 +8,12 @@ runs the anchor a user would write -- a Python loop of ``IndexedDatasetBuilder.a
 ``end_document`` per record (``json.loads`` per line for JSONL and for the .npy sidecar) -- and
 ``build_dataset`` (what ``python -m data_tools build`` runs) on the same input, checks that the anchor's
 ``.bin``/``.idx`` and ours are byte-identical (and ours identical across worker counts), then prints and
-stores units/s and the ratio. Times are in-process wall times of the build call alone (interpreter start,
-and the anchor's megatron-core/torch import, are paid before timing; ``build`` imports neither), median of
-``--repeats``, each repeat building into a fresh prefix.
-The anchor runs in a child interpreter (it needs torch; this process must not hold torch when ``build``
-forks its workers, as in the CLI), timed in there the same way. CPU seconds (the process and the workers
+stores units/s and the ratio. Times are wall times of the build call alone (interpreter start, and the
+anchor's megatron-core/torch import, are paid before timing; ``build`` imports neither), median of
+``--repeats``, each repeat building into a fresh prefix. Each side runs in a fresh child interpreter per
+format and worker count, timed in there: the anchor needs torch, and ``build`` is timed as the CLI runs it
+(glibc's malloc set as the CLI sets it, ``common.keep_freed_memory``; no heap left by earlier builds;
+pools fork a small process). The input is generated in a child too. CPU seconds (the process and the workers
 it waited for) are recorded beside wall seconds: on a shared machine they show the work done, where wall
 time also shows the wait for a core. The JSON records the load average before and after the run. Beside
 them, the I/O floor: reading the input files whole and writing the output's bytes to two new files, the
@@ -20,8 +21,7 @@ least a build of that input can take on this machine's page cache ("disk speed")
 
 Worker scaling is measured on a second input ``--scale`` times larger (default 10x: 200k sequences), where
 process start-up does not dominate: ``build`` with 1 worker vs each count in ``--workers`` on that input
-(outputs byte-identical), reported as speed-up vs 1 worker. This process sets glibc's malloc as the
-``data_tools build`` CLI does (``common.keep_freed_memory``), so it times what the CLI runs.
+(outputs byte-identical), reported as speed-up vs 1 worker.
 """
 from __future__ import annotations
 
@@ -74,9 +74,16 @@ def generate_in_subprocess(d: str, n: int, lo: int, hi: int, seed: int = 0) -> D
     after an in-process generate and 143 ms from a fresh process."""
     code = ("import json, sys; from data_tools.bench_build import generate; "
             f"print(json.dumps(generate({d!r}, {n}, {lo}, {hi}, seed={seed})))")
+    return _run_child(code)
+
+
+def _run_child(code: str):
+    """Run ``code`` in a child interpreter that imports this checkout; its last stdout line, as JSON."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if r.returncode:
+        raise RuntimeError(f"benchmark child failed (exit {r.returncode}): {r.stderr.strip()[-2000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -119,15 +126,25 @@ def anchor_in_subprocess(fmt: str, path: str, prefix: str, repeats: int):
             "from megaslm.vocab import UnitVocab; "
             f"print(json.dumps(median_run({repeats}, {prefix!r}, anchor, {fmt!r}, {path!r}, {prefix!r}, "
             "UnitVocab(codebook_size=CODEBOOK))))")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    return tuple(json.loads(r.stdout.strip().splitlines()[-1]))
+    return tuple(_run_child(code))
 
 
 def ours(path: str, prefix: str, vocab: UnitVocab, workers: int) -> None:
     from data_tools.build import build_dataset
     build_dataset([path], prefix, vocab=vocab, mode="mono", lang="en", workers=workers, progress=False)
+
+
+def ours_in_subprocess(path: str, prefix: str, workers: int, repeats: int):
+    """``data_tools build`` timed as the CLI runs it: in a fresh interpreter that sets glibc's malloc as the
+    CLI does (common.keep_freed_memory) and imports the build before timing. Measured in this process
+    instead, a build ran ~10% slower after the earlier formats' builds had filled its heap (.npy: 231M units/s
+    after the JSONL builds, 256M alone), and a pool forked that heap. Returns median (wall, CPU) seconds."""
+    code = ("import json; from data_tools.common import keep_freed_memory; keep_freed_memory(); "
+            "import data_tools.build; from data_tools.bench_build import median_run, ours, CODEBOOK; "
+            "from megaslm.vocab import UnitVocab; "
+            f"print(json.dumps(median_run({repeats}, {prefix!r}, ours, {path!r}, {prefix!r}, "
+            f"UnitVocab(codebook_size=CODEBOOK), {workers})))")
+    return tuple(_run_child(code))
 
 
 def io_floor(inputs, out_prefix: str, out_bytes: int, repeats: int) -> float:
@@ -228,12 +245,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_results",
                                                   "build.json"))
     a = ap.parse_args(argv)
-    import data_tools.build  # noqa: F401  -- imported before timing (the anchor imports torch in its process)
-    from data_tools.common import keep_freed_memory
-    keep_freed_memory()      # as the CLI does
 
     info = machine()
-    vocab = UnitVocab(codebook_size=CODEBOOK)
     workers = [int(w) for w in a.workers.split(",")]
     work = a.dir or tempfile.mkdtemp(prefix="bench_build_")
     os.makedirs(work, exist_ok=True)
@@ -264,7 +277,7 @@ def main(argv=None) -> int:
                    "anchor_units_per_cpu_s": units / c_anchor, "workers": {}}
             for w in workers:
                 out = os.path.join(work, f"ours_{fmt}_w{w}")
-                t, c = median_run(a.repeats, out, ours, path, out, vocab, w)
+                t, c = ours_in_subprocess(path, out, w, a.repeats)
                 ident = same(ref, out)
                 # CPU seconds only for one worker: workers from a fork server are not this process's children,
                 # so getrusage cannot see their time
@@ -292,7 +305,7 @@ def main(argv=None) -> int:
                 scaling = {"units": bunits, "sequences": a.sequences * a.scale, "workers": {}}
                 for w in sorted(set([1] + workers)):
                     out = os.path.join(work, f"big_{fmt}_w{w}")
-                    t, _ = median_run(a.repeats, out, ours, bpath, out, vocab, w)
+                    t, _ = ours_in_subprocess(bpath, out, w, a.repeats)
                     ident = w == 1 or same(os.path.join(work, f"big_{fmt}_w1"), out)
                     scaling["workers"][str(w)] = {"s": t, "units_per_s": bunits / t, "identical_to_1_worker": ident}
                     if not ident:
