@@ -1,14 +1,17 @@
 """The build pipeline: inputs -> (worker chunks) -> one megatron-core indexed dataset + language channel.
 
-Streaming: the inputs are cut into chunks of lines (``formats.iter_chunks``). A chunk becomes one token
-array, one language array and the document lengths: utterance chunks through the vectorised path
-(``data_tools.fast``), stories, BPE and anything unusual record by record (``streams.record_documents``),
-with the same bytes either way. With one worker the main process does this itself and appends the arrays to
-``<prefix>.tmp-<pid>/final.bin`` (hashing as it writes). With ``--workers N`` the main process only finds the
-chunks' byte ranges (``formats.iter_chunk_ranges``) and hands them out (at most IN_FLIGHT chunks per
-worker in flight); each worker reads its lines and writes its arrays into the final files itself, at the offset the
-workers agree on (``_OffsetChain``), and the main process hashes the files at the end. The .idx has
-megatron-core's layout (``common.write_index``). Everything is moved into place at the end, manifest last.
+Streaming: the inputs are cut into chunks (``formats.iter_chunk_ranges``: a line file by size, about
+``chunk_size`` lines each, given as byte ranges; an .npz by record counts). A chunk is read where it is
+converted (``_read_range``: one ``pread`` into a ``formats.LineText``) and becomes one token array, one
+language array and the document lengths: utterance chunks through the vectorised path (``data_tools.fast``),
+stories, BPE and anything unusual record by record (``streams.record_documents``), with the same bytes either
+way. With one worker the main process converts every chunk and a thread (``_Writer``) appends the arrays to
+``<prefix>.tmp-<pid>/final.bin`` (hashing as it writes) while the next chunk is converted. With
+``--workers N`` the main process only cuts the chunks and hands them out (at most IN_FLIGHT chunks per
+worker in flight); each worker reads its chunk and writes its arrays into the final files itself, at the
+offset the workers agree on (``_OffsetChain``), and the main process hashes the files at the end. The .idx
+has megatron-core's layout (``common.write_index``). Everything is moved into place at the end, manifest
+last.
 """
 from __future__ import annotations
 
@@ -29,8 +32,8 @@ from megaslm.vocab import CONTENT_HASH, LANG_SUFFIX, MANIFEST_VERSION, content_h
 from data_tools import fast
 from data_tools.common import keep_freed_memory, token_dtype, write_index
 from data_tools.errors import DataError
-from data_tools.formats import (InputSpec, LineText, bounds_path, check_inputs, chunk_items, clear_caches,
-                                iter_chunk_ranges, iter_chunks, parse_item)
+from data_tools.formats import (BINARY_CHUNK_FACTOR, InputSpec, LineText, bounds_path, check_inputs, chunk_items,
+                                clear_caches, iter_chunk_ranges, parse_item)
 from data_tools.streams import RANDOM_MODES, BuildOptions, Encoder, Stats, record_documents, story_rng
 
 _CTX: Dict[str, Any] = {}
@@ -154,8 +157,7 @@ def _fast_chunk(spec: InputSpec, chunk, opts: BuildOptions, dtype):
             return fast.npz_chunk(spec.path, first, payload, spec.source, opts, dtype)
         if spec.kind == "npy":
             return fast.npy_chunk(spec.path, payload, spec.source, opts, dtype)
-        return fast.jsonl_chunk(payload.lines() if isinstance(payload, LineText) else payload, spec.source,
-                                opts, dtype)
+        return fast.jsonl_chunk(payload, spec.source, opts, dtype)
     except (DataError, ValueError, TypeError, KeyError, IndexError):
         return None             # e.g. an unreadable .npy: the record path reports it where it belongs
 
@@ -314,16 +316,6 @@ def _run_chunks(jobs, opts: BuildOptions, ctx: Dict[str, Any]):
         pool.join()
 
 
-def _local_chunks(specs: Sequence[InputSpec], chunk_size: int):
-    """The chunks one process converts itself: JSONL as lists of lines (read through the file's buffer);
-    an .npy's sidecar as byte ranges, read whole into a LineText (its vectorised reader needs no line
-    objects); .npz as record counts."""
-    for fi, spec in enumerate(specs):
-        cut = iter_chunk_ranges if spec.kind == "npy" else iter_chunks
-        for _, first, payload in cut([spec], chunk_size, LOCAL_BINARY_CHUNK_FACTOR):
-            yield fi, first, payload
-
-
 def _fast_enabled() -> bool:
     """``DATA_TOOLS_RECORD_PATH=1`` forces the record-by-record path (tests compare both paths' bytes)."""
     return os.environ.get("DATA_TOOLS_RECORD_PATH", "") in ("", "0")
@@ -368,10 +360,8 @@ def build_dataset(inputs: Sequence[Union[str, InputSpec]], output_prefix: str,
         outputs = (final + ".bin", lang_prefix(final) + ".bin")
         ctx = {"opts": opts, "inputs": specs, "dtype": dtype, "fast": _fast_enabled(),
                "outputs": outputs}
-        if opts.workers == 1:
-            jobs = enumerate(_local_chunks(specs, opts.chunk_size))
-        else:
-            jobs = enumerate(iter_chunk_ranges(specs, opts.chunk_size))
+        jobs = enumerate(iter_chunk_ranges(specs, opts.chunk_size,
+                                           LOCAL_BINARY_CHUNK_FACTOR if opts.workers == 1 else BINARY_CHUNK_FACTOR))
         total, bad, lengths = Stats(), [], []
         unknown: Dict[int, Set[str]] = {}
         h = content_hasher(CONTENT_HASH)

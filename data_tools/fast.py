@@ -241,40 +241,51 @@ def _utterance_layouts(rests: List[bytes], table: Dict[str, int], default: str):
     return np.array(ids, dtype=np.uint8)[tmpl_of], keys - UTT_FIELDS
 
 
-def jsonl_chunk(lines: List[bytes], source: str, opts: BuildOptions, dtype):
-    """Utterance JSONL lines (``units`` or slamkit ``audio_repr``) -> assemble(...) + unknown field names,
-    or None (see module doc)."""
+def jsonl_chunk(lines, source: str, opts: BuildOptions, dtype):
+    """Utterance JSONL lines (``units`` or slamkit ``audio_repr``; a formats.LineText, or a list of lines)
+    -> assemble(...) + unknown field names, or None (see module doc).
+
+    The lines are cut in the chunk's one bytes object, by position (``bytes.find`` within each line), so
+    no line object is made: reading a chunk as 1,024 line objects cost ~13% of a JSONL build."""
+    text = lines.text if isinstance(lines, LineText) else b"".join(lines)
     bodies: List[bytes] = []
     rests: List[bytes] = []
     kinds: List[bool] = []                           # True: units, False: audio_repr
-    for text in lines:
-        i = text.find(b'"units"')
+    find = text.find
+    pos, size = 0, len(text)
+    while pos < size:
+        nl = find(b"\n", pos)
+        stop = size if nl < 0 else nl + 1            # this line is text[pos:stop]
+        i = find(b'"units"', pos, stop)
         if i >= 0:
-            a = text.find(b"[", i + 7)
-            b = text.find(b"]", a + 1)
+            a = find(b"[", i + 7, stop)
+            b = find(b"]", a + 1, stop)
             if a < 0 or b < 0:
                 return None
             # no check here that this '[' opens the value of "units": the parsed rest must show the
             # placeholder [] as that value, which fails otherwise
             bodies.append(text[a + 1:b])
-            rests.append(text[:a] + b"[]" + text[b + 1:])
+            rests.append(text[pos:a] + b"[]" + text[b + 1:stop])
             kinds.append(True)
+            pos = stop
             continue
-        i = text.find(b'"audio_repr"')
+        i = find(b'"audio_repr"', pos, stop)
         if i >= 0:
-            a = text.find(b'"', i + 12)
-            b = text.find(b'"', a + 1)
+            a = find(b'"', i + 12, stop)
+            b = find(b'"', a + 1, stop)
             if a < 0 or b < 0:
                 return None
             v = text[a + 1:b]
             if not (v.startswith(b"<Un") and v.endswith(b">")) or b"\\" in v:
                 return None
             bodies.append(v[3:-1].replace(b"><Un", b","))
-            rests.append(text[:a] + b'""' + text[b + 1:])
+            rests.append(text[pos:a] + b'""' + text[b + 1:stop])
             kinds.append(False)
+            pos = stop
             continue
-        if text.strip():
+        if text[pos:stop].strip():
             return None                              # a story or something else: the record path
+        pos = stop
     if not bodies:
         return None
     table = _lang_table(opts)

@@ -114,33 +114,32 @@ def _open_lines(spec: InputSpec):
         raise DataError(f"cannot read ({e.strerror})", path=path) from None
 
 
-def iter_chunks(inputs: Sequence[InputSpec], chunk_size: int, binary_factor: int = 1) -> Iterator[Chunk]:
+def iter_chunks(inputs: Sequence[InputSpec], chunk_size: int) -> Iterator[Chunk]:
     """Cut every input, in order, into chunks of ``chunk_size`` lines (read lazily: memory stays bounded;
-    a chunk never spans two files); chunks of .npy/.npz inputs hold ``binary_factor`` times more records."""
+    a chunk never spans two files). What ``iter_items`` reads; a build cuts with ``iter_chunk_ranges``."""
     for fi, spec in enumerate(inputs):
-        size_of_chunk = chunk_size * (binary_factor if spec.kind in ("npy", "npz") else 1)
         if spec.kind == "npz":
-            yield from _npz_chunks(fi, spec, size_of_chunk)
+            yield from _npz_chunks(fi, spec, chunk_size)
             continue
         with _open_lines(spec) as f:
             first = 1
             while True:
-                lines = list(itertools.islice(f, size_of_chunk))
+                lines = list(itertools.islice(f, chunk_size))
                 if not lines:
                     break
                 yield fi, first, lines
                 first += len(lines)
 
 
-BINARY_CHUNK_FACTOR = 16   # a pool's chunks of .npy/.npz inputs are this many times chunk_size
+BINARY_CHUNK_FACTOR = 16   # a pool's chunks of .npy/.npz inputs hold this many times chunk_size records
 LINE_SAMPLE = 1 << 20      # iter_chunk_ranges: bytes read to estimate a line file's mean line length
 
 
 def iter_chunk_ranges(inputs: Sequence[InputSpec], chunk_size: int,
                       binary_factor: int = BINARY_CHUNK_FACTOR) -> Iterator[Chunk]:
-    """The chunks a pool converts: every line of every input once, in order, a line chunk given as (byte
-    offset, byte count, line count) in its file instead of its lines (whoever converts the chunk, a pool
-    worker, reads the lines). A line chunk is cut by size, not by counting lines: about ``chunk_size``
+    """The chunks a build converts: every line of every input once, in order, a line chunk given as (byte
+    offset, byte count, line count) in its file instead of its lines (whoever converts the chunk -- the
+    build's process or a pool worker -- reads it, as one bytes object). A line chunk is cut by size, not by counting lines: about ``chunk_size``
     lines' worth of bytes (the mean line length from the file's first MiB), extended to the end of the line
     it stops in (``mmap.find``), and its lines are counted with one NumPy compare over its bytes. So the
     parent's work per chunk does not grow with the number of lines: finding every newline of a 258 MB
