@@ -502,9 +502,10 @@ def template_lines(raw: np.ndarray, int_keys: Sequence[str], fixed_keys: Sequenc
     has orjson parse them one object each).
 
     ``raw``: the lines' bytes, each line ending with a newline. Every run of digits is squashed to one
-    0xFF byte (a slot: never a byte of UTF-8 text); the lines then fall into a few distinct layouts ("templates"), each checked once with
-    orjson (its slots read as 1, and each slot read as 2 to see which field it feeds: an integer field, or
-    digits inside a string). A line whose layout is valid JSON with plain integer fields is valid JSON for
+    0xFF byte (a slot: never a byte of UTF-8 text; a stray 0xFF in the input makes a slot without a run of
+    digits, and the slot count then refuses); the lines then fall into a few distinct layouts
+    ("templates"), each checked once with orjson (its slots read as 1, and each slot read as 2 to see which
+    field it feeds: an integer field, or digits inside a string). A line whose layout is valid JSON with plain integer fields is valid JSON for
     any digits in its slots, except a leading zero in an integer (refused here); so the whole chunk is
     validated by a few NumPy passes over its bytes and ~(slots + 1) orjson calls per layout, instead of
     one Python dict per line. The values of ``fixed_keys`` (e.g. ``lang``) are read from the template

@@ -245,10 +245,13 @@ def test_template_lines_refuses_what_it_cannot_vouch_for(bad):
     '{"start": 012, "end": 20}', '{"start": 1.0, "end": 20}', '{"start": 1, "end": 20, "x1": 2}',
     '{"start": 20, "start": 1, "end": 20}', '{"id": "\\u00e9", "start": 1, "end": 20}', '{"start": 1}',
     '{"start": 99999999999999999999, "end": 20}', '{"start": 1, "end": 20, "lang": "de"}', '{"start": 1, "end": 20',
-    '{"start": 1, "end": 2000}', '{"start": 5, "end": 5}', '{"start": 1, "end": 20, "lang": "fr"}'])
+    '{"start": 1, "end": 2000}', '{"start": 5, "end": 5}', '{"start": 1, "end": 20, "lang": "fr"}',
+    '{"id": "a\xff", "start": 1, "end": 20}', '{"id": "\xff7", "start": 1, "end": 20}',
+    '{"id": "7\xff", "start": 1, "end": 20}', '{"id": "a\xe9", "start": 1, "end": 20}'])
 def test_npy_sidecar_fast_path_never_accepts_what_the_record_path_refuses(tmp_path, monkeypatch, line):
     np.save(tmp_path / "n.npy", np.arange(40, dtype=np.int64))
-    (tmp_path / "n.bounds.jsonl").write_text('{"id": "a", "start": 0, "end": 3}\n' + line + "\n")
+    # as bytes: "\xff" and "\xe9" stand for those raw bytes (invalid UTF-8; 0xFF is the layouts' slot byte)
+    (tmp_path / "n.bounds.jsonl").write_bytes(b'{"id": "a", "start": 0, "end": 3}\n' + line.encode("latin-1") + b"\n")
     outcomes = []
     for record_path in ("0", "1"):
         monkeypatch.setenv("DATA_TOOLS_RECORD_PATH", record_path)
