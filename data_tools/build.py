@@ -316,6 +316,13 @@ def _run_chunks(jobs, opts: BuildOptions, ctx: Dict[str, Any]):
         pool.join()
 
 
+def _write_indexes(final: str, dtype, lengths: List[np.ndarray]) -> None:
+    """The .idx of the tokens and of the language channel (the same documents) for the chunks' lengths."""
+    doc_lengths = np.concatenate(lengths)
+    write_index(final + ".idx", dtype, doc_lengths)
+    write_index(lang_prefix(final) + ".idx", np.uint8, doc_lengths)
+
+
 def _fast_enabled() -> bool:
     """``DATA_TOOLS_RECORD_PATH=1`` forces the record-by-record path (tests compare both paths' bytes)."""
     return os.environ.get("DATA_TOOLS_RECORD_PATH", "") in ("", "0")
@@ -384,6 +391,8 @@ def build_dataset(inputs: Sequence[Union[str, InputSpec]], output_prefix: str,
                             writer.put(res["tokens"], res["langs"])
                         bar.update(n)
                 if writer is not None:
+                    if total.documents:     # the .idx files while the thread writes the last chunk
+                        _write_indexes(final, dtype, lengths)
                     writer.close()
             finally:
                 if writer is not None:
@@ -392,12 +401,11 @@ def build_dataset(inputs: Sequence[Union[str, InputSpec]], output_prefix: str,
         if total.documents == 0:
             raise DataError("no valid records: refusing to write an empty dataset"
                             + (f" ({len(bad)} quarantined)" if bad else ""), path=specs[0].path)
-        lengths = np.concatenate(lengths)
         if placed and os.path.getsize(outputs[0]) != placed * np.dtype(dtype).itemsize:
             raise DataError(f"the workers wrote {os.path.getsize(outputs[0])} bytes, expected {placed} tokens",
                             path=outputs[0])
-        write_index(final + ".idx", dtype, lengths)
-        write_index(lang_prefix(final) + ".idx", np.uint8, lengths)
+        if writer is None:
+            _write_indexes(final, dtype, lengths)
         block = bytearray(1 << 22)
         for path in (outputs if placed else outputs[1:]):   # one worker hashed its tokens as it wrote them
             with open(path, "rb", buffering=0) as f:
