@@ -219,26 +219,18 @@ def _utterance_layouts(rests: List[bytes], table: Dict[str, int], default: str):
     """The ``units`` lines of a chunk with their unit lists cut out (``"units": []``), read by their few
     layouts (``template_lines``): (language id of each line, unknown field names), or None (a line with
     ``duration``, or in too many layouts: then orjson reads them, one dict each)."""
-    text = b"".join(rests)
-    if not text.endswith(b"\n"):
-        text += b"\n"
-    got = template_lines(np.frombuffer(text, dtype=np.uint8), (), ("units", "lang"))
+    got = _layouts(b"".join(rests), (), ("units", "lang"))
     if got is None or got[1].size != len(rests):
         return None
     templates, _, tmpl_of, _ = got
-    ids, keys = [], set()
-    for t in templates:
-        o = t.obj
-        # the placeholder must be the value we cut out (else "units" sat inside a string)
-        if o is None or o.get("units") != [] or "duration" in o:
-            return None
-        lang = o.get("lang", default)
-        lid = table.get(lang) if type(lang) is str else None
-        if lid is None:
-            return None
-        ids.append(lid)
-        keys.update(o)
-    return np.array(ids, dtype=np.uint8)[tmpl_of], keys - UTT_FIELDS
+    # the placeholder must be the value we cut out (else "units" sat inside a string)
+    if any(t.obj is None or t.obj.get("units") != [] or "duration" in t.obj for t in templates):
+        return None
+    got = _layout_langs(templates, table, default)
+    if got is None:
+        return None
+    ids, keys = got
+    return ids[tmpl_of], keys - UTT_FIELDS
 
 
 def jsonl_chunk(lines, source: str, opts: BuildOptions, dtype):
@@ -590,13 +582,27 @@ def template_lines(raw: np.ndarray, int_keys: Sequence[str], fixed_keys: Sequenc
 
 def _bounds_by_template(lines, table: Dict[str, int], default: str):
     """The sidecar chunk through ``template_lines``: (starts, ends, language ids, field names), or None."""
-    text = lines.text if isinstance(lines, LineText) else b"".join(lines)
-    if not text.endswith(b"\n"):
-        text += b"\n"                                # the file's last line may lack its newline
-    got = template_lines(np.frombuffer(text, dtype=np.uint8), ("start", "end"), ("lang",))
+    got = _layouts(lines.text if isinstance(lines, LineText) else b"".join(lines), ("start", "end"), ("lang",))
     if got is None or got[1].size == 0:
         return None
     templates, _, tmpl_of, ints = got
+    got = _layout_langs(templates, table, default)
+    if got is None:
+        return None
+    ids, keys = got
+    return ints["start"], ints["end"], ids[tmpl_of], keys
+
+
+def _layouts(text: bytes, int_keys: Sequence[str], fixed_keys: Sequence[str]):
+    """``template_lines`` over a chunk's text (its last line may lack its newline)."""
+    if not text.endswith(b"\n"):
+        text += b"\n"
+    return template_lines(np.frombuffer(text, dtype=np.uint8), int_keys, fixed_keys)
+
+
+def _layout_langs(templates, table: Dict[str, int], default: str):
+    """Each layout's language id (0 for blank lines) and the field names of all layouts, or None if a
+    layout's ``lang`` is not a known language."""
     ids, keys = [], set()
     for t in templates:
         lid = 0
@@ -607,7 +613,7 @@ def _bounds_by_template(lines, table: Dict[str, int], default: str):
                 return None
             keys.update(t.obj)
         ids.append(lid)
-    return ints["start"], ints["end"], np.array(ids, dtype=np.uint8)[tmpl_of], keys
+    return np.array(ids, dtype=np.uint8), keys
 
 
 def _bounds_by_objects(lines, table: Dict[str, int], default: str):

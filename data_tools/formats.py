@@ -139,9 +139,10 @@ def iter_chunk_ranges(inputs: Sequence[InputSpec], chunk_size: int,
                       binary_factor: int = BINARY_CHUNK_FACTOR) -> Iterator[Chunk]:
     """The chunks a build converts: every line of every input once, in order, a line chunk given as (byte
     offset, byte count, line count) in its file instead of its lines (whoever converts the chunk -- the
-    build's process or a pool worker -- reads it, as one bytes object). A line chunk is cut by size, not by counting lines: about ``chunk_size``
-    lines' worth of bytes (the mean line length from the file's first MiB), extended to the end of the line
-    it stops in (``mmap.find``), and its lines are counted with one NumPy compare over its bytes. So the
+    build's process or a pool worker -- reads it, as one bytes object). A line chunk is cut by size, not by
+    counting lines: about ``chunk_size`` lines' worth of bytes (the mean line length from the file's first
+    MiB), extended to the end of the line it stops in (``mmap.find``), and its lines are counted with one
+    NumPy compare over its bytes. So the
     parent's work per chunk does not grow with the number of lines: finding every newline of a 258 MB
     JSONL took the parent 80 ms of a core the workers need; cutting by size takes about a tenth of that.
     The cut differs from ``iter_chunks`` (by line count); the output does not depend on how the input is
@@ -311,6 +312,21 @@ _NPZ_CACHE: Dict[str, dict] = {}
 _NPY_CACHE: Dict[str, np.ndarray] = {}
 
 
+def _read_npy_header(f) -> Optional[Tuple[Tuple[int, ...], np.dtype]]:
+    """The (shape, dtype) of the .npy array that starts at ``f``'s position, leaving ``f`` at its data; None
+    unless it is a plain 1-D array (C order, no objects) of a header version NumPy defines."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    elif version in ((2, 0), (3, 0)):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    else:
+        return None
+    if fortran or dtype.hasobject or len(shape) != 1:
+        return None
+    return shape, dtype
+
+
 def _npz_member_memmap(path: str, zf, name: str) -> Optional[np.ndarray]:
     """A read-only memory map of the .npy member ``name`` of an .npz, or None when it cannot be mapped
     (compressed, Fortran order, object dtype...). Hand-written because ``np.load(mmap_mode=...)`` maps plain
@@ -333,16 +349,11 @@ def _npz_member_memmap(path: str, zf, name: str) -> Optional[np.ndarray]:
         name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
         start = info.header_offset + 30 + name_len + extra_len
         f.seek(start)
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-        elif version in ((2, 0), (3, 0)):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-        else:
-            return None
+        header = _read_npy_header(f)
         data = f.tell()
-    if fortran or dtype.hasobject or len(shape) != 1:
+    if header is None:
         return None
+    shape, dtype = header
     if data + int(np.prod(shape)) * dtype.itemsize > start + info.file_size:
         return None
     if shape[0] == 0:
@@ -390,27 +401,18 @@ def _npy_populated(path: str) -> Optional[np.ndarray]:
     if not flags:
         return None
     try:
-        return _map_npy(path, flags)
+        with open(path, "rb") as f:
+            header = _read_npy_header(f)
+            start = f.tell()
+            if header is None or header[0][0] == 0:
+                return None
+            shape, dtype = header
+            if start + shape[0] * dtype.itemsize > os.fstat(f.fileno()).st_size:
+                return None
+            mm = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED | flags, prot=mmap.PROT_READ)
+        return np.frombuffer(mm, dtype=dtype, count=shape[0], offset=start)
     except Exception:  # noqa: BLE001 - anything unusual: np.load reads it (or names what is wrong)
         return None
-
-
-def _map_npy(path: str, flags: int) -> Optional[np.ndarray]:
-    with open(path, "rb") as f:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-        elif version in ((2, 0), (3, 0)):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-        else:
-            return None
-        start = f.tell()
-        if fortran or dtype.hasobject or len(shape) != 1 or shape[0] == 0:
-            return None
-        if start + shape[0] * dtype.itemsize > os.fstat(f.fileno()).st_size:
-            return None
-        mm = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED | flags, prot=mmap.PROT_READ)
-    return np.frombuffer(mm, dtype=dtype, count=shape[0], offset=start)
 
 
 def _load_npy(path: str) -> np.ndarray:
