@@ -1,0 +1,49 @@
+"""The compile check again, with the oldest Triton that setup.py admits (3.6: the release in the lent H100/H200
+image, beside its torch 2.11), so that both ends of the supported range are compiled in CI, not only the
+venv's newest one. Triton 3.6 compiled differently from 3.9 before (the binder's compilation knobs differ), and
+its register allocation differs (spills per kernel: kernels/bench/results/triton-3.6/compile_table.md).
+
+`.ci/run` installs that Triton beside the venv's own, without its dependencies, where this test looks for it:
+    .venv/bin/pip install --no-deps --target .venv/triton-3.6 triton==3.6.0
+(or set MEGASLM_OLD_TRITON to a folder holding it). Without it the test skips and says so.
+"""
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.kernels_compile.test_compile_all import ROOT, _env
+
+OLD_TRITON = "3.6.0"
+
+
+def _old_triton_dir() -> Path:
+    return Path(os.environ.get("MEGASLM_OLD_TRITON", ROOT / ".venv" / "triton-3.6"))
+
+
+@pytest.mark.slow
+def test_every_variant_compiles_with_the_oldest_supported_triton(tmp_path):
+    where = _old_triton_dir()
+    if not (where / "triton" / "__init__.py").is_file():
+        pytest.skip(f"no Triton {OLD_TRITON} at {where}: install it with "
+                    f"`.venv/bin/pip install --no-deps --target {where} triton=={OLD_TRITON}` (.ci/run does)")
+    env = _env(f"{where}{os.pathsep}{ROOT}")
+    r = subprocess.run([sys.executable, "-c", "import triton; print(triton.__version__, triton.__file__)"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.split()[0] == OLD_TRITON, r.stdout + r.stderr
+    assert r.stdout.split()[1].startswith(str(where)), r.stdout
+    r = subprocess.run([sys.executable, "-m", "kernels.bench.compile_all", "--out", str(tmp_path)], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=3600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
+    rows = list(csv.DictReader(open(tmp_path / "compile_table.csv")))
+    assert rows and all(row["status"] == "ok" for row in rows)
+    header = (tmp_path / "compile_table.md").read_text().splitlines()
+    assert f"triton {OLD_TRITON}," in header[2], header[:3]
+    # the same launched variants as with the venv's Triton: nothing was dropped by this release's binder
+    assert {(row["kernel"], row["arch"]) for row in rows} >= {(k, a) for k in ("_attn_fwd_kernel",
+                                                                          "_attn_bwd_dkdv_kernel",
+                                                                          "_attn_bwd_dq_kernel")
+                                                             for a in ("sm_80", "sm_90")}
