@@ -6,10 +6,12 @@ converted (``_read_range``: one ``pread`` into a ``formats.LineText``) and becom
 language array and the document lengths: utterance chunks through the vectorised path (``data_tools.fast``),
 stories, BPE and anything unusual record by record (``streams.record_documents``), with the same bytes either
 way. With one worker the main process converts every chunk and a thread (``_Writer``) appends the arrays to
-``<prefix>.tmp-<pid>/final.bin`` (hashing as it writes) while the next chunk is converted. With
-``--workers N`` the main process only cuts the chunks and hands them out (at most IN_FLIGHT chunks per
-worker in flight); each worker reads its chunk and writes its arrays into the final files itself, at the
-offset the workers agree on (``_OffsetChain``), and the main process hashes the files at the end. The .idx
+``<prefix>.tmp-<pid>/final.bin`` (hashing as it writes) while the next chunk is converted. ``--workers N``
+(``uses_processes``): over .npy/.npz inputs, N threads of this process convert the chunks (whole-array
+NumPy calls, which release the GIL) and the same writer thread appends them in order; over line inputs, N
+worker processes (``_Workers``) take the chunks from one task pipe (at most IN_FLIGHT chunks per worker in
+flight), read them, and write their arrays into the final files themselves, at the offset the workers agree
+on (``_OffsetChain``); the main process reorders their answers and hashes the files at the end. The .idx
 has megatron-core's layout (``common.write_index``). Everything is moved into place at the end, manifest
 last.
 """
@@ -17,12 +19,14 @@ from __future__ import annotations
 
 import collections
 import json
+import mmap
 import multiprocessing
 import os
 import queue
 import shutil
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Optional, Sequence, Set, Union
 
 import numpy as np
@@ -171,7 +175,9 @@ def _read_range(chunk):
     path = bounds_path(spec.path) if spec.kind == "npy" else spec.path
     with open(path, "rb", buffering=0) as f:
         text = os.pread(f.fileno(), nbytes, offset)
-    if len(text) != nbytes or text.count(b"\n") + (0 if text.endswith(b"\n") else 1) != nlines:
+    # the lines counted again (NumPy: ~3x faster than bytes.count): a file changed since it was cut shows here
+    if len(text) != nbytes or int(np.count_nonzero(np.frombuffer(text, np.uint8) == 10)) + (
+            0 if text.endswith(b"\n") else 1) != nlines:
         raise DataError("input changed while building", path=path)
     return fi, first, LineText(text, nlines)
 
@@ -289,31 +295,155 @@ def _pool_context():
     return ctx
 
 
-def _run_chunks(jobs, opts: BuildOptions, ctx: Dict[str, Any]):
+def uses_processes(specs: Sequence[InputSpec], opts: BuildOptions) -> bool:
+    """Whether ``--workers N`` converts in N processes (a pool) rather than N threads of this process.
+
+    Threads when every input is an .npy or .npz and no BPE model is given: their chunks are converted by a
+    few whole-array NumPy calls, which release the GIL, so N threads convert N chunks at once -- and share
+    this process's heap, its populated input maps and its writer thread, which appends and hashes the
+    chunks in order while they convert. A pool paid for each of those again in every worker: fresh heaps
+    and input maps faulted in page by page (~7x the page faults of one process), writes of two processes
+    into one file serialised by the file system, and the parent's final re-read of the output to hash it;
+    on the 2-core benchmark machine 2 worker processes were slower than one process on these inputs
+    (0.72-0.78x). Line inputs (JSONL, the .npy bounds of a mixed build, stories, BPE) parse text with
+    Python-level steps per line or record, which hold the GIL: there processes scale and threads would
+    not."""
+    return opts.workers > 1 and (bool(opts.bpe_model) or any(s.kind not in ("npy", "npz") for s in specs))
+
+
+def _run_chunks(jobs, opts: BuildOptions, ctx: Dict[str, Any], processes: bool):
     """Yield chunk results in input order, with at most IN_FLIGHT chunks per worker in flight."""
     if opts.workers == 1:
         _init_worker(ctx)
         for job in jobs:
             yield _process_chunk(job), _chunk_len(job[1])
         return
-    mp = _pool_context()
-    ctx = dict(ctx, chain=_OffsetChain(mp, opts.workers))
-    pool = mp.Pool(opts.workers, initializer=_init_pool_worker, initargs=(ctx,))
-    try:
-        pending = collections.deque()
-        for index, chunk in jobs:                    # line chunks come as byte ranges (iter_chunk_ranges)
-            n = _chunk_len(chunk)
-            pending.append((pool.apply_async(_pool_chunk, ((index, chunk),)), n))
-            while len(pending) >= IN_FLIGHT * opts.workers:
+    if not processes:
+        _init_worker(ctx)
+        ex = ThreadPoolExecutor(opts.workers, thread_name_prefix="data_tools-convert")
+        try:
+            pending = collections.deque()
+            for job in jobs:
+                pending.append((ex.submit(_process_chunk, job), _chunk_len(job[1])))
+                while len(pending) >= IN_FLIGHT * opts.workers:
+                    r, n = pending.popleft()
+                    yield r.result(), n
+            while pending:
                 r, n = pending.popleft()
-                yield r.get(), n
+                yield r.result(), n
+        finally:
+            ex.shutdown(wait=True, cancel_futures=True)    # on error: no thread converts on after the build
+        return
+    mp = _pool_context()
+    pool = _Workers(mp, opts.workers, dict(ctx, chain=_OffsetChain(mp, opts.workers)))
+    ended = False
+    try:
+        pending = collections.deque()                # (chunk index, records) in input order
+        done: Dict[int, tuple] = {}                  # results that came back before an earlier chunk's
+
+        def next_result():
+            index, n = pending.popleft()
+            while index not in done:
+                i, status, payload = pool.get()
+                done[i] = (status, payload)
+            status, payload = done.pop(index)
+            if status != "ok":
+                raise payload                        # the first failed chunk, in input order
+            return payload, n
+
+        for index, chunk in jobs:                    # line chunks come as byte ranges (iter_chunk_ranges)
+            pool.submit((index, chunk))
+            pending.append((index, _chunk_len(chunk)))
+            while len(pending) >= IN_FLIGHT * opts.workers:
+                yield next_result()
         while pending:
-            r, n = pending.popleft()
-            yield r.get(), n
-        pool.close()
+            yield next_result()
+        ended = True
     finally:
-        pool.terminate()
-        pool.join()
+        pool.close(ended)
+
+
+def _worker_main(ctx: Dict[str, Any], tasks, results) -> None:
+    """A pool worker: chunks from ``tasks`` until None, each answered on ``results`` as (index, "ok", result)
+    or (index, "error", the exception)."""
+    _init_pool_worker(ctx)
+    while True:
+        job = tasks.get()
+        if job is None:
+            return
+        try:
+            out = (job[0], "ok", _pool_chunk(job))
+        except BaseException as e:   # noqa: BLE001 - handed to the parent, which raises it in input order
+            out = (job[0], "error", e)
+        try:
+            results.put(out)
+        except Exception as e:       # noqa: BLE001 - an exception that does not pickle: its text
+            results.put((job[0], "error", DataError(f"{type(out[2]).__name__}: {out[2]}" if out[1] == "error"
+                                                    else f"cannot return the chunk's result ({e})")))
+
+
+class _Workers:
+    """``--workers N`` processes fed chunks through one task pipe and answering through one result pipe,
+    read by the build's own thread. Hand-written instead of ``multiprocessing.Pool``: the Pool's three
+    helper threads hand every task and result from thread to thread, which cost the parent ~0.7 ms of CPU
+    per chunk on the 2-core benchmark machine (its cores are the workers' too: a 258 MB JSONL's 195
+    chunks took the parent 264 ms of CPU), and a worker that dies (the OOM killer) leaves a Pool waiting
+    for its result forever; here it is an error naming its exit."""
+
+    def __init__(self, mp, n: int, ctx: Dict[str, Any]):
+        # held for the pool's life: with a fork server the workers unpickle ctx's locks (the offset chain's)
+        # after start() returns, and a lock the parent no longer holds is unlinked from under them
+        self.ctx = ctx
+        self.tasks, self.results = mp.SimpleQueue(), mp.SimpleQueue()
+        self.procs = [mp.Process(target=_worker_main, args=(ctx, self.tasks, self.results), daemon=True,
+                                 name=f"data_tools-worker-{i}") for i in range(n)]
+        for p in self.procs:
+            p.start()
+
+    def submit(self, job) -> None:
+        self.tasks.put(job)
+
+    def get(self):
+        """The next (index, status, payload) any worker sends; DataError if a worker died instead."""
+        from multiprocessing.connection import wait
+
+        reader = self.results._reader
+        while True:
+            ready = wait([reader] + [p.sentinel for p in self.procs])
+            if reader in ready:
+                return self.results.get()
+            for p in self.procs:
+                if p.exitcode is not None:
+                    how = (f"killed by signal {-p.exitcode}" + (" (out of memory?)" if p.exitcode == -9 else "")
+                           if p.exitcode < 0 else f"exit code {p.exitcode}")
+                    raise DataError(f"a build worker process died ({how}); nothing was written at the output "
+                                    f"prefix")
+
+    def close(self, ended: bool) -> None:
+        """After the last result: the workers are told to stop and joined. On an error: stopped at once (a
+        worker may be waiting on a chunk that failed)."""
+        if ended:
+            for _ in self.procs:
+                self.tasks.put(None)
+            for p in self.procs:
+                p.join(timeout=30)
+        for p in self.procs:
+            if p.is_alive():
+                p.terminate()
+        for p in self.procs:
+            p.join()
+        self.tasks.close()
+        self.results.close()
+
+
+def _hash_file(h, path: str) -> None:
+    """Feed a whole file to the hash through a read-only map of it: no copy into a buffer first (the
+    pool's output, 135 MB on the benchmark's 10x input: 6 ms against 17 ms read in 4 MiB blocks)."""
+    with open(path, "rb", buffering=0) as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            h.update(m)
 
 
 def _write_indexes(final: str, dtype, lengths: List[np.ndarray]) -> None:
@@ -367,15 +497,16 @@ def build_dataset(inputs: Sequence[Union[str, InputSpec]], output_prefix: str,
         outputs = (final + ".bin", lang_prefix(final) + ".bin")
         ctx = {"opts": opts, "inputs": specs, "dtype": dtype, "fast": _fast_enabled(),
                "outputs": outputs}
+        processes = uses_processes(specs, opts)
         jobs = enumerate(iter_chunk_ranges(specs, opts.chunk_size,
-                                           LOCAL_BINARY_CHUNK_FACTOR if opts.workers == 1 else BINARY_CHUNK_FACTOR))
+                                           BINARY_CHUNK_FACTOR if processes else LOCAL_BINARY_CHUNK_FACTOR))
         total, bad, lengths = Stats(), [], []
         unknown: Dict[int, Set[str]] = {}
         h = content_hasher(CONTENT_HASH)
         placed = 0              # tokens the pool workers wrote into the outputs themselves
         with open(outputs[0], "wb") as tf, open(outputs[1], "wb") as lf:
-            results = _run_chunks(jobs, opts, ctx)
-            writer = _Writer(tf, lf, h) if opts.workers == 1 else None
+            results = _run_chunks(jobs, opts, ctx, processes)
+            writer = None if processes else _Writer(tf, lf, h)
             try:
                 with _progress(opts, f"build {os.path.basename(output_prefix)}") as bar:
                     for res, n in results:
@@ -406,14 +537,8 @@ def build_dataset(inputs: Sequence[Union[str, InputSpec]], output_prefix: str,
                             path=outputs[0])
         if writer is None:
             _write_indexes(final, dtype, lengths)
-        block = bytearray(1 << 22)
-        for path in (outputs if placed else outputs[1:]):   # one worker hashed its tokens as it wrote them
-            with open(path, "rb", buffering=0) as f:
-                while True:
-                    got = f.readinto(block)
-                    if not got:
-                        break
-                    h.update(memoryview(block)[:got])
+        for path in (outputs if placed else outputs[1:]):   # the writer thread hashed its tokens as it wrote
+            _hash_file(h, path)
         ignored = {specs[fi].path: sorted(names) for fi, names in sorted(unknown.items())}
         for path, names in ignored.items():
             print(f"warning: {path}: unknown field(s) {names} ignored (data_tools reads only the fields in "

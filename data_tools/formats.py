@@ -22,6 +22,7 @@ import itertools
 import mmap
 import os
 import re
+import threading
 from typing import Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -310,6 +311,22 @@ def _check_lang(lang, languages, path, line, field="lang") -> str:
 
 _NPZ_CACHE: Dict[str, dict] = {}
 _NPY_CACHE: Dict[str, np.ndarray] = {}
+# The loaded inputs are shared by a build's converter threads (build._run_chunks: --workers N over .npy/.npz
+# inputs), which may work on chunks of two neighbouring inputs at once: an input is loaded (mapped, its
+# offsets read) once, under this lock, and the last few stay loaded until the build ends (clear_caches).
+_CACHE_LOCK = threading.Lock()
+_CACHE_KEEP = 4
+
+
+def _cached(cache: dict, path: str, load):
+    with _CACHE_LOCK:
+        got = cache.get(path)
+        if got is None:
+            got = load(path)
+            while len(cache) >= _CACHE_KEEP:
+                cache.pop(next(iter(cache)))        # the input loaded first (a build reads its inputs in order)
+            cache[path] = got
+        return got
 
 
 def _read_npy_header(f) -> Optional[Tuple[Tuple[int, ...], np.dtype]]:
@@ -363,35 +380,37 @@ def _npz_member_memmap(path: str, zf, name: str) -> Optional[np.ndarray]:
 
 def _load_npz(path: str) -> dict:
     """The arrays of an .npz (cached for the build: ``clear_caches``); ``units`` memory-mapped when stored."""
-    if path not in _NPZ_CACHE:
-        import zipfile
-        try:
-            with zipfile.ZipFile(path) as zf:
-                units = _npz_member_memmap(path, zf, "units")
-            with np.load(path, allow_pickle=False) as z:
-                d = {k: z[k] for k in z.files if not (k == "units" and units is not None)}
-            if units is not None:
-                d["units"] = units
-        except Exception as e:  # noqa: BLE001 - any unreadable archive
-            raise DataError(f"cannot read .npz ({e})", path=path) from None
-        for k in ("units", "offsets"):
-            if k not in d:
-                raise DataError("array missing", path=path, field=k)
-        off = d["offsets"]
-        if off.ndim != 1 or off.dtype.kind not in "iu" or len(off) < 2 or off[0] != 0 \
-                or np.any(np.diff(off) < 0) or off[-1] != len(d["units"]):
-            raise DataError("expected N+1 non-decreasing boundaries from 0 to len(units)", path=path,
-                            field="offsets")
-        _NPZ_CACHE.clear()
-        _NPZ_CACHE[path] = d
-    return _NPZ_CACHE[path]
+    return _cached(_NPZ_CACHE, path, _read_npz)
+
+
+def _read_npz(path: str) -> dict:
+    import zipfile
+    try:
+        with zipfile.ZipFile(path) as zf:
+            units = _npz_member_memmap(path, zf, "units")
+        with np.load(path, allow_pickle=False) as z:
+            d = {k: z[k] for k in z.files if not (k == "units" and units is not None)}
+        if units is not None:
+            d["units"] = units
+    except Exception as e:  # noqa: BLE001 - any unreadable archive
+        raise DataError(f"cannot read .npz ({e})", path=path) from None
+    for k in ("units", "offsets"):
+        if k not in d:
+            raise DataError("array missing", path=path, field=k)
+    off = d["offsets"]
+    if off.ndim != 1 or off.dtype.kind not in "iu" or len(off) < 2 or off[0] != 0 \
+            or np.any(np.diff(off) < 0) or off[-1] != len(d["units"]):
+        raise DataError("expected N+1 non-decreasing boundaries from 0 to len(units)", path=path,
+                        field="offsets")
+    return d
 
 
 def clear_caches() -> None:
     """Forget the loaded .npy/.npz inputs (a build calls it when it ends: a later build, in the same
     process, reads its inputs again instead of reusing arrays that may have changed on disk)."""
-    _NPZ_CACHE.clear()
-    _NPY_CACHE.clear()
+    with _CACHE_LOCK:
+        _NPZ_CACHE.clear()
+        _NPY_CACHE.clear()
 
 
 def _npy_populated(path: str) -> Optional[np.ndarray]:
@@ -416,18 +435,20 @@ def _npy_populated(path: str) -> Optional[np.ndarray]:
 
 
 def _load_npy(path: str) -> np.ndarray:
-    if path not in _NPY_CACHE:
-        try:
-            arr = _npy_populated(path)
-            if arr is None:
-                arr = np.load(path, mmap_mode="r", allow_pickle=False)
-        except Exception as e:  # noqa: BLE001
-            raise DataError(f"cannot read .npy ({e})", path=path) from None
-        if arr.ndim != 1:
-            raise DataError(f"expected a 1-D unit array, got shape {arr.shape}", path=path, field="units")
-        _NPY_CACHE.clear()
-        _NPY_CACHE[path] = arr
-    return _NPY_CACHE[path]
+    """The unit array of an .npy, memory-mapped (cached for the build: ``clear_caches``)."""
+    return _cached(_NPY_CACHE, path, _read_npy)
+
+
+def _read_npy(path: str) -> np.ndarray:
+    try:
+        arr = _npy_populated(path)
+        if arr is None:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"cannot read .npy ({e})", path=path) from None
+    if arr.ndim != 1:
+        raise DataError(f"expected a 1-D unit array, got shape {arr.shape}", path=path, field="units")
+    return arr
 
 
 def parse_item(spec: InputSpec, line: int, text: Optional[str], codebook_size: int,
