@@ -11,6 +11,7 @@
 #     --platform manylinux_2_17_x86_64 -d .whl orjson xxhash
 # and carry `.whl` with the call; this script installs them into /tmp/site.
 #   bash launchers/gpu_session.sh            # OUT defaults to runs/gpu_session
+# The step limits add up to 570 s: run it as one device call with timeout_s=600.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu_session}
@@ -25,10 +26,26 @@ export PYTHONUNBUFFERED=1
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" | tee "$OUT/versions.txt"
 status=0
-python3 -m pytest -q -m gpu tests/kernels 2>&1 | tee "$OUT/pytest_gpu.log" || status=1
-python3 -m pytest -q tests/kernels 2>&1 | tail -5 >> "$OUT/pytest_gpu.log" || status=1
-python3 -m kernels.bench.bench_all 2>&1 | tee "$OUT/bench_all.log" || status=1
-python3 launchers/bench_train.py 2>&1 | tee "$OUT/bench_train.log" || status=1
-tar czf "$OUT/gpu_results.tar.gz" kernels/bench/results
+# Each step runs under its own time limit (seconds; override with the variables) so that one slow or hung step
+# cannot spend the others' share of a lease (a device call is at most 600 s), and the results so far are packed
+# after every step: a call cut short still brings back every figure taken before the cut. The figures the issue
+# asks for come first; the whole kernel suite on the GPU (fp32, the compiled kernels) last.
+pack() { tar czf "$OUT/gpu_results.tar.gz" kernels/bench/results 2>/dev/null; }
+step() {  # step NAME SECONDS COMMAND...
+  local name=$1 secs=$2 rc
+  shift 2
+  echo "== $name (limit ${secs} s)"
+  timeout "$secs" "$@" 2>&1 | tee "$OUT/$name.log"
+  rc=${PIPESTATUS[0]}
+  if [ "$rc" != 0 ]; then
+    status=1
+    echo "== $name: exit $rc$([ "$rc" = 124 ] && echo ' (its time limit)')" | tee -a "$OUT/$name.log"
+  fi
+  pack
+}
+step pytest_gpu "${T_NUMERICS:-90}" python3 -m pytest -q -m gpu tests/kernels
+step bench_all "${T_BENCH:-150}" python3 -m kernels.bench.bench_all
+step bench_train "${T_TRAIN:-270}" python3 launchers/bench_train.py
+step pytest_kernels "${T_SUITE:-60}" python3 -m pytest -q -x tests/kernels
 echo "gpu_session: exit $status (results in kernels/bench/results and $OUT/gpu_results.tar.gz)"
 exit $status
