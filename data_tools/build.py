@@ -302,12 +302,12 @@ def uses_processes(specs: Sequence[InputSpec], opts: BuildOptions) -> bool:
     few whole-array NumPy calls, which release the GIL, so N threads convert N chunks at once -- and share
     this process's heap, its populated input maps and its writer thread, which appends and hashes the
     chunks in order while they convert. A pool paid for each of those again in every worker: fresh heaps
-    and input maps faulted in page by page (~7x the page faults of one process), writes of two processes
-    into one file serialised by the file system, and the parent's final re-read of the output to hash it;
-    on the 2-core benchmark machine 2 worker processes were slower than one process on these inputs
-    (0.72-0.78x). Line inputs (JSONL, the .npy bounds of a mixed build, stories, BPE) parse text with
-    Python-level steps per line or record, which hold the GIL: there processes scale and threads would
-    not."""
+    and input maps faulted in page by page (perf stat over five builds of the 10x .npz: 88k page faults
+    with 2 workers, 12k with one), writes of two processes into one file serialised by the file system,
+    and the parent's final re-read of the output to hash it; on the 2-core benchmark machine 2 worker
+    processes were slower than one process on these inputs (0.72-0.78x). Any line input (JSONL utterances
+    or stories) or a BPE model means processes: those are parsed with Python-level steps per line or
+    record, which hold the GIL (2 threads measured 1.0x on the benchmark's JSONL)."""
     return opts.workers > 1 and (bool(opts.bpe_model) or any(s.kind not in ("npy", "npz") for s in specs))
 
 
