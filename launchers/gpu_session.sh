@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU figure of the project in one call on a GPU machine (issue 14 item 5): the bf16/fp16 kernel numerics,
 # the kernel benchmarks (embedding, document-masked attention vs FlexAttention and FA2, doc mask) and the
-# training throughput of the presets (Triton vs reference). Results stay in the repository's result folders
-# (kernels/bench/results/, kernels/bench/results/train/) and are packed into $OUT/gpu_results.tar.gz.
+# training throughput of the presets (Triton vs reference), and the data build's --workers scaling on the
+# machine's 16 CPU cores. Results stay in the repository's result folders (kernels/bench/results/,
+# kernels/bench/results/train/, data_tools/bench_results/) and are packed into $OUT/gpu_results.tar.gz.
 #
 # On a machine whose image lacks deepspeed / megatron-core / orjson / xxhash (the lent H100/H200 image), build
 # the wheels first, here, from the repository root with the project's environment active:
@@ -11,7 +12,7 @@
 #     --platform manylinux_2_17_x86_64 -d .whl orjson xxhash
 # and carry `.whl` with the call; this script installs them into /tmp/site.
 #   bash launchers/gpu_session.sh            # OUT defaults to runs/gpu_session
-# The step limits add up to 570 s: run it as one device call with timeout_s=600.
+# The step limits add up to 595 s: run it as one device call with timeout_s=600.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu_session}
@@ -30,7 +31,7 @@ status=0
 # cannot spend the others' share of a lease (a device call is at most 600 s), and the results so far are packed
 # after every step: a call cut short still brings back every figure taken before the cut. The figures the issue
 # asks for come first; the whole kernel suite on the GPU (fp32, the compiled kernels) last.
-pack() { tar czf "$OUT/gpu_results.tar.gz" kernels/bench/results 2>/dev/null; }
+pack() { tar czf "$OUT/gpu_results.tar.gz" kernels/bench/results data_tools/bench_results 2>/dev/null; }
 step() {  # step NAME SECONDS COMMAND...
   local name=$1 secs=$2 rc
   shift 2
@@ -45,7 +46,10 @@ step() {  # step NAME SECONDS COMMAND...
 }
 step pytest_gpu "${T_NUMERICS:-90}" python3 -m pytest -q -m gpu tests/kernels
 step bench_all "${T_BENCH:-150}" python3 -m kernels.bench.bench_all
-step bench_train "${T_TRAIN:-270}" python3 launchers/bench_train.py
-step pytest_kernels "${T_SUITE:-60}" python3 -m pytest -q -x tests/kernels
+step bench_train "${T_TRAIN:-250}" python3 launchers/bench_train.py
+# the data build's --workers scaling where there are more than 2 cores (the machine's 16); CPU only
+step bench_build "${T_DATA:-60}" python3 -m data_tools.bench_build --formats jsonl,npz --workers 1,2,4,8 \
+  --repeats 3 --out data_tools/bench_results/build_gpu_host.json
+step pytest_kernels "${T_SUITE:-45}" python3 -m pytest -q -x tests/kernels
 echo "gpu_session: exit $status (results in kernels/bench/results and $OUT/gpu_results.tar.gz)"
 exit $status
