@@ -315,8 +315,23 @@ def uses_processes(specs: Sequence[InputSpec], opts: BuildOptions) -> bool:
     return opts.workers > 1 and (bool(opts.bpe_model) or any(s.kind not in ("npy", "npz") for s in specs))
 
 
+def _in_order(jobs, limit: int, submit, result):
+    """Yield (result, records) of each job in input order, with at most ``limit`` jobs submitted ahead of
+    the one being waited for: ``submit(job)`` returns a handle, ``result(handle)`` waits for its result."""
+    pending = collections.deque()
+    for job in jobs:
+        pending.append((submit(job), _chunk_len(job[1])))
+        while len(pending) >= limit:
+            handle, n = pending.popleft()
+            yield result(handle), n
+    while pending:
+        handle, n = pending.popleft()
+        yield result(handle), n
+
+
 def _run_chunks(jobs, opts: BuildOptions, ctx: Dict[str, Any], processes: bool):
-    """Yield chunk results in input order, with at most IN_FLIGHT chunks per worker in flight."""
+    """Yield chunk results in input order: converted here (one worker), by converter threads, or by worker
+    processes (``uses_processes``), with a bounded number of chunks in flight."""
     if opts.workers == 1:
         _init_worker(ctx)
         for job in jobs:
@@ -326,15 +341,8 @@ def _run_chunks(jobs, opts: BuildOptions, ctx: Dict[str, Any], processes: bool):
         _init_worker(ctx)
         ex = ThreadPoolExecutor(opts.workers, thread_name_prefix="data_tools-convert")
         try:
-            pending = collections.deque()
-            for job in jobs:
-                pending.append((ex.submit(_process_chunk, job), _chunk_len(job[1])))
-                while len(pending) >= THREAD_IN_FLIGHT * opts.workers:
-                    r, n = pending.popleft()
-                    yield r.result(), n
-            while pending:
-                r, n = pending.popleft()
-                yield r.result(), n
+            yield from _in_order(jobs, THREAD_IN_FLIGHT * opts.workers, lambda job: ex.submit(_process_chunk, job),
+                                 lambda future: future.result())
         finally:
             ex.shutdown(wait=True, cancel_futures=True)    # on error: no thread converts on after the build
         return
@@ -342,26 +350,8 @@ def _run_chunks(jobs, opts: BuildOptions, ctx: Dict[str, Any], processes: bool):
     pool = _Workers(mp, opts.workers, dict(ctx, chain=_OffsetChain(mp, opts.workers)))
     ended = False
     try:
-        pending = collections.deque()                # (chunk index, records) in input order
-        done: Dict[int, tuple] = {}                  # results that came back before an earlier chunk's
-
-        def next_result():
-            index, n = pending.popleft()
-            while index not in done:
-                i, status, payload = pool.get()
-                done[i] = (status, payload)
-            status, payload = done.pop(index)
-            if status != "ok":
-                raise payload                        # the first failed chunk, in input order
-            return payload, n
-
-        for index, chunk in jobs:                    # line chunks come as byte ranges (iter_chunk_ranges)
-            pool.submit((index, chunk))
-            pending.append((index, _chunk_len(chunk)))
-            while len(pending) >= IN_FLIGHT * opts.workers:
-                yield next_result()
-        while pending:
-            yield next_result()
+        # line chunks come as byte ranges (iter_chunk_ranges): a worker reads its own
+        yield from _in_order(jobs, IN_FLIGHT * opts.workers, pool.submit, pool.result)
         ended = True
     finally:
         pool.close(ended)
@@ -388,7 +378,7 @@ def _worker_main(ctx: Dict[str, Any], tasks, results) -> None:
 
 class _Workers:
     """``--workers N`` processes fed chunks through one task pipe and answering through one result pipe,
-    read by the build's own thread. Hand-written instead of ``multiprocessing.Pool``: the Pool's three
+    read (and put back in input order) by the build's own thread. Hand-written instead of ``multiprocessing.Pool``: the Pool's three
     helper threads hand every task and result from thread to thread, which cost the parent ~0.7 ms of CPU
     per chunk on the 2-core benchmark machine (its cores are the workers' too: a 258 MB JSONL's 195
     chunks took the parent 264 ms of CPU), and a worker that dies (the OOM killer) leaves a Pool waiting
@@ -398,16 +388,28 @@ class _Workers:
         # held for the pool's life: with a fork server the workers unpickle ctx's locks (the offset chain's)
         # after start() returns, and a lock the parent no longer holds is unlinked from under them
         self.ctx = ctx
+        self.done: Dict[int, tuple] = {}      # answers that came back before an earlier chunk's
         self.tasks, self.results = mp.SimpleQueue(), mp.SimpleQueue()
         self.procs = [mp.Process(target=_worker_main, args=(ctx, self.tasks, self.results), daemon=True,
                                  name=f"data_tools-worker-{i}") for i in range(n)]
         for p in self.procs:
             p.start()
 
-    def submit(self, job) -> None:
+    def submit(self, job) -> int:
         self.tasks.put(job)
+        return job[0]
 
-    def get(self):
+    def result(self, index: int):
+        """Chunk ``index``'s result (answers for later chunks that come first are kept), or its error."""
+        while index not in self.done:
+            i, status, payload = self._get()
+            self.done[i] = (status, payload)
+        status, payload = self.done.pop(index)
+        if status != "ok":
+            raise payload
+        return payload
+
+    def _get(self):
         """The next (index, status, payload) any worker sends; DataError if a worker died instead."""
         from multiprocessing.connection import wait
 

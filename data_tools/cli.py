@@ -63,8 +63,9 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--frame-rate", type=float, default=None, help="units per second (overrides --source-type)")
     b.add_argument("--bpe-model", default=None, help="encode units with this unit-BPE model (bpe-train)")
     b.add_argument("--workers", type=int, default=1)
-    b.add_argument("--chunk-size", type=int, default=1024, help="about this many input lines (records) per chunk, the unit of work (a line file is cut by "
-                        "size; .npy/.npz chunks hold 4x, 16x with --workers)")
+    b.add_argument("--chunk-size", type=int, default=1024,
+                   help="about this many input lines (records) per chunk, the unit of work (a line file is cut by "
+                        "size; .npy/.npz chunks hold 4x, 16x in a pool of worker processes)")
     b.add_argument("--skip-bad", action="store_true",
                    help="quarantine bad records (<output>.quarantine.jsonl, counted in the manifest) instead of failing")
     b.add_argument("--quiet", "-q", action="store_true", help="no progress bar")

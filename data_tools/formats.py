@@ -143,13 +143,12 @@ def iter_chunk_ranges(inputs: Sequence[InputSpec], chunk_size: int,
     build's process or a pool worker -- reads it, as one bytes object). A line chunk is cut by size, not by
     counting lines: about ``chunk_size`` lines' worth of bytes (the mean line length from the file's first
     MiB), extended to the end of the line it stops in (``mmap.find``), and its lines are counted with one
-    NumPy compare over its bytes. So the
-    parent's work per chunk does not grow with the number of lines: finding every newline of a 258 MB
-    JSONL took the parent 80 ms of a core the workers need; cutting by size takes about a tenth of that.
-    The cut differs from ``iter_chunks`` (by line count); the output does not depend on how the input is
-    cut. Chunks of .npy/.npz inputs hold ``binary_factor`` times more records (a pool's default: converting
-    1,024 of their records takes about a millisecond, less than handing a chunk to a worker and its result
-    back)."""
+    NumPy compare over its bytes. So the parent's work per chunk does not grow with the number of lines:
+    finding every newline of a 258 MB JSONL took the parent 80 ms of a core the workers need; cutting by
+    size takes about a tenth of that. The cut differs from ``iter_chunks`` (by line count); the output does
+    not depend on how the input is cut. Chunks of .npy/.npz inputs hold ``binary_factor`` times more records
+    (the default is a process pool's: converting 1,024 of their records takes about a millisecond, less than
+    handing a chunk to a worker process and its result back)."""
     for fi, spec in enumerate(inputs):
         size_of_chunk = chunk_size * (binary_factor if spec.kind in ("npy", "npz") else 1)
         if spec.kind == "npz":
