@@ -3,12 +3,13 @@ image, beside its torch 2.11), so that both ends of the supported range are comp
 venv's newest one. Triton 3.6 compiled differently from 3.9 before (the binder's compilation knobs differ), and
 its register allocation differs (spills per kernel: kernels/bench/results/triton-3.6/compile_table.md).
 
-`.ci/run` installs that Triton beside the venv's own, without its dependencies, where this test looks for it:
-    .venv/bin/pip install --no-deps --target .venv/triton-3.6 triton==3.6.0
-(or set MEGASLM_OLD_TRITON to a folder holding it). Without it the test skips and says so.
+That Triton lives beside the venv's own, without its dependencies, in .venv/triton-3.6 (or the folder
+MEGASLM_OLD_TRITON names); the test installs it there on its first run (pip, ~190 MB), into a temporary folder
+renamed into place, so an interrupted install is never taken for a finished one.
 """
 import csv
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,12 +25,21 @@ def _old_triton_dir() -> Path:
     return Path(os.environ.get("MEGASLM_OLD_TRITON", ROOT / ".venv" / "triton-3.6"))
 
 
+def _install_old_triton(where: Path) -> None:
+    if (where / "triton" / "__init__.py").is_file():
+        return
+    tmp = where.with_name(f"{where.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(tmp),
+                        f"triton=={OLD_TRITON}"], capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, f"cannot install triton=={OLD_TRITON} into {tmp}: {r.stderr[-2000:]}"
+    os.replace(tmp, where)
+
+
 @pytest.mark.slow
 def test_every_variant_compiles_with_the_oldest_supported_triton(tmp_path):
     where = _old_triton_dir()
-    if not (where / "triton" / "__init__.py").is_file():
-        pytest.skip(f"no Triton {OLD_TRITON} at {where}: install it with "
-                    f"`.venv/bin/pip install --no-deps --target {where} triton=={OLD_TRITON}` (.ci/run does)")
+    _install_old_triton(where)
     env = _env(f"{where}{os.pathsep}{ROOT}")
     r = subprocess.run([sys.executable, "-c", "import triton; print(triton.__version__, triton.__file__)"],
                        env=env, capture_output=True, text=True, timeout=300)
