@@ -200,15 +200,20 @@ def token_body(units: np.ndarray, opts: BuildOptions, dtype) -> Optional[np.ndar
     """Units -> their tokens (unit + vocab.offset) in the token dtype, or None unless 0 <= every unit <
     codebook_size. Checked and cast block by block: a block the range check has just read is still in the
     core's cache when the cast reads it (one pass over memory, not two; ~1 ms less on 4.5M int64 units).
-    As unsigned integers, negative units are huge, so one ``max`` checks both bounds."""
+    As unsigned integers, negative units are huge, so one ``max`` checks both bounds -- as long as the
+    codebook lies below the unsigned view of -1's upper half (2**(bits-1)): an int8 unit -5 reads 251,
+    under a 2048 codebook. Signed units that narrow (int8 over 128 units, int16 over 32768) are checked
+    in their own signedness instead: every non-negative value is then below the codebook, so their
+    ``min`` is the whole check."""
     if units.size == 0 or units.dtype.kind not in "iu":
         return None
     u = units.view(units.dtype.str.replace("i", "u"))
     limit = opts.vocab.codebook_size
+    by_sign = units.dtype.kind == "i" and limit > 1 << (8 * units.dtype.itemsize - 1)
     out = np.empty(u.size, dtype=dtype)
     for s in range(0, u.size, RANGE_BLOCK):
         blk = u[s:s + RANGE_BLOCK]
-        if int(blk.max()) >= limit:
+        if int(units[s:s + RANGE_BLOCK].min()) < 0 if by_sign else int(blk.max()) >= limit:
             return None
         np.copyto(out[s:s + RANGE_BLOCK], blk, casting="unsafe")   # < codebook_size: fits the token dtype
     out += np.dtype(dtype).type(opts.vocab.offset)

@@ -63,6 +63,16 @@ def bounds_path(npy_path: str) -> str:
     return npy_path[: -len(".npy")] + ".bounds.jsonl"
 
 
+# The unit dtypes of .npy/.npz inputs: integers of 8-64 bits, signed or not, either byte order. Each is
+# range-checked in its own signedness (an int8 -5 is a negative unit, not 251). Floats, bool, complex,
+# strings and objects are refused, naming the array's file.
+UNIT_DTYPES = "int8, int16, int32, int64, uint8, uint16, uint32 or uint64"
+
+
+def unit_dtype_error(dtype, path: str, field: Optional[str] = None) -> DataError:
+    return DataError(f"expected integer units ({UNIT_DTYPES}), got dtype {dtype}", path=path, field=field)
+
+
 def check_inputs(inputs: Sequence[InputSpec]) -> None:
     if not inputs:
         raise DataError("no input given (use --input PATH)")
@@ -71,6 +81,20 @@ def check_inputs(inputs: Sequence[InputSpec]) -> None:
             raise DataError("input file not found", path=spec.path)
         if spec.kind == "npy" and not os.path.isfile(bounds_path(spec.path)):
             raise DataError(f"boundaries sidecar {bounds_path(spec.path)} not found", path=spec.path)
+        if spec.kind == "npy":
+            header = npy_header(spec.path)     # the array's dtype, before any record names the sidecar
+            if header is not None and header[1].kind not in "iu":
+                raise unit_dtype_error(header[1], spec.path)
+
+
+def npy_header(path: str) -> Optional[Tuple[Tuple[int, ...], np.dtype]]:
+    """The (shape, dtype) of a plain 1-D .npy (its header only), or None (unreadable or unusual: the
+    loader reports it)."""
+    try:
+        with open(path, "rb") as f:
+            return _read_npy_header(f)
+    except (OSError, ValueError):
+        return None
 
 
 # A chunk is (input index, first line number (1-based), payload): the payload is the list of raw lines
@@ -219,6 +243,16 @@ class Record:
     unknown: FrozenSet[str] = frozenset()       # fields of the line that no format defines (ignored)
 
 
+class _BeyondInt64(DataError):
+    """A float where an integer belongs, which may be an integer literal beyond 64 bits: orjson reads
+    those as floats (2**70 -> 1.1805916207174113e+21). ``parse_item`` then reads the line again with the
+    standard library's exact integers, so that the error says what is wrong (out of range)."""
+
+
+def _maybe_huge_int(v) -> bool:
+    return type(v) is float and v.is_integer() and abs(v) >= 2 ** 63
+
+
 def check_units(value, codebook_size: int, path: str, line: int, field: str) -> np.ndarray:
     """A JSON list (or array) of units -> int64 array; bad values name the element."""
     def bad(msg, f=field):
@@ -243,13 +277,15 @@ def check_units(value, codebook_size: int, path: str, line: int, field: str) -> 
                 any(v is True or v is False for v in value):
             for i, v in enumerate(value):
                 if not isinstance(v, int) or isinstance(v, bool):
-                    raise bad(f"unit {v!r} is not an integer", f"{field}[{i}]")
+                    raise (_BeyondInt64 if _maybe_huge_int(v) else DataError)(
+                        f"unit {v!r} is not an integer", path=path, line=line, field=f"{field}[{i}]")
             if arr is None or arr.dtype.kind not in "iu":   # ints too big for int64
                 i = next(i for i, v in enumerate(value) if abs(v) >= 2 ** 63)
-                raise bad(f"unit {value[i]} out of range [0, {codebook_size})", f"{field}[{i}]")
+                raise bad(f"negative unit {value[i]}" if value[i] < 0 else
+                          f"unit {value[i]} out of range [0, {codebook_size})", f"{field}[{i}]")
     if arr.size == 0:
         raise bad("empty (no units)")
-    arr = arr.astype(np.int64, copy=False)
+    # checked in the array's own dtype, before the cast: a uint64 unit >= 2**63 is not negative
     neg = arr < 0
     if neg.any():
         i = int(np.argmax(neg))
@@ -258,7 +294,7 @@ def check_units(value, codebook_size: int, path: str, line: int, field: str) -> 
     if big.any():
         i = int(np.argmax(big))
         raise bad(f"unit {int(arr[i])} out of range [0, {codebook_size})", f"{field}[{i}]")
-    return arr
+    return arr.astype(np.int64, copy=False)
 
 
 def _json_obj(text, path: str, line: int) -> dict:
@@ -396,6 +432,8 @@ def _read_npz(path: str) -> dict:
     for k in ("units", "offsets"):
         if k not in d:
             raise DataError("array missing", path=path, field=k)
+    if d["units"].dtype.kind not in "iu":
+        raise unit_dtype_error(d["units"].dtype, path, "units")
     off = d["offsets"]
     if off.ndim != 1 or off.dtype.kind not in "iu" or len(off) < 2 or off[0] != 0 \
             or np.any(np.diff(off) < 0) or off[-1] != len(d["units"]):
@@ -447,12 +485,29 @@ def _read_npy(path: str) -> np.ndarray:
         raise DataError(f"cannot read .npy ({e})", path=path) from None
     if arr.ndim != 1:
         raise DataError(f"expected a 1-D unit array, got shape {arr.shape}", path=path, field="units")
+    if arr.dtype.kind not in "iu":
+        raise unit_dtype_error(arr.dtype, path)
     return arr
 
 
 def parse_item(spec: InputSpec, line: int, text: Optional[str], codebook_size: int,
-               languages: Sequence[str], story_langs: Sequence[str], default_lang: str) -> Record:
-    """One item -> a validated Record, or DataError naming file, line and field."""
+               languages: Sequence[str], story_langs: Sequence[str], default_lang: str, bounds=None) -> Record:
+    """One item -> a validated Record, or DataError naming file, line and field. ``bounds`` (a
+    ``BoundsCursor``, .npy inputs): checks that the record's range follows the previous one's."""
+    try:
+        return _parse_item(spec, line, text, codebook_size, languages, story_langs, default_lang, bounds)
+    except _BeyondInt64 as e:
+        # orjson made an integer of more than 64 bits a float: the exact integers decide the message
+        import json
+        try:
+            obj = json.loads(text)
+        except ValueError:
+            raise DataError(e.reason, path=e.path, line=e.line, field=e.field) from None
+        return _parse_item(spec, line, text, codebook_size, languages, story_langs, default_lang, bounds, obj=obj)
+
+
+def _parse_item(spec: InputSpec, line: int, text: Optional[str], codebook_size: int, languages: Sequence[str],
+                story_langs: Sequence[str], default_lang: str, bounds=None, obj=None) -> Record:
     if spec.kind == "npz":
         d = _load_npz(spec.path)
         a, b = int(d["offsets"][line - 1]), int(d["offsets"][line])
@@ -463,13 +518,15 @@ def parse_item(spec: InputSpec, line: int, text: Optional[str], codebook_size: i
         return Record("utt", rid, lang=lang, units=units, frames=int(units.size))
     if spec.kind == "npy":
         bp = bounds_path(spec.path)
-        obj = _json_obj(text, bp, line)
+        if obj is None:
+            obj = _json_obj(text, bp, line)
         arr = _load_npy(spec.path)
         se = []
         for k in ("start", "end"):
             v = obj.get(k)
             if not isinstance(v, int) or isinstance(v, bool):
-                raise DataError(f"expected an integer, got {v!r}", path=bp, line=line, field=k)
+                raise (_BeyondInt64 if _maybe_huge_int(v) else DataError)(
+                    f"expected an integer, got {v!r}", path=bp, line=line, field=k)
             se.append(v)
         a, b = se
         if not (0 <= a < b <= arr.shape[0]):
@@ -481,7 +538,8 @@ def parse_item(spec: InputSpec, line: int, text: Optional[str], codebook_size: i
                       unknown=frozenset(obj.keys() - BOUNDS_FIELDS))
 
     path = spec.path
-    obj = _json_obj(text, path, line)
+    if obj is None:
+        obj = _json_obj(text, path, line)
     if "audio_repr" in obj and "units" not in obj:
         units = audio_repr_units(obj["audio_repr"], codebook_size, path, line)
         lang = _check_lang(obj.get("lang", default_lang), languages, path, line)
