@@ -35,9 +35,10 @@ from megaslm.vocab import CONTENT_HASH, LANG_SUFFIX, MANIFEST_VERSION, content_h
 
 from data_tools import fast
 from data_tools.common import keep_freed_memory, token_dtype, write_index
-from data_tools.errors import DataError
-from data_tools.formats import (BINARY_CHUNK_FACTOR, InputSpec, LineText, bounds_path, check_inputs, chunk_items,
-                                clear_caches, iter_chunk_ranges, parse_item)
+from data_tools.errors import DataError, FileError
+from data_tools.formats import (BINARY_CHUNK_FACTOR, BoundsCursor, InputSpec, LineText, bounds_path, check_inputs,
+                                chunk_items, clear_caches, covers_to_end, follows, iter_chunk_ranges, npy_units,
+                                parse_item)
 from data_tools.streams import RANDOM_MODES, BuildOptions, Encoder, Stats, record_documents, story_rng
 
 _CTX: Dict[str, Any] = {}
@@ -226,24 +227,32 @@ def _process_chunk(job) -> Dict[str, Any]:
     spec = inputs[fi]
     res = _fast_chunk(spec, chunk, opts, dtype)
     if res is not None:
-        tokens, langs, lengths, stats, unknown = res
-        return {"tokens": tokens, "langs": langs, "lengths": lengths, "stats": stats, "bad": [],
-                "unknown": {fi: unknown} if unknown else {}}
+        tokens, langs, lengths, stats, unknown = res[:5]
+        out = {"tokens": tokens, "langs": langs, "lengths": lengths, "stats": stats, "bad": [],
+               "unknown": {fi: unknown} if unknown else {}}
+        if spec.kind == "npy":          # the chunk's first start and last end, for the build to check (span)
+            first, last = _record_lines(chunk)
+            out["span"] = (fi, first, res[5][0], last, res[5][1])
+        return out
     vocab = opts.vocab
     stats, bad = Stats(), []
     docs_out = []
     unknown: Set[str] = set()
+    cursor = BoundsCursor(spec.path, opts.allow_gaps) if spec.kind == "npy" else None
     for fi, line, text in chunk_items(chunk):
         try:
-            rec = parse_item(spec, line, text, vocab.codebook_size, vocab.languages, opts.story_langs, opts.lang)
+            rec = parse_item(spec, line, text, vocab.codebook_size, vocab.languages, opts.story_langs, opts.lang,
+                             bounds=cursor)
             st = Stats()
             docs = record_documents(rec, spec.source, opts, _CTX["encoder"],
                                     story_rng(opts.seed, fi, line) if rec.kind == "story" else None, st)
         except DataError as e:
             if e.path is None:      # errors raised without a location: add it
                 e = DataError(e.reason, path=spec.path, line=line, field=e.field)
-            if not opts.skip_bad:
+            if not opts.skip_bad or isinstance(e, FileError):
                 raise e
+            if cursor is not None:
+                cursor.skipped(line)
             bad.append({"input": e.path, "line": e.line, "field": e.field, "error": e.reason, "message": str(e)})
             stats.bad += 1
             continue
@@ -256,8 +265,58 @@ def _process_chunk(job) -> Dict[str, Any]:
         lengths = np.array([ids.size for ids, _ in docs_out], dtype=np.int64)
     else:
         tokens, langs, lengths = np.zeros(0, dtype), np.zeros(0, np.uint8), np.zeros(0, np.int64)
-    return {"tokens": tokens, "langs": langs, "lengths": lengths, "stats": stats, "bad": bad,
-            "unknown": {fi: unknown} if unknown else {}}
+    out = {"tokens": tokens, "langs": langs, "lengths": lengths, "stats": stats, "bad": bad,
+           "unknown": {fi: unknown} if unknown else {}}
+    span = None if cursor is None else cursor.span()
+    if span is not None:
+        out["span"] = (chunk[0],) + span
+    return out
+
+
+_BLANK = frozenset(b" \t\n\r\x0b\x0c")     # what bytes.strip() strips: chunk_items skips such lines
+
+
+def _record_lines(chunk):
+    """The line numbers of a line chunk's first and last records (non-blank lines), found from the ends of
+    its text: no pass over the whole chunk."""
+    _, first, payload = chunk
+    if not isinstance(payload, LineText):
+        lines = [i for i, t in enumerate(payload) if t.strip()]
+        return first + lines[0], first + lines[-1]
+    text = payload.text
+    i, j = 0, len(text)
+    while i < j and text[i] in _BLANK:
+        i += 1
+    while j > i and text[j - 1] in _BLANK:
+        j -= 1
+    newlines = payload.count - (0 if text.endswith(b"\n") else 1)
+    return first + text.count(b"\n", 0, i), first + newlines - text.count(b"\n", j)
+
+
+def _check_spans(specs: Sequence[InputSpec], res: Dict[str, Any], ends: Dict[int, tuple], opts: BuildOptions):
+    """An .npy chunk's first range must start where the input's previous chunk's last range ended (0 for
+    its first chunk): the chunks were converted apart, maybe at once. ``ends``: input -> (line, end)."""
+    span = res.get("span")
+    if span is None:
+        return
+    fi, first_line, first_start, last_line, last_end = span
+    prev_end = ends.get(fi, (None, 0))[1]
+    if first_start is not None and prev_end is not None:
+        follows(bounds_path(specs[fi].path), first_line, first_start, prev_end, specs[fi].path, opts.allow_gaps)
+    ends[fi] = (last_line, last_end)
+
+
+def _check_ends(specs: Sequence[InputSpec], ends: Dict[int, tuple], opts: BuildOptions) -> None:
+    """Every .npy's records must reach its last unit (unless --allow-gaps)."""
+    if opts.allow_gaps:
+        return
+    for fi, spec in enumerate(specs):
+        if spec.kind != "npy":
+            continue
+        line, end = ends.get(fi, (None, None))
+        units = npy_units(spec.path)
+        if (line is None and units) or (line is not None and end is not None):
+            covers_to_end(bounds_path(spec.path), line, end, units, spec.path)
 
 
 class _NoProgress:
@@ -507,6 +566,7 @@ def build_dataset(inputs: Sequence[Union[str, InputSpec]], output_prefix: str,
         jobs = enumerate(iter_chunk_ranges(specs, opts.chunk_size,
                                            BINARY_CHUNK_FACTOR if processes else LOCAL_BINARY_CHUNK_FACTOR))
         total, bad, lengths = Stats(), [], []
+        ends: Dict[int, tuple] = {}     # .npy inputs: (line, end) of the last record's range so far
         unknown: Dict[int, Set[str]] = {}
         h = content_hasher(CONTENT_HASH)
         placed = 0              # tokens the pool workers wrote into the outputs themselves
@@ -516,6 +576,7 @@ def build_dataset(inputs: Sequence[Union[str, InputSpec]], output_prefix: str,
             try:
                 with _progress(opts, f"build {os.path.basename(output_prefix)}") as bar:
                     for res, n in results:
+                        _check_spans(specs, res, ends, opts)
                         total.add(res["stats"])
                         bad.extend(res["bad"])
                         for fi, names in res["unknown"].items():
@@ -535,6 +596,7 @@ def build_dataset(inputs: Sequence[Union[str, InputSpec]], output_prefix: str,
                 if writer is not None:
                     writer.close(check=False)   # on error: the thread ends before the temps are removed
                 results.close()     # on error: terminate and join the workers before removing the temps
+        _check_ends(specs, ends, opts)
         if total.documents == 0:
             raise DataError("no valid records: refusing to write an empty dataset"
                             + (f" ({len(bad)} quarantined)" if bad else ""), path=specs[0].path)

@@ -68,6 +68,10 @@ def make_parser() -> argparse.ArgumentParser:
                         "size; .npy/.npz chunks hold 4x, 16x in a pool of worker processes)")
     b.add_argument("--skip-bad", action="store_true",
                    help="quarantine bad records (<output>.quarantine.jsonl, counted in the manifest) instead of failing")
+    b.add_argument("--allow-gaps", action="store_true",
+                   help=".npy inputs: let the .bounds.jsonl ranges skip units (by default they must cover the "
+                        "array from 0 to its end, each starting where the previous one ends; overlaps are "
+                        "always refused)")
     b.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     _vocab_args(b)
 
@@ -142,7 +146,7 @@ def run(argv: Optional[List[str]] = None) -> int:
         opts = BuildOptions(vocab=vocab, mode=a.mode, p=a.p, seed=a.seed, target_length=a.target_length,
                             lang=a.lang, story_langs=tuple(a.pair.split(",")) if a.pair else None,
                             add_bos=a.bos, source_type=a.source_type, frame_rate=a.frame_rate,
-                            bpe_model=a.bpe_model, skip_bad=a.skip_bad, workers=a.workers,
+                            bpe_model=a.bpe_model, skip_bad=a.skip_bad, allow_gaps=a.allow_gaps, workers=a.workers,
                             chunk_size=a.chunk_size, progress=not a.quiet)
         m = build_dataset(a.input, a.output, opts)
         t = m["tokens"]

@@ -23,3 +23,8 @@ def format_location(path, line, field, message) -> str:
     if field is not None:
         loc += f"field '{field}': "
     return loc + message
+
+
+class FileError(DataError):
+    """An error about an input as a whole rather than one bad record (an .npy's dtype, its sidecar's ranges
+    overlapping or leaving gaps): ``--skip-bad`` does not quarantine it, the build stops."""

@@ -647,8 +647,9 @@ def _bounds_by_objects(lines, table: Dict[str, int], default: str):
 
 
 def npy_chunk(path: str, lines, source: str, opts: BuildOptions, dtype):
-    """.bounds.jsonl lines of ``path`` (a list of lines, or a formats.LineText) -> assemble(...) + unknown field names, or None. The sidecar is
-    read by its layouts (``template_lines``) when it is machine-written, else by orjson."""
+    """.bounds.jsonl lines of ``path`` (a list of lines, or a formats.LineText) -> assemble(...) + unknown field
+    names + (first record's start, last record's end), or None. The sidecar is read by its layouts
+    (``template_lines``) when it is machine-written, else by orjson."""
     table = _lang_table(opts)
     cols = _bounds_by_template(lines, table, opts.lang) or _bounds_by_objects(lines, table, opts.lang)
     if cols is None:
@@ -657,13 +658,18 @@ def npy_chunk(path: str, lines, source: str, opts: BuildOptions, dtype):
     arr = _load_npy(path)
     if np.any(a < 0) or np.any(b <= a) or np.any(b > arr.shape[0]):
         return None
+    # each range starts where the previous one ends (or after it, --allow-gaps); else the record path names
+    # the line. Across chunks the build checks ``span``: (first start, last end)
+    if a.size > 1 and not (np.all(a[1:] >= b[:-1]) if opts.allow_gaps else np.array_equal(a[1:], b[:-1])):
+        return None
     unknown = keys - BOUNDS_FIELDS
     units = _gather(arr, a, b)
     units = None if units is None else token_body(units, opts, dtype)
     if units is None:
         return None
     counts = b - a
-    return assemble(units, counts, lang_ids, counts, source, opts, dtype, opts.vocab.languages) + (unknown,)
+    return assemble(units, counts, lang_ids, counts, source, opts, dtype, opts.vocab.languages) + (
+        unknown, (int(a[0]), int(b[-1])))
 
 
 def _gather(arr: np.ndarray, a: np.ndarray, b: np.ndarray) -> Optional[np.ndarray]:

@@ -28,7 +28,7 @@ from typing import Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple, U
 import numpy as np
 import orjson
 
-from data_tools.errors import DataError
+from data_tools.errors import DataError, FileError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +70,7 @@ UNIT_DTYPES = "int8, int16, int32, int64, uint8, uint16, uint32 or uint64"
 
 
 def unit_dtype_error(dtype, path: str, field: Optional[str] = None) -> DataError:
-    return DataError(f"expected integer units ({UNIT_DTYPES}), got dtype {dtype}", path=path, field=field)
+    return FileError(f"expected integer units ({UNIT_DTYPES}), got dtype {dtype}", path=path, field=field)
 
 
 def check_inputs(inputs: Sequence[InputSpec]) -> None:
@@ -122,6 +122,66 @@ class LineText:
 
     def __len__(self) -> int:
         return self.count
+
+
+def follows(bounds: str, line: int, start: int, prev_end: int, npy: str, allow_gaps: bool) -> None:
+    """A record's range must start where the previous record's (in sidecar order) ends: at ``prev_end``,
+    or after it with ``allow_gaps``. An overlap would write units twice; a gap would drop units silently."""
+    if start < prev_end:
+        raise FileError(f"{start} overlaps the previous record's range, which ends at {prev_end}; expected "
+                        f"{'at least ' if allow_gaps else ''}{prev_end} (ranges follow the sidecar's order "
+                        f"without overlapping)",
+                        path=bounds, line=line, field="start")
+    if start > prev_end and not allow_gaps:
+        raise FileError(f"{start} leaves units [{prev_end}, {start}) of {npy} in no record; expected {prev_end} "
+                        f"(--allow-gaps to skip units)", path=bounds, line=line, field="start")
+
+
+def covers_to_end(bounds: str, line: Optional[int], end: Optional[int], units: int, npy: str) -> None:
+    """The last record's range must end at the array's end (unless ``--allow-gaps``)."""
+    if line is None:
+        raise FileError(f"no record: units [0, {units}) of {npy} are in none; expected ranges covering them "
+                        f"(--allow-gaps to skip units)", path=bounds)
+    if end < units:
+        raise FileError(f"{end} leaves units [{end}, {units}) of {npy} in no record; expected {units}, the end "
+                        f"of {npy} (--allow-gaps to skip units)", path=bounds, line=line, field="end")
+
+
+class BoundsCursor:
+    """The record path's view of one chunk of a sidecar: each record's range checked against the one
+    before it (``follows``), and the chunk's first start and last end kept for the build, which checks
+    them against the neighbouring chunks (``span``). A record skipped with ``--skip-bad`` before its range
+    was read makes the next record's start unknowable: it is not checked."""
+
+    __slots__ = ("npy", "allow_gaps", "first_line", "first_start", "line", "end")
+
+    def __init__(self, npy: str, allow_gaps: bool):
+        self.npy, self.allow_gaps = npy, allow_gaps
+        self.first_line = self.first_start = self.line = self.end = None
+
+    def take(self, bounds: str, line: int, start: int, end: int) -> None:
+        if self.line is None:
+            self.first_line, self.first_start = line, start
+        elif self.end is not None:
+            follows(bounds, line, start, self.end, self.npy, self.allow_gaps)
+        self.line, self.end = line, end
+
+    def skipped(self, line: int) -> None:
+        """Record ``line`` was quarantined: if before its range was taken, the range is unknown."""
+        if self.line != line:
+            if self.line is None:
+                self.first_line = line
+            self.line, self.end = line, None
+
+    def span(self):
+        """(first record's line, its start, last record's line, its end), None for unknown; None if no record."""
+        return None if self.line is None else (self.first_line, self.first_start, self.line, self.end)
+
+
+def npy_units(path: str) -> int:
+    """The number of units in an .npy (from its header; the loader for an unusual one)."""
+    header = npy_header(path)
+    return header[0][0] if header is not None else int(_load_npy(path).shape[0])
 
 
 def _npz_chunks(fi: int, spec: InputSpec, chunk_size: int) -> Iterator[Chunk]:
@@ -532,6 +592,8 @@ def _parse_item(spec: InputSpec, line: int, text: Optional[str], codebook_size: 
         if not (0 <= a < b <= arr.shape[0]):
             raise DataError(f"bad boundaries [{a}, {b}) for {arr.shape[0]} units in {spec.path}",
                             path=bp, line=line, field="end")
+        if bounds is not None:
+            bounds.take(bp, line, a, b)
         units = check_units(np.asarray(arr[a:b]), codebook_size, bp, line, "units")
         lang = _check_lang(obj.get("lang", default_lang), languages, bp, line)
         return Record("utt", str(obj.get("id", line)), lang=lang, units=units, frames=int(units.size),

@@ -37,6 +37,7 @@ class BuildOptions:
     frame_rate: Optional[float] = None
     bpe_model: Optional[str] = None
     skip_bad: bool = False
+    allow_gaps: bool = False           # .npy sidecars: records may skip units (never overlap)
     workers: int = 1
     chunk_size: int = 1024
     progress: bool = True

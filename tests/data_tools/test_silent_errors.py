@@ -100,3 +100,78 @@ def test_bounds_beyond_64_bits_are_out_of_range(tmp_path, capfd):
     (tmp_path / "u.bounds.jsonl").write_text('{"start": 0, "end": 3}\n{"start": 3, "end": 1180591620717411303424}\n')
     rc, err = cli(capfd, "-i", str(tmp_path / "u.npy"), "-o", str(tmp_path / "ds"))
     one_line_error(rc, err, "u.bounds.jsonl:2: field 'end': bad boundaries [3, 1180591620717411303424) for 6 units")
+
+
+# ---- item 1: .bounds.jsonl ranges that overlap or leave gaps -----------------------------------------------------
+
+BOUNDS_CASES = {
+    # name: (ranges over 20 units, line, field, message)
+    "overlap": ([(0, 10), (5, 15), (15, 20)], 2, "start",
+                "5 overlaps the previous record's range, which ends at 10; expected 10 (ranges follow the sidecar's "
+                "order without overlapping)"),
+    "out_of_order": ([(10, 20), (0, 10)], 2, "start", "0 overlaps the previous record's range, which ends at 20"),
+    "gap": ([(0, 10), (12, 20)], 2, "start",
+            "12 leaves units [10, 12) of {npy} in no record; expected 10 (--allow-gaps to skip units)"),
+    "leading_gap": ([(2, 10), (10, 20)], 1, "start", "2 leaves units [0, 2) of {npy} in no record; expected 0"),
+    "trailing_gap": ([(0, 10), (10, 18)], 2, "end",
+                     "18 leaves units [18, 20) of {npy} in no record; expected 20, the end of {npy} (--allow-gaps to "
+                     "skip units)"),
+}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("case", sorted(BOUNDS_CASES))
+def test_bounds_must_tile_the_array(tmp_path, capfd, case, workers):
+    """Overlapping ranges (0-10, 5-15) wrote units 5-9 twice, and gaps dropped units, with exit code 0."""
+    ranges, line, field, msg = BOUNDS_CASES[case]
+    src = npy_input(tmp_path, np.arange(20), ranges)
+    bounds = src[:-4] + ".bounds.jsonl"
+    out = tmp_path / "out"
+    rc, err = cli(capfd, "-i", src, "-o", str(out / "ds"), "--workers", str(workers), "--skip-bad")
+    one_line_error(rc, err, f"error: {bounds}:{line}: field '{field}': " + msg.format(npy=src))
+    assert not out.exists() or leftovers(out, "ds") == []
+
+
+def test_overlap_is_refused_with_allow_gaps_and_gaps_are_allowed(tmp_path, capfd):
+    src = npy_input(tmp_path, np.arange(20), [(0, 10), (5, 15)])
+    rc, err = cli(capfd, "-i", src, "-o", str(tmp_path / "ds"), "--allow-gaps")
+    one_line_error(rc, err, "u.bounds.jsonl:2: field 'start': 5 overlaps the previous record's range, which ends at "
+                            "10; expected at least 10")
+    src = npy_input(tmp_path, np.arange(20), [(2, 5), (8, 10), (10, 12)], name="g")
+    rc, err = cli(capfd, "-i", src, "-o", str(tmp_path / "ds"), "--allow-gaps")
+    assert rc == 0, err
+    assert [d[0].tolist() for d in read_docs(str(tmp_path / "ds"))] == [[u + 3 for u in r] + [2] for r in
+                                                                         ([2, 3, 4], [8, 9], [10, 11])]
+
+
+def test_empty_sidecar_leaves_every_unit_out(tmp_path, capfd):
+    src = npy_input(tmp_path, np.arange(20), [])
+    ok = write_jsonl(tmp_path / "ok.jsonl", [{"file_name": "a", "units": [1]}])
+    rc, err = cli(capfd, "-i", ok, "-i", src, "-o", str(tmp_path / "ds"))
+    one_line_error(rc, err, f"{src[:-4]}.bounds.jsonl: no record: units [0, 20) of {src} are in none; expected "
+                            f"ranges covering them (--allow-gaps to skip units)")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("where", ["inside", "between"])
+def test_overlap_across_chunks_and_converters(tmp_path, capfd, workers, where):
+    """Chunks are converted apart (threads, or worker processes when a line input is present): the build
+    checks each chunk's first range against the previous chunk's last, and names the line."""
+    from data_tools.build import LOCAL_BINARY_CHUNK_FACTOR
+    from data_tools.formats import BINARY_CHUNK_FACTOR, InputSpec, iter_chunk_ranges
+    n = 3000
+    off = np.arange(n + 1) * 3
+    ranges = [(int(off[i]), int(off[i + 1])) for i in range(n)]
+    src = npy_input(tmp_path, np.arange(off[-1]) % 100, ranges)
+    factor = BINARY_CHUNK_FACTOR if workers == 2 else LOCAL_BINARY_CHUNK_FACTOR
+    firsts = [first for _, first, _ in iter_chunk_ranges([InputSpec(src, "u")], 16, factor)]
+    assert len(firsts) > 4
+    bad = firsts[3] - 1 + (0 if where == "between" else 7)   # the first record of a chunk, or one inside it
+    ranges[bad] = (ranges[bad][0] - 1, ranges[bad][1])
+    src = npy_input(tmp_path, np.arange(off[-1]) % 100, ranges)
+    extra = ["-i", write_jsonl(tmp_path / "l.jsonl", [{"file_name": "a", "units": [1]}])] if workers == 2 else []
+    rc, err = cli(capfd, *extra, "-i", src, "-o", str(tmp_path / "ds"), "--workers", str(workers),
+                  "--chunk-size", "16")
+    one_line_error(rc, err, f"u.bounds.jsonl:{bad + 1}: field 'start': {ranges[bad][0]} overlaps the previous "
+                            f"record's range, which ends at {ranges[bad][0] + 1}")
+    assert leftovers(tmp_path, "ds") == []
