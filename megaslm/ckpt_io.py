@@ -330,7 +330,9 @@ class Resume:
 # Fields that do not change what a run computes; every other field is compared on resume.
 _FREE = ("name", "output_dir", "checkpoint.", "logging.", "faults.", "eval.", "schedule.micro_batch_size",
          "data.cache_dir", "data.demo_stories", "parallel.cpu_threads", "model.init_from", "model.init_new_rows",
-         "model.attention_backend", "model.embedding_backend", "model.deterministic")
+         "model.attention_backend", "model.embedding_backend", "model.deterministic", "model.recompute",
+         "model.recompute_method", "model.recompute_num_layers", "model.recompute_modules",
+         "parallel.sequence_parallel")
 
 
 def _flatten(tree: Any, prefix: str = "") -> Dict[str, Any]:

@@ -47,7 +47,10 @@ class ModelConfig:
     tie_embeddings: bool = True
     init_method_std: float = 0.02
     make_vocab_size_divisible_by: int = 128  # vocab padded to a multiple of this times TP
-    attention_backend: str = "auto"    # auto | triton | reference : document-masked core attention
+    # document-masked core attention: auto | flex | sdpa | triton | reference. auto: FlexAttention on a GPU
+    # unless a stored GPU measurement shows our Triton kernel correct and faster there (kernels/choice.py);
+    # SDPA with a boolean mask on CPU
+    attention_backend: str = "auto"
     embedding_backend: str = "auto"    # auto | triton | reference | megatron
     document_mask: bool = True         # never attend across eod boundaries in packed sequences
     deterministic: bool = False        # bit-reproducible embedding backward (sorted, no atomics) on GPU
@@ -56,6 +59,13 @@ class ModelConfig:
     # per-token language embedding: a [1 + len(vocab.languages), hidden] table added to the unit
     # embedding, indexed by the datasets' language side channel (off by default, as in the paper)
     language_embedding: bool = False
+    # activation recompute, megatron-core's: none | selective (recompute_modules inside each layer, default
+    # the core attention) | full (whole layers: recompute_method uniform = checkpoint every
+    # recompute_num_layers layers, block = recompute the first recompute_num_layers layers of each stage)
+    recompute: str = "none"
+    recompute_method: str = "uniform"
+    recompute_num_layers: Optional[int] = None  # full: default 1 (uniform) / every layer of a chunk (block)
+    recompute_modules: List[str] = field(default_factory=lambda: ["core_attn"])  # selective: core_attn, mlp, layernorm
 
 
 @dataclass
@@ -65,6 +75,9 @@ class ParallelConfig:
     virtual_pipeline: Optional[int] = None  # interleaved 1F1B: model chunks per pipeline rank
     data: Optional[int] = None              # None: world_size / (tensor * pipeline)
     zero_stage: int = 1
+    # megatron-core sequence parallelism (needs tensor > 1): norms, residuals and dropout-free activations
+    # outside the TP regions are split along the sequence across the TP ranks (activation memory / TP)
+    sequence_parallel: bool = False
     # intra-op threads per rank on CPU. 1 (default) is bit-reproducible: with 2+ threads some CPU kernels
     # split their sums differently from run to run under varying machine load (measured: two runs of
     # configs/tiny.yaml, one idle and one beside busy processes, differed from step 2 at 2 threads, even
@@ -246,8 +259,17 @@ class RunConfig:
                  m.hidden_size)
         need(m.num_attention_heads % m.num_query_groups == 0, "model.num_query_groups",
              f"a divisor of model.num_attention_heads={m.num_attention_heads}", m.num_query_groups)
-        need(m.attention_backend in ("auto", "triton", "reference"), "model.attention_backend",
-             "one of auto, triton, reference", m.attention_backend)
+        need(m.attention_backend in ("auto", "flex", "sdpa", "triton", "reference"), "model.attention_backend",
+             "one of auto, flex, sdpa, triton, reference", m.attention_backend)
+        need(m.recompute in ("none", "selective", "full"), "model.recompute", "none, selective or full", m.recompute)
+        need(m.recompute_method in ("uniform", "block"), "model.recompute_method", "uniform or block",
+             m.recompute_method)
+        if m.recompute_num_layers is not None:
+            need(m.recompute == "full", "model.recompute_num_layers", "null unless model.recompute=full",
+                 m.recompute_num_layers)
+        need(isinstance(m.recompute_modules, list) and len(m.recompute_modules) >= 1
+             and set(m.recompute_modules) <= {"core_attn", "mlp", "layernorm"}, "model.recompute_modules",
+             "a non-empty list of core_attn, mlp, layernorm", m.recompute_modules)
         need(m.embedding_backend in ("auto", "triton", "reference", "megatron"), "model.embedding_backend",
              "one of auto, triton, reference, megatron", m.embedding_backend)
         if m.language_embedding:
@@ -273,6 +295,15 @@ class RunConfig:
             need(p.pipeline > 1 and p.virtual_pipeline >= 1, "parallel.virtual_pipeline",
                  "null, or >= 1 with parallel.pipeline > 1", p.virtual_pipeline)
         need(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", "0, 1, 2 or 3", p.zero_stage)
+        if p.sequence_parallel:
+            need(p.tensor > 1, "parallel.sequence_parallel", "false with parallel.tensor=1 (it splits the "
+                 "sequence across the tensor-parallel ranks)", p.sequence_parallel)
+            need(m.seq_length % p.tensor == 0, "model.seq_length",
+                 f"a multiple of parallel.tensor={p.tensor} with parallel.sequence_parallel=true", m.seq_length)
+        if m.recompute == "full" and m.recompute_num_layers is not None:
+            per_chunk = m.num_layers // layers_per_chunk
+            need(1 <= m.recompute_num_layers <= per_chunk, "model.recompute_num_layers",
+                 f"an integer in [1, {per_chunk}] (layers per pipeline chunk)", m.recompute_num_layers)
         need(p.cpu_threads >= 0, "parallel.cpu_threads", "an integer >= 0 (0: all cores / local ranks)", p.cpu_threads)
         if p.pipeline > 1:
             need(p.zero_stage in (0, 1), "parallel.zero_stage",

@@ -10,7 +10,11 @@ What this does, only when CUDA is absent (``apply()`` is a no-op otherwise):
     ``cuda.current_device()`` is the CPU, ``cuda.synchronize()`` a no-op, and whose tensor factories
     map ``device="cuda"`` to the CPU. torch itself is left untouched for every other library;
   * the model-parallel RNG tracker is replaced by one with the same interface that forks the CPU
-    generator, so dropout in tensor-parallel regions still differs per TP rank as on GPU.
+    generator, so dropout in tensor-parallel regions still differs per TP rank as on GPU;
+  * activation recompute (megatron's ``CheckpointFunction``) saves and restores "the CUDA RNG state"
+    through ``_get_cuda_rng_state`` / ``_set_cuda_rng_state``: without CUDA the first returns an empty
+    state and the second ignores it (the CPU generator and the tracker's states, which the same code
+    saves beside it, are what a CPU recompute replays).
 
 ``check_patch_targets()`` verifies that every patched name still exists and still uses CUDA the way
 this layer expects; tests call it so a megatron-core upgrade that moves these names fails loudly.
@@ -44,7 +48,7 @@ RNG_MODULE = "megatron.core.tensor_parallel.random"
 RNG_NAMES = ["CudaRNGStatesTracker", "get_cuda_rng_tracker", "model_parallel_cuda_manual_seed",
              "_CUDA_RNG_STATE_TRACKER", "_CUDA_RNG_STATE_TRACKER_INITIALIZED",
              "_MODEL_PARALLEL_RNG_TRACKER_NAME", "_DATA_PARALLEL_RNG_TRACKER_NAME",
-             "_EXPERT_PARALLEL_RNG_TRACKER_NAME"]
+             "_EXPERT_PARALLEL_RNG_TRACKER_NAME", "_get_cuda_rng_state", "_set_cuda_rng_state"]
 
 _applied = False
 
@@ -185,6 +189,9 @@ def apply(force: bool = False) -> bool:
         mod = importlib.import_module(modname)
         mod.torch = proxy
     install_cpu_rng_tracker()
+    rng = importlib.import_module(RNG_MODULE)
+    rng._get_cuda_rng_state = lambda *a, **k: torch.empty(0, dtype=torch.uint8)
+    rng._set_cuda_rng_state = lambda *a, **k: None
     _applied = True
     return True
 

@@ -1,6 +1,8 @@
-"""Our modules inside megatron-core's GPTModel: document-masked core attention and the fused unit embedding.
+"""Our modules inside megatron-core's GPTModel: document-masked core attention, the fused unit embedding and
+the sequence-parallel RMSNorm.
 
-Both delegate the math to ``kernels/`` (Triton on GPU, torch reference on CPU); this file only
+The first two delegate the math to ``kernels/`` (attention: FlexAttention / SDPA / Triton / reference, the
+backend resolved once per model by ``megaslm.model.resolve_attention``); this file only
 adapts megatron-core's calling conventions ([s, b, h, d] tensors, vocab-parallel shards, the TP
 all-reduce) to the kernels' ones.
 
@@ -21,13 +23,30 @@ from typing import Iterator, Optional
 import torch
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel.layers import VocabParallelEmbedding
-from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
+                                                   reduce_from_tensor_model_parallel_region,
+                                                   reduce_scatter_to_sequence_parallel_region)
 from megatron.core.transformer.module import MegatronModule
 
 
 def _force(backend: str) -> Optional[str]:
-    """Config backend -> the kernels' ``force`` argument (None: Triton on GPU, reference on CPU)."""
+    """Config embedding backend -> the kernels' ``force`` argument (None: Triton on GPU, reference on CPU)."""
     return {"auto": None, "triton": "triton", "reference": "reference"}[backend]
+
+
+def _attention_fn(backend: str):
+    """A resolved attention backend (megaslm.model.resolve_attention) -> fn(q, k, v, seg, scale, deterministic)."""
+    if backend == "flex":
+        from kernels.flex import flex_segment_attention
+        return lambda q, k, v, seg, scale, det: flex_segment_attention(q, k, v, seg, softmax_scale=scale)
+    if backend == "sdpa":
+        from kernels.flex import sdpa_segment_attention
+        return lambda q, k, v, seg, scale, det: sdpa_segment_attention(q, k, v, seg, softmax_scale=scale)
+    if backend in ("triton", "reference"):
+        from kernels.attention import segment_attention
+        return lambda q, k, v, seg, scale, det: segment_attention(q, k, v, seg, softmax_scale=scale, force=backend,
+                                                                  deterministic=det)
+    raise ValueError(f"attention backend: expected flex, sdpa, triton or reference, got {backend!r}")
 
 
 class DocumentMaskedAttention(MegatronModule):
@@ -39,7 +58,7 @@ class DocumentMaskedAttention(MegatronModule):
     """
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
-                 softmax_scale=None, cp_comm_type=None, pg_collection=None, backend: str = "auto"):
+                 softmax_scale=None, cp_comm_type=None, pg_collection=None, backend: str = "sdpa"):
         super().__init__(config=config)
         if config.context_parallel_size != 1:
             raise ValueError("DocumentMaskedAttention does not support context parallelism")
@@ -50,14 +69,13 @@ class DocumentMaskedAttention(MegatronModule):
         self.groups = (config.num_query_groups or config.num_attention_heads) // tp
         self.head_dim = config.kv_channels
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
-        self.force = _force(backend)
+        self.backend = backend
+        self._attend = _attention_fn(backend)
         # model.deterministic (megatron's deterministic_mode) selects the atomic-free, bit-reproducible backward
         self.deterministic = True if getattr(config, "deterministic_mode", False) else None
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
-        from kernels.attention import segment_attention
-
         if attention_bias is not None or packed_seq_params is not None:
             raise ValueError("DocumentMaskedAttention takes segment ids, not attention_bias/packed_seq_params")
         s, b = query.shape[0], query.shape[1]
@@ -72,8 +90,7 @@ class DocumentMaskedAttention(MegatronModule):
         q = query.transpose(0, 1)
         k = key.transpose(0, 1)
         v = value.transpose(0, 1)
-        out = segment_attention(q, k, v, segments, softmax_scale=self.softmax_scale, force=self.force,
-                                deterministic=self.deterministic)
+        out = self._attend(q, k, v, segments, self.softmax_scale, self.deterministic)
         return out.transpose(0, 1).reshape(s, b, self.heads * self.head_dim)
 
 
@@ -110,9 +127,33 @@ class UnitVocabParallelEmbedding(VocabParallelEmbedding):
                                    lang_weight=lang_weight,
                                    add_lang=self.add_lang, lang_grad_all_ranks=True,
                                    deterministic=bool(self.deterministic_mode), force=self.embedding_force)
+        if self.reduce_scatter_embeddings:
+            # sequence parallelism, as megatron's own lookup does it: [b, s, h] -> [s, b, h], then the TP sum
+            # and the split along the sequence in one reduce-scatter
+            return reduce_scatter_to_sequence_parallel_region(out.transpose(0, 1).contiguous(), group=self.tp_group)
         if self.tp_group.size() > 1:
             out = reduce_from_tensor_model_parallel_region(out, group=self.tp_group)
         return out
+
+
+class SequenceParallelRMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm for sequence-parallel layers (megatron-core's torch norm wrapper refuses them).
+
+    Under sequence parallelism each TP rank normalises a different slice of the sequence, so its weight
+    gradient is partial. megatron sums such gradients in its DDP's ``finalize_model_grads``, which DeepSpeed
+    replaces here; instead the weight enters through ``copy_to_tensor_model_parallel_region`` (identity
+    forward, all-reduce over the TP group in backward), so the parameter receives the full gradient, the
+    same on every TP rank, before any ZeRO hook reads it. One small all-reduce per norm per backward (megatron
+    buckets them into one). Same parameter name (``weight``) as the norm it replaces: checkpoints and HF
+    export are unchanged."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_):
+        super().__init__(hidden_size, eps=eps)  # fp32 like megatron's torch norm; the engine casts
+        self.weight.sequence_parallel = True
+
+    def forward(self, x):
+        return torch.nn.functional.rms_norm(x, self.normalized_shape, copy_to_tensor_model_parallel_region(self.weight),
+                                            self.eps)
 
 
 def swap_embedding(model, cfg) -> None:
@@ -121,8 +162,6 @@ def swap_embedding(model, cfg) -> None:
     if backend == "megatron":
         return
     emb = model.embedding.word_embeddings
-    if getattr(emb, "reduce_scatter_embeddings", False):
-        raise ValueError("the fused unit embedding does not support sequence parallelism")
     emb.__class__ = UnitVocabParallelEmbedding  # same object, same parameters; only forward changes
     emb.embedding_force = _force(backend)
     if cfg.model.language_embedding:

@@ -2,8 +2,9 @@
 
 One builder (``build_model``) serves training, evaluation and conversion. Layer spec: megatron-core's
 local spec (RoPE, RMSNorm, SwiGLU, grouped-query attention, optional QKV bias), with the core
-attention swapped for our document-masked attention (kernels/, Triton on GPU, torch reference on
-CPU) and the word embedding for our fused unit embedding — a change of spec, not a subclass tree.
+attention swapped for our document-masked attention (kernels/: FlexAttention on GPU unless a stored
+measurement promotes our Triton kernel, SDPA on CPU; ``resolve_attention``) and the word embedding for
+our fused unit embedding. With sequence parallelism the norms become ``SequenceParallelRMSNorm``.
 
 Initialisation is layout-independent: every parameter is drawn as its full (unsharded) tensor from a
 generator seeded by (run seed, canonical parameter name) and then sliced to this rank's shard, so
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import types
 from typing import List, Optional
 
 import torch
@@ -48,7 +50,8 @@ def transformer_config(cfg: RunConfig, cuda: Optional[bool] = None):
         tensor_model_parallel_size=p.tensor,
         pipeline_model_parallel_size=p.pipeline,
         virtual_pipeline_model_parallel_size=p.virtual_pipeline,
-        sequence_parallel=False,
+        sequence_parallel=p.sequence_parallel,
+        **recompute_kwargs(cfg),
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=precision == "bf16",
@@ -69,19 +72,72 @@ def transformer_config(cfg: RunConfig, cuda: Optional[bool] = None):
     )
 
 
-def layer_spec(cfg: RunConfig):
-    """megatron-core local layer spec with our core attention."""
+def recompute_kwargs(cfg: RunConfig) -> dict:
+    """``model.recompute*`` -> megatron-core's recompute fields (megatron does the recomputing)."""
+    m = cfg.model
+    if m.recompute == "none":
+        return {}
+    if m.recompute == "selective":
+        return {"recompute_granularity": "selective", "recompute_modules": list(m.recompute_modules)}
+    per_chunk = m.num_layers // (cfg.parallel.pipeline * (cfg.parallel.virtual_pipeline or 1))
+    n = m.recompute_num_layers or (1 if m.recompute_method == "uniform" else per_chunk)
+    return {"recompute_granularity": "full", "recompute_method": m.recompute_method, "recompute_num_layers": n}
+
+
+def layer_spec(cfg: RunConfig, attention_backend: Optional[str] = None):
+    """megatron-core local layer spec with our core attention (``attention_backend``: a resolved name,
+    see ``resolve_attention``). With sequence parallelism: the block's submodules, whose norms (layer
+    and final) are ``SequenceParallelRMSNorm`` (megatron's torch norm refuses sequence parallelism)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.spec_utils import ModuleSpec
 
-    from megaslm.layers import DocumentMaskedAttention
+    from megaslm.layers import DocumentMaskedAttention, SequenceParallelRMSNorm
 
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
         module=DocumentMaskedAttention,
-        params={"backend": cfg.model.attention_backend},
+        params={"backend": attention_backend or resolve_attention(cfg, quiet=True)[0]},
     )
-    return spec
+    if not cfg.parallel.sequence_parallel:
+        return spec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    spec.submodules.input_layernorm = SequenceParallelRMSNorm
+    spec.submodules.pre_mlp_layernorm = SequenceParallelRMSNorm
+    return lambda tcfg, vp_stage: TransformerBlockSubmodules(
+        layer_specs=[spec] * get_num_layers_to_build(tcfg, vp_stage=vp_stage), layer_norm=SequenceParallelRMSNorm)
+
+
+_ANNOUNCED: set = set()
+
+
+def resolve_attention(cfg: RunConfig, quiet: bool = False) -> tuple:
+    """(backend, reason) for ``model.attention_backend`` on this process's device (kernels/choice.py has the
+    rule); printed once per process and choice on rank 0 unless ``quiet``. ``reference`` on a GPU at a
+    sequence of 1024 or more warns with the score memory it keeps for backward."""
+    import warnings
+
+    from kernels.choice import AttentionShape, choose_attention, env_results_dir, reference_score_bytes
+
+    m, p = cfg.model, cfg.parallel
+    cuda = torch.cuda.is_available()
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    shape = AttentionShape(cfg.resolved_precision(cuda), cfg.head_dim, m.num_attention_heads, m.num_query_groups,
+                           m.seq_length)
+    backend, reason = choose_attention(m.attention_backend, cuda, name, shape, env_results_dir())
+    if not quiet and (backend, reason) not in _ANNOUNCED:
+        _ANNOUNCED.add((backend, reason))
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        if rank == 0:
+            print(f"attention: {backend} ({reason})", flush=True)
+        if cuda and backend == "reference" and m.seq_length >= 1024 and rank == 0:
+            layers = m.num_layers // p.pipeline
+            est = reference_score_bytes(cfg.schedule.micro_batch_size, m.num_attention_heads // p.tensor,
+                                        m.seq_length, layers)
+            warnings.warn(f"model.attention_backend=reference on a GPU at seq_length {m.seq_length}: the dense "
+                          f"fp32 scores and probabilities kept for backward take ~{est / 2**30:.1f} GiB per "
+                          f"micro-batch over {layers} layers; use flex (or auto)", stacklevel=2)
+    return backend, reason
 
 
 def build_model(cfg: RunConfig, init: bool = True) -> List[torch.nn.Module]:
@@ -97,7 +153,8 @@ def build_model(cfg: RunConfig, init: bool = True) -> List[torch.nn.Module]:
     from megaslm.layers import swap_embedding
 
     tcfg = transformer_config(cfg)
-    spec = layer_spec(cfg)
+    backend, _ = resolve_attention(cfg)
+    spec = layer_spec(cfg, backend)
     m = cfg.model
     vpp = cfg.parallel.virtual_pipeline
     chunks = []
@@ -106,7 +163,7 @@ def build_model(cfg: RunConfig, init: bool = True) -> List[torch.nn.Module]:
         with cpu_compat.tensor_cuda_is_identity():
             model = GPTModel(
                 config=tcfg,
-                transformer_layer_spec=spec,
+                transformer_layer_spec=spec(tcfg, vs) if isinstance(spec, types.FunctionType) else spec,
                 vocab_size=cfg.padded_vocab_size(),
                 max_sequence_length=m.max_position_embeddings or m.seq_length,
                 pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vs),
