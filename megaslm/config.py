@@ -65,7 +65,8 @@ class ModelConfig:
     recompute: str = "none"
     recompute_method: str = "uniform"
     recompute_num_layers: Optional[int] = None  # full: default 1 (uniform) / every layer of a chunk (block)
-    recompute_modules: List[str] = field(default_factory=lambda: ["core_attn"])  # selective: core_attn, mlp, layernorm
+    # selective: core_attn and/or mlp (megatron-core 0.16's "layernorm" recompute needs TransformerEngine)
+    recompute_modules: List[str] = field(default_factory=lambda: ["core_attn"])
 
 
 @dataclass
@@ -268,8 +269,9 @@ class RunConfig:
             need(m.recompute == "full", "model.recompute_num_layers", "null unless model.recompute=full",
                  m.recompute_num_layers)
         need(isinstance(m.recompute_modules, list) and len(m.recompute_modules) >= 1
-             and set(m.recompute_modules) <= {"core_attn", "mlp", "layernorm"}, "model.recompute_modules",
-             "a non-empty list of core_attn, mlp, layernorm", m.recompute_modules)
+             and set(m.recompute_modules) <= {"core_attn", "mlp"}, "model.recompute_modules",
+             "a non-empty list of core_attn, mlp (megatron-core's layernorm recompute needs TransformerEngine)",
+             m.recompute_modules)
         need(m.embedding_backend in ("auto", "triton", "reference", "megatron"), "model.embedding_backend",
              "one of auto, triton, reference, megatron", m.embedding_backend)
         if m.language_embedding:
@@ -352,6 +354,8 @@ class RunConfig:
         need(self.precision in ("auto", "fp32", "bf16", "fp16"), "precision", "auto, fp32, bf16 or fp16", self.precision)
         if cuda is False:
             need(self.precision in ("auto", "fp32"), "precision", "auto or fp32 without a GPU", self.precision)
+            need(m.attention_backend != "flex", "model.attention_backend", "auto, sdpa, triton or reference without "
+                 "a GPU (PyTorch's FlexAttention has no backward on CPU)", m.attention_backend)
         if p.pipeline > 1:
             # fp16 loss scaling lives in engine.backward, which megatron's pipeline schedules bypass
             need(self.precision != "fp16", "precision", "auto, fp32 or bf16 with parallel.pipeline > 1", self.precision)

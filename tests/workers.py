@@ -116,3 +116,62 @@ def train_with_eval(out_dir: str):
         "eval.interval=2", f"eval.benchmarks=[{bench}]", "eval.batch_size=8", "checkpoint.save=false"])
     run(cfg, log=lambda *_: None, evaluator=evaluate_chunks)
     return True
+
+
+def grads_for_layouts(config_path: str, layouts: Sequence[Sequence[str]], out_dir: str = "") -> List[Dict]:
+    """One forward/backward of the fixed batch per layout (PP=1, ZeRO-0, no optimizer step): the L2 norm of
+    every parameter's FULL gradient by canonical name (TP shards' squares summed over the TP group; a
+    replicated parameter's gradient must already be whole on each rank, e.g. a sequence-parallel norm's)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megaslm import parallel, sharding
+    from megaslm.config import load_config
+    from megaslm.layers import language_ids
+    from megaslm.train import Trainer
+
+    results = []
+    for overrides in layouts:
+        cfg = load_config(config_path, list(overrides) + ["parallel.zero_stage=0",
+                                                          f"output_dir={out_dir or '/tmp/megaslm-test'}"])
+        trainer = Trainer(cfg, log=lambda *_: None)
+        batch = rank_slice(fixed_batch(cfg), trainer.dp_rank, trainer.dp_size)
+        scale = 1.0 / float(batch.loss_mask.sum())
+        for mb in batch.split(batch.num_sequences // cfg.schedule.micro_batch_size):
+            with language_ids(trainer.chunks[0], mb.lang_ids):
+                out = trainer.engine(mb.tokens, mb.position_ids, attention_mask=mb.segment_ids, labels=mb.labels)
+            trainer.engine.backward((out.float() * mb.loss_mask).sum() * scale, scale_wrt_gas=False)
+        norms = {}
+        for _, p, spec in sharding.iter_params(trainer.chunks, cfg):
+            sq = p.grad.double().pow(2).sum()
+            if spec.split_dim >= 0 and spec.tp_size > 1:
+                dist.all_reduce(sq, group=ps.get_tensor_model_parallel_group())
+            norms[spec.canonical] = float(sq.sqrt())
+        results.append({"layout": list(overrides), "grad_norms": norms})
+        ps.destroy_model_parallel()
+        del trainer
+    parallel.destroy()
+    return results
+
+
+def logits_for_layouts(config_path: str, layouts: Sequence[Sequence[str]]) -> List[Dict]:
+    """Forward only (no grad) of the fixed batch's first sequences through build_model per layout (TP=1, PP=1):
+    the full-vocabulary logits, and the attention backend every layer resolved to."""
+    from megaslm import parallel
+    from megaslm.config import load_config
+    from megaslm.layers import DocumentMaskedAttention
+    from megaslm.model import build_model
+
+    results = []
+    for overrides in layouts:
+        cfg = load_config(config_path, list(overrides))
+        parallel.initialize(cfg)
+        [model] = build_model(cfg)
+        model.eval()
+        batch = fixed_batch(cfg)
+        with torch.no_grad():
+            logits = model(batch.tokens[:2], batch.position_ids[:2], attention_mask=batch.segment_ids[:2])
+        backends = sorted({m.backend for m in model.modules() if isinstance(m, DocumentMaskedAttention)})
+        results.append({"layout": list(overrides), "logits": logits.float().tolist(), "backends": backends})
+        parallel.destroy()
+    return results

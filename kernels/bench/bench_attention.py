@@ -85,19 +85,11 @@ def make_sdpa_causal(device):
 
 
 def make_flex(seg, S, device, args):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    """The model's own flex backend (kernels/flex.py): the same BlockMask, compiled flex_attention on CUDA."""
+    from kernels.flex import document_block_mask, flex_segment_attention
 
-    def doc_causal(b, h, q_idx, kv_idx):
-        return (q_idx >= kv_idx) & (seg[b, q_idx] == seg[b, kv_idx])
-
-    block_mask = create_block_mask(doc_causal, seg.shape[0], None, S, S, device=device)
-    flex = flex_attention if args.dry_run else torch.compile(flex_attention)
-
-    def run(q, k, v):
-        out = flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
-                   enable_gqa=q.shape[2] != k.shape[2])
-        return out.transpose(1, 2)
-    return run
+    document_block_mask(seg)  # built once before timing, as the model builds it once per batch
+    return lambda q, k, v: flex_segment_attention(q, k, v, seg)
 
 
 def cases(args):
@@ -139,6 +131,7 @@ def run(args, dev):
         seg = doc_segments(B, S, lo, hi, gen, device)
         pairs = allowed_pairs(seg)
         causal_pairs = B * S * (S + 1) // 2
+        shape = dict(B=B, S=S, Hq=Hq, Hkv=Hkv, D=D)  # the structured key kernels/choice.py matches on
         case = (f"{c['model']} B={B} S={S} Hq={Hq} Hkv={Hkv} D={D} docs={lo}-{hi} "
                 f"density={pairs / causal_pairs:.3f} of causal")
         mk = lambda h: (torch.randn(B, S, h, D, generator=gen) * 0.5).to(device, dtype).requires_grad_(True)  # noqa
@@ -156,7 +149,7 @@ def run(args, dev):
         except Exception as e:  # noqa: BLE001
             for kern in ("attention_fwd", "attention_fwd_bwd"):
                 rows.append(hz.make_row(kern, case, "flex_doc_mask", dtype,
-                                        {"ms": float("nan"), "status": f"error {type(e).__name__}"}, dev))
+                                        {"ms": float("nan"), "status": f"error {type(e).__name__}"}, dev, shape=shape))
         impls["sdpa_causal_fa2"] = make_sdpa_causal(device)
         if S <= args.max_reference_seq:
             impls["sdpa_dense_mask"] = lambda q, k, v: sdpa_dense(q, k, v, seg)
@@ -179,13 +172,14 @@ def run(args, dev):
         for name, fn in impls.items():
             if name == "triton" and bad:
                 for kern in ("attention_fwd", "attention_fwd_bwd"):
-                    case_rows.append(hz.make_row(kern, case, name, dtype, {"ms": float("nan"), "status": bad}, dev))
+                    case_rows.append(hz.make_row(kern, case, name, dtype, {"ms": float("nan"), "status": bad}, dev,
+                                                 shape=shape))
                 continue
             causal = name == "sdpa_causal_fa2"
             with torch.no_grad():
                 t = hz.guarded(lambda: hz.time_ms(lambda: fn(qd, kd, vd), args))
             case_rows.append(hz.make_row("attention_fwd", case, name, dtype, t, dev,
-                                         tflop=(causal_flop if causal else flop)["fwd"]))
+                                         tflop=(causal_flop if causal else flop)["fwd"], shape=shape))
 
             def fwd_bwd(fn=fn):
                 def step():
@@ -193,7 +187,7 @@ def run(args, dev):
                     torch.autograd.grad(out, (q, k, v), go)
                 return hz.time_ms(step, args)
             case_rows.append(hz.make_row("attention_fwd_bwd", case, name, dtype, hz.guarded(fwd_bwd), dev,
-                                         tflop=(causal_flop if causal else flop)["fwd_bwd"]))
+                                         tflop=(causal_flop if causal else flop)["fwd_bwd"], shape=shape))
         add_targets(case_rows)
         rows += case_rows
         del q, k, v, go

@@ -170,11 +170,12 @@ class Row:
     speedup: Optional[float] = None
     ratio_vs_flex: Optional[float] = None      # attention: FlexAttention time / this time (same mask)
     pct_of_fa2_causal: Optional[float] = None  # attention: TFLOP/s on allowed pairs / causal FA2's TFLOP/s
+    shape: Optional[dict] = None               # attention: B, S, Hq, Hkv, D (what kernels/choice.py matches)
 
 
-def make_row(kernel, case, impl, dtype, timing, dev: DeviceInfo, gbytes=None, tflop=None) -> Row:
+def make_row(kernel, case, impl, dtype, timing, dev: DeviceInfo, gbytes=None, tflop=None, shape=None) -> Row:
     ms = timing["ms"]
-    row = Row(kernel, case, impl, str(dtype).replace("torch.", ""), ms, timing["status"], gbytes, tflop)
+    row = Row(kernel, case, impl, str(dtype).replace("torch.", ""), ms, timing["status"], gbytes, tflop, shape=shape)
     if timing["status"] == "ok" and ms > 0:
         if gbytes is not None:
             row.gbps = gbytes / (ms * 1e-3)
