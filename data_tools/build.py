@@ -18,6 +18,7 @@ last.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import mmap
 import multiprocessing
@@ -34,7 +35,7 @@ import numpy as np
 from megaslm.vocab import CONTENT_HASH, LANG_SUFFIX, MANIFEST_VERSION, content_hasher, lang_prefix, manifest_path
 
 from data_tools import fast
-from data_tools.common import keep_freed_memory, token_dtype, write_index
+from data_tools.common import INDEX_BLOCK, keep_freed_memory, token_dtype, write_error, write_index_blocks, writing
 from data_tools.errors import DataError, FileError
 from data_tools.formats import (BINARY_CHUNK_FACTOR, BoundsCursor, InputSpec, LineText, bounds_path, check_inputs,
                                 chunk_items, clear_caches, covers_to_end, follows, iter_chunk_ranges, npy_units,
@@ -100,9 +101,9 @@ class _OffsetChain:
 
 
 def _write_error(e: OSError, path: str) -> DataError:
-    """A failed write of the dataset (disk full, a file size limit...) as one line naming the file."""
-    return DataError(f"cannot write the dataset ({e.strerror or e}); nothing was written at the output prefix",
-                     path=path)
+    """A failed write of the dataset (disk full, a file size limit...) as one line naming the file (and the
+    file system, when full): ``common.write_error``."""
+    return write_error(e, path)
 
 
 class _Writer:
@@ -123,12 +124,14 @@ class _Writer:
             if item is None:
                 return
             if self.error is None:
+                f = tf
                 try:
                     tf.write(item[0])
                     h.update(item[0])
+                    f = lf
                     lf.write(item[1])
                 except OSError as e:
-                    self.error = _write_error(e, tf.name)
+                    self.error = _write_error(e, f.name)
                 except BaseException as e:   # noqa: BLE001 - handed to the building thread
                     self.error = e
 
@@ -178,12 +181,26 @@ def _read_range(chunk):
     fi, first, (offset, nbytes, nlines) = chunk
     spec = _CTX["inputs"][fi]
     path = bounds_path(spec.path) if spec.kind == "npy" else spec.path
-    with open(path, "rb", buffering=0) as f:
-        text = os.pread(f.fileno(), nbytes, offset)
+    try:
+        with open(path, "rb", buffering=0) as f:
+            text = os.pread(f.fileno(), nbytes, offset)
+            if len(text) < nbytes:      # one read returns at most ~2 GiB (Linux): read on, to the end of file
+                parts, got = [text], len(text)
+                while got < nbytes:
+                    more = os.pread(f.fileno(), nbytes - got, offset + got)
+                    if not more:
+                        break
+                    parts.append(more)
+                    got += len(more)
+                text = b"".join(parts)
+    except OSError as e:
+        raise DataError(f"cannot read ({e.strerror or e})", path=path) from None
     # the lines counted again (NumPy: ~3x faster than bytes.count): a file changed since it was cut shows here
     if len(text) != nbytes or int(np.count_nonzero(np.frombuffer(text, np.uint8) == 10)) + (
             0 if text.endswith(b"\n") else 1) != nlines:
-        raise DataError("input changed while building", path=path)
+        raise DataError(f"input changed while building: bytes {offset}-{offset + nbytes} no longer hold the "
+                        f"{nlines} lines they held when the build cut the file; expected it unchanged until the "
+                        f"build ends", path=path)
     return fi, first, LineText(text, nlines)
 
 
@@ -206,11 +223,10 @@ def _pool_chunk(job) -> Dict[str, Any]:
     chain.publish(index, start + int(tokens.size))
     if tokens.size:
         tok_fd, lang_fd = _CTX["fds"]
-        try:
+        with writing(_CTX["outputs"][0]):
             _pwrite_all(tok_fd, tokens, start * tokens.itemsize)
+        with writing(_CTX["outputs"][1]):
             _pwrite_all(lang_fd, langs, start)
-        except OSError as e:
-            raise _write_error(e, _CTX["outputs"][0]) from None
     res["placed"] = int(tokens.size)
     return res
 
@@ -501,21 +517,110 @@ class _Workers:
         self.results.close()
 
 
+HASH_WINDOW = 16 << 20     # _hash_file: bytes mapped at a time
+
+
 def _hash_file(h, path: str) -> None:
-    """Feed a whole file to the hash through a read-only map of it: no copy into a buffer first (the
-    pool's output, 135 MB on the benchmark's 10x input: 6 ms against 17 ms read in 4 MiB blocks)."""
+    """Feed a whole file to the hash through read-only maps of it: no copy into a buffer first (the pool's
+    output, 135 MB on the benchmark's 10x input: 6 ms against 17 ms read in 4 MiB blocks), one window of
+    HASH_WINDOW bytes at a time (a map of the whole output would count its size in this process's memory)."""
     with open(path, "rb", buffering=0) as f:
-        if os.fstat(f.fileno()).st_size == 0:
+        size = os.fstat(f.fileno()).st_size
+        for at in range(0, size, HASH_WINDOW):
+            with mmap.mmap(f.fileno(), min(HASH_WINDOW, size - at), offset=at, access=mmap.ACCESS_READ) as m:
+                h.update(m)
+
+
+class _Lengths:
+    """The documents' lengths, for the .idx files written at the end: in memory up to KEEP documents, then
+    appended to a file in the build's temporary directory, so that a build's memory does not grow with its
+    number of documents (8 bytes each: 800 MB for 100M utterances)."""
+
+    KEEP = INDEX_BLOCK
+
+    def __init__(self, path: str):
+        self.path, self.mem, self.in_mem, self.count, self.file = path, [], 0, 0, None
+
+    def add(self, lengths: np.ndarray) -> None:
+        self.mem.append(lengths)
+        self.in_mem += lengths.size
+        self.count += lengths.size
+        if self.in_mem >= self.KEEP:
+            with writing(self.path):
+                if self.file is None:
+                    self.file = open(self.path, "wb")
+                for a in self.mem:
+                    self.file.write(np.ascontiguousarray(a, dtype=np.int64))
+            self.mem, self.in_mem = [], 0
+
+    def blocks(self):
+        """The lengths in order, as blocks of at most about INDEX_BLOCK documents (re-iterable)."""
+        if self.file is not None:
+            with writing(self.path):
+                self.file.flush()
+            with open(self.path, "rb", buffering=0) as f:
+                at, size = 0, os.fstat(f.fileno()).st_size
+                while at < size:
+                    blk = os.pread(f.fileno(), min(INDEX_BLOCK * 8, size - at), at)
+                    at += len(blk)
+                    yield np.frombuffer(blk, dtype=np.int64)
+        if len(self.mem) > 1:
+            self.mem = [np.concatenate(self.mem)]
+        yield from self.mem
+
+    def close(self) -> None:
+        if self.file is not None and not self.file.closed:
+            self.file.close()
+
+
+class _Quarantine:
+    """The bad records of a ``--skip-bad`` build, written to the temporary report as they come (not kept)."""
+
+    def __init__(self, path: str):
+        self.path, self.count, self.file = path, 0, None
+
+    def add(self, entries: List[Dict[str, Any]]) -> None:
+        if not entries:
             return
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-            h.update(m)
+        with writing(self.path, "the quarantine report"):
+            if self.file is None:
+                self.file = open(self.path, "w")
+            for b in entries:
+                self.file.write(json.dumps(b) + "\n")
+        self.count += len(entries)
+
+    def close(self) -> None:
+        if self.file is not None and not self.file.closed:
+            with writing(self.path, "the quarantine report"):
+                self.file.close()
 
 
-def _write_indexes(final: str, dtype, lengths: List[np.ndarray]) -> None:
+def _write_indexes(final: str, dtype, lengths: _Lengths) -> None:
     """The .idx of the tokens and of the language channel (the same documents) for the chunks' lengths."""
-    doc_lengths = np.concatenate(lengths)
-    write_index(final + ".idx", dtype, doc_lengths)
-    write_index(lang_prefix(final) + ".idx", np.uint8, doc_lengths)
+    for path, dt in ((final + ".idx", dtype), (lang_prefix(final) + ".idx", np.uint8)):
+        with writing(path):
+            write_index_blocks(path, dt, lengths.count, lengths.blocks)
+
+
+def _close(f) -> None:
+    """Close an output file: its last buffered bytes are written here (and may not fit)."""
+    with writing(f.name):
+        f.close()
+
+
+def _commit(moves: Sequence[tuple]) -> None:
+    """Move the finished files into place (renames in one directory); if one fails (a directory that
+    needs a new block on a full disk), the ones already moved are removed: no partial dataset."""
+    done = []
+    for src, dst in moves:
+        try:
+            os.replace(src, dst)
+        except OSError as e:
+            for d in done:
+                with contextlib.suppress(OSError):
+                    os.remove(d)
+            raise write_error(e, dst) from None
+        done.append(dst)
 
 
 def _fast_enabled() -> bool:
@@ -555,6 +660,7 @@ def build_dataset(inputs: Sequence[Union[str, InputSpec]], output_prefix: str,
     except OSError as e:
         raise DataError(f"cannot create the output here ({e.strerror or e}); expected a writable "
                         f"directory for the prefix", path=output_prefix) from None
+    lengths = None
     try:
         tok_size = vocab_size_of(opts)
         dtype = token_dtype(tok_size)
@@ -564,47 +670,67 @@ def build_dataset(inputs: Sequence[Union[str, InputSpec]], output_prefix: str,
                "outputs": outputs}
         processes = uses_processes(specs, opts)
         jobs = enumerate(iter_chunk_ranges(specs, opts.chunk_size,
-                                           BINARY_CHUNK_FACTOR if processes else LOCAL_BINARY_CHUNK_FACTOR))
-        total, bad, lengths = Stats(), [], []
+                                           BINARY_CHUNK_FACTOR if processes else LOCAL_BINARY_CHUNK_FACTOR,
+                                           opts.max_line_bytes))
+        total = Stats()
+        lengths = _Lengths(os.path.join(tmpdir, "lengths.i64"))
+        bad = _Quarantine(os.path.join(tmpdir, "quarantine.jsonl"))
         ends: Dict[int, tuple] = {}     # .npy inputs: (line, end) of the last record's range so far
         unknown: Dict[int, Set[str]] = {}
         h = content_hasher(CONTENT_HASH)
         placed = 0              # tokens the pool workers wrote into the outputs themselves
-        with open(outputs[0], "wb") as tf, open(outputs[1], "wb") as lf:
+        with writing(outputs[0]):
+            tf = open(outputs[0], "wb")
+        try:
+            with writing(outputs[1]):
+                lf = open(outputs[1], "wb")
+        except BaseException:
+            tf.close()
+            raise
+        results = writer = None
+        try:
             results = _run_chunks(jobs, opts, ctx, processes)
             writer = None if processes else _Writer(tf, lf, h)
-            try:
-                with _progress(opts, f"build {os.path.basename(output_prefix)}") as bar:
-                    for res, n in results:
-                        _check_spans(specs, res, ends, opts)
-                        total.add(res["stats"])
-                        bad.extend(res["bad"])
-                        for fi, names in res["unknown"].items():
-                            unknown.setdefault(fi, set()).update(names)
-                        if res["lengths"].size:
-                            lengths.append(res["lengths"])
-                        if "placed" in res:
-                            placed += res["placed"]
-                        elif res["lengths"].size:
-                            writer.put(res["tokens"], res["langs"])
-                        bar.update(n)
-                if writer is not None:
-                    if total.documents:     # the .idx files while the thread writes the last chunk
-                        _write_indexes(final, dtype, lengths)
-                    writer.close()
-            finally:
-                if writer is not None:
-                    writer.close(check=False)   # on error: the thread ends before the temps are removed
+            with _progress(opts, f"build {os.path.basename(output_prefix)}") as bar:
+                for res, n in results:
+                    _check_spans(specs, res, ends, opts)
+                    total.add(res["stats"])
+                    bad.add(res["bad"])
+                    for fi, names in res["unknown"].items():
+                        unknown.setdefault(fi, set()).update(names)
+                    if res["lengths"].size:
+                        lengths.add(res["lengths"])
+                    if "placed" in res:
+                        placed += res["placed"]
+                    elif res["lengths"].size:
+                        writer.put(res["tokens"], res["langs"])
+                    bar.update(n)
+            if writer is not None:
+                if total.documents:     # the .idx files while the thread writes the last chunk
+                    _write_indexes(final, dtype, lengths)
+                writer.close()
+            _close(tf)
+            _close(lf)
+            bad.close()
+        finally:
+            if writer is not None:
+                writer.close(check=False)   # on error: the thread ends before the temps are removed
+            if results is not None:
                 results.close()     # on error: terminate and join the workers before removing the temps
+            for f in (tf, lf, bad.file):    # on error (closed already otherwise)
+                if f is not None and not f.closed:
+                    with contextlib.suppress(OSError):
+                        f.close()
         _check_ends(specs, ends, opts)
         if total.documents == 0:
             raise DataError("no valid records: refusing to write an empty dataset"
-                            + (f" ({len(bad)} quarantined)" if bad else ""), path=specs[0].path)
+                            + (f" ({bad.count} quarantined)" if bad.count else ""), path=specs[0].path)
         if placed and os.path.getsize(outputs[0]) != placed * np.dtype(dtype).itemsize:
             raise DataError(f"the workers wrote {os.path.getsize(outputs[0])} bytes, expected {placed} tokens",
                             path=outputs[0])
         if writer is None:
             _write_indexes(final, dtype, lengths)
+        lengths.close()
         for path in (outputs if placed else outputs[1:]):   # the writer thread hashed its tokens as it wrote
             _hash_file(h, path)
         ignored = {specs[fi].path: sorted(names) for fi, names in sorted(unknown.items())}
@@ -612,34 +738,32 @@ def build_dataset(inputs: Sequence[Union[str, InputSpec]], output_prefix: str,
             print(f"warning: {path}: unknown field(s) {names} ignored (data_tools reads only the fields in "
                   f"docs/data_tools.md)", file=sys.stderr)
 
-        quarantine_path = None
-        if bad:
-            quarantine_path = output_prefix + ".quarantine.jsonl"
-            with open(os.path.join(tmpdir, "quarantine.jsonl"), "w") as f:
-                for b in bad:
-                    f.write(json.dumps(b) + "\n")
-
-        manifest = make_manifest(opts, specs, total, tok_size, dtype, h.hexdigest(), len(bad), quarantine_path,
+        quarantine_path = output_prefix + ".quarantine.jsonl" if bad.count else None
+        manifest = make_manifest(opts, specs, total, tok_size, dtype, h.hexdigest(), bad.count, quarantine_path,
                                  ignored)
-        with open(os.path.join(tmpdir, "manifest.json"), "w") as f:
-            json.dump(manifest, f, indent=2, sort_keys=False)
-            f.write("\n")
+        tmp_manifest = os.path.join(tmpdir, "manifest.json")
+        with writing(tmp_manifest):
+            with open(tmp_manifest, "w") as f:
+                json.dump(manifest, f, indent=2, sort_keys=False)
+                f.write("\n")
 
         # commit: drop an old manifest first (an interrupted commit then reads as "no dataset"),
         # move the data files, the manifest last.
         if os.path.exists(manifest_path(output_prefix)):
             os.remove(manifest_path(output_prefix))
-        for src, dst in ((final, output_prefix), (lang_prefix(final), lang_prefix(output_prefix))):
-            os.replace(src + ".bin", dst + ".bin")
-            os.replace(src + ".idx", dst + ".idx")
+        moves = [(src + ext, dst + ext) for src, dst in ((final, output_prefix), (lang_prefix(final),
+                                                                                  lang_prefix(output_prefix)))
+                 for ext in (".bin", ".idx")]
         if quarantine_path:
-            os.replace(os.path.join(tmpdir, "quarantine.jsonl"), quarantine_path)
+            moves.append((bad.path, quarantine_path))
         elif os.path.exists(output_prefix + ".quarantine.jsonl"):
             os.remove(output_prefix + ".quarantine.jsonl")
-        os.replace(os.path.join(tmpdir, "manifest.json"), manifest_path(output_prefix))
+        _commit(moves + [(tmp_manifest, manifest_path(output_prefix))])
         return manifest
     finally:
         clear_caches()
+        if lengths is not None:
+            lengths.close()
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 

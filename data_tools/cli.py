@@ -26,6 +26,16 @@ def _vocab_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dedup", action="store_true", help="collapse repeated consecutive units (HuBERT practice)")
 
 
+def _byte_count(text: str) -> int:
+    """``--max-line-bytes``: an integer of bytes, with an optional K, M or G (binary: 1K = 1024)."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(t[-1:], 1)
+    try:
+        return int(t[:-1] if scale > 1 else t) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a byte count like 268435456 or 256M, got {text!r}") from None
+
+
 def _vocab(a):
     from megaslm.vocab import UnitVocab, VocabError
     try:
@@ -68,6 +78,9 @@ def make_parser() -> argparse.ArgumentParser:
                         "size; .npy/.npz chunks hold 4x, 16x in a pool of worker processes)")
     b.add_argument("--skip-bad", action="store_true",
                    help="quarantine bad records (<output>.quarantine.jsonl, counted in the manifest) instead of failing")
+    b.add_argument("--max-line-bytes", type=_byte_count, default=None, metavar="N[K|M|G]",
+                   help="refuse a line of a line input (JSONL, .bounds.jsonl) longer than this, naming it "
+                        "(default 256M); it bounds the build's memory, see docs/data_tools.md")
     b.add_argument("--allow-gaps", action="store_true",
                    help=".npy inputs: let the .bounds.jsonl ranges skip units (by default they must cover the "
                         "array from 0 to its end, each starting where the previous one ends; overlaps are "
@@ -147,7 +160,8 @@ def run(argv: Optional[List[str]] = None) -> int:
                             lang=a.lang, story_langs=tuple(a.pair.split(",")) if a.pair else None,
                             add_bos=a.bos, source_type=a.source_type, frame_rate=a.frame_rate,
                             bpe_model=a.bpe_model, skip_bad=a.skip_bad, allow_gaps=a.allow_gaps, workers=a.workers,
-                            chunk_size=a.chunk_size, progress=not a.quiet)
+                            chunk_size=a.chunk_size, progress=not a.quiet,
+                            **({"max_line_bytes": a.max_line_bytes} if a.max_line_bytes is not None else {}))
         m = build_dataset(a.input, a.output, opts)
         t = m["tokens"]
         print(f"wrote {a.output}.bin/.idx (+ .lang, manifest): {m['documents']:,} documents, {t['total']:,} tokens "

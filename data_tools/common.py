@@ -3,8 +3,11 @@ privates and there are no import circles): unit ops, megatron-core dataset writi
 (The manifest's content hash lives in ``megaslm.vocab``: training verifies what data_tools writes.)"""
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
 import struct
-from typing import Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -40,6 +43,9 @@ _DTYPE_CODES = {np.dtype(t): c for t, c in ((np.uint8, 1), (np.int8, 2), (np.int
                                             (np.float64, 6), (np.float32, 7), (np.uint16, 8))}
 
 
+INDEX_BLOCK = 1 << 20      # write_index_blocks: documents per block of the .idx's arrays
+
+
 def write_index(idx_path: str, dtype, sequence_lengths: np.ndarray) -> None:
     """Write the .idx of a dataset whose documents are single sequences: the bytes megatron-core's
     ``_IndexWriter`` writes (header, version, dtype code, counts, int32 lengths, int64 byte pointers, int64
@@ -50,21 +56,83 @@ def write_index(idx_path: str, dtype, sequence_lengths: np.ndarray) -> None:
     (the build otherwise needs neither), and a process that holds torch forks its workers slowly. Its
     pointers are also a Python loop over numpy scalars (~0.5 us per document); here one cumulative sum."""
     lengths = np.asarray(sequence_lengths, dtype=np.int64)
-    if lengths.size and int(lengths.max()) >= 2 ** 31:
-        raise DataError(f"a document of {int(lengths.max())} tokens does not fit megatron-core's int32 lengths",
-                        path=idx_path)
+    write_index_blocks(idx_path, dtype, lengths.size,
+                       lambda: (lengths[i:i + INDEX_BLOCK] for i in range(0, lengths.size, INDEX_BLOCK)))
+
+
+def write_index_blocks(idx_path: str, dtype, count: int, blocks: Callable[[], Iterable[np.ndarray]]) -> None:
+    """``write_index`` for ``count`` lengths given as blocks: ``blocks()`` returns a fresh iterator over
+    them in order (int64 arrays), called twice (the lengths, then the pointers). Memory: a block, however
+    many documents (a build keeps its lengths in a file beyond a million documents)."""
     dt = np.dtype(dtype)
-    ptr = np.zeros(lengths.size, dtype=np.int64)
-    np.cumsum(lengths[:-1] * np.int64(dt.itemsize), out=ptr[1:])
     with open(idx_path, "wb") as f:
         f.write(_INDEX_HEADER)
         f.write(struct.pack("<Q", 1))
         f.write(struct.pack("<B", _DTYPE_CODES[dt]))
-        f.write(struct.pack("<Q", lengths.size))
-        f.write(struct.pack("<Q", lengths.size + 1))
-        f.write(lengths.astype(np.int32).tobytes())
-        f.write(ptr.tobytes())
-        f.write(np.arange(lengths.size + 1, dtype=np.int64).tobytes())
+        f.write(struct.pack("<Q", count))
+        f.write(struct.pack("<Q", count + 1))
+        for lengths in blocks():
+            if lengths.size and int(lengths.max()) >= 2 ** 31:
+                raise DataError(f"a document of {int(lengths.max())} tokens does not fit megatron-core's int32 "
+                                f"lengths", path=idx_path)
+            f.write(lengths.astype(np.int32).tobytes())
+        at = 0                      # byte pointer of the block's first document
+        for lengths in blocks():
+            ptr = np.empty(lengths.size, dtype=np.int64)
+            if lengths.size:
+                ptr[0] = at
+                np.cumsum(lengths[:-1] * np.int64(dt.itemsize), out=ptr[1:])
+                ptr[1:] += at
+                at += int(lengths.sum()) * dt.itemsize
+            f.write(ptr.tobytes())
+        for i in range(0, count + 1, INDEX_BLOCK):
+            f.write(np.arange(i, min(count + 1, i + INDEX_BLOCK), dtype=np.int64).tobytes())
+
+
+# Errors of a write that did not happen: the disk (or the user's quota) is full, a file-size limit, a
+# read-only file system, an I/O error. Any of them is one line (``write_error``), never a traceback.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO})
+
+
+def _mount_point(path: str) -> str:
+    p = os.path.abspath(path)
+    while not os.path.ismount(p):
+        p = os.path.dirname(p)
+    return p
+
+
+def _bytes(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} bytes" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def write_error(e: OSError, path: str, what: str = "the dataset",
+                after: str = "nothing was written at the output prefix") -> DataError:
+    """A failed write as one line naming the file and, for a full disk or quota, its file system:
+    ``PATH: cannot write WHAT (No space left on device: 0 bytes free of 1.0 MiB on the file system at /mnt);
+    AFTER``."""
+    reason = e.strerror or str(e)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            mount = _mount_point(path)
+            st = os.statvfs(mount)
+            reason += (f": {_bytes(st.f_bavail * st.f_frsize)} free of {_bytes(st.f_blocks * st.f_frsize)} on "
+                       f"the file system at {mount}")
+        except OSError:
+            pass
+    return DataError(f"cannot write {what} ({reason}); {after}", path=path)
+
+
+@contextlib.contextmanager
+def writing(path: str, what: str = "the dataset", after: str = "nothing was written at the output prefix"):
+    """Run a write of ``path``: an OSError in it becomes ``write_error`` (one line, exit 2 in the CLI)."""
+    try:
+        yield
+    except OSError as e:
+        raise write_error(e, path, what, after) from None
 
 
 def keep_freed_memory() -> bool:

@@ -199,19 +199,37 @@ def _open_lines(spec: InputSpec):
         raise DataError(f"cannot read ({e.strerror})", path=path) from None
 
 
-def iter_chunks(inputs: Sequence[InputSpec], chunk_size: int) -> Iterator[Chunk]:
+# The longest line (bytes, without its newline) a line input may hold: a longer one is refused, naming it,
+# before it is read (``--max-line-bytes``). It bounds a build's memory: a chunk of a line file is at most this
+# long (``iter_chunk_ranges``), however large the file. 256 MiB is ~50M units of one utterance or story.
+MAX_LINE_BYTES = 256 << 20
+
+
+def long_line_error(path: str, line: int, max_line_bytes: int) -> DataError:
+    return FileError(f"line longer than {max_line_bytes:,} bytes; expected one JSON record per line, at most "
+                     f"--max-line-bytes {max_line_bytes}", path=path, line=line)
+
+
+def iter_chunks(inputs: Sequence[InputSpec], chunk_size: int,
+                max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[Chunk]:
     """Cut every input, in order, into chunks of ``chunk_size`` lines (read lazily: memory stays bounded;
-    a chunk never spans two files). What ``iter_items`` reads; a build cuts with ``iter_chunk_ranges``."""
+    a chunk never spans two files; a line longer than ``max_line_bytes`` is refused before it is read
+    whole). What ``iter_items`` reads; a build cuts with ``iter_chunk_ranges``."""
+    limit = max_line_bytes + 2          # a longer read is a longer line, with or without its newline
     for fi, spec in enumerate(inputs):
         if spec.kind == "npz":
             yield from _npz_chunks(fi, spec, chunk_size)
             continue
         with _open_lines(spec) as f:
             first = 1
+            readline = f.readline
             while True:
-                lines = list(itertools.islice(f, chunk_size))
+                lines = list(itertools.islice(iter(lambda: readline(limit), b""), chunk_size))
                 if not lines:
                     break
+                for k, text in enumerate(lines):
+                    if len(text) > max_line_bytes and len(text) - text.endswith(b"\n") > max_line_bytes:
+                        raise long_line_error(f.name, first + k, max_line_bytes)
                 yield fi, first, lines
                 first += len(lines)
 
@@ -220,8 +238,8 @@ BINARY_CHUNK_FACTOR = 16   # a pool's chunks of .npy/.npz inputs hold this many 
 LINE_SAMPLE = 1 << 20      # iter_chunk_ranges: bytes read to estimate a line file's mean line length
 
 
-def iter_chunk_ranges(inputs: Sequence[InputSpec], chunk_size: int,
-                      binary_factor: int = BINARY_CHUNK_FACTOR) -> Iterator[Chunk]:
+def iter_chunk_ranges(inputs: Sequence[InputSpec], chunk_size: int, binary_factor: int = BINARY_CHUNK_FACTOR,
+                      max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[Chunk]:
     """The chunks a build converts: every line of every input once, in order, a line chunk given as (byte
     offset, byte count, line count) in its file instead of its lines (whoever converts the chunk -- the
     build's process or a pool worker -- reads it, as one bytes object). A line chunk is cut by size, not by
@@ -232,7 +250,15 @@ def iter_chunk_ranges(inputs: Sequence[InputSpec], chunk_size: int,
     size takes about a tenth of that. The cut differs from ``iter_chunks`` (by line count); the output does
     not depend on how the input is cut. Chunks of .npy/.npz inputs hold ``binary_factor`` times more records
     (the default is a process pool's: converting 1,024 of their records takes about a millisecond, less than
-    handing a chunk to a worker process and its result back)."""
+    handing a chunk to a worker process and its result back).
+
+    Bounded by ``max_line_bytes`` (M), however large the file or its lines: the step is at most M/2, and a
+    line longer than the step (every line longer than M is: it holds the last byte of its chunk's step)
+    gets a chunk of its own, after the lines before it -- so no chunk is longer than M + 1 bytes. That
+    line's end is looked for no further than M bytes on; none there is a ``long_line_error`` naming the
+    line, before anything has read it. The file's pages this process maps are dropped as each chunk is
+    cut: its resident memory does not grow with the file either."""
+    page = mmap.PAGESIZE
     for fi, spec in enumerate(inputs):
         size_of_chunk = chunk_size * (binary_factor if spec.kind in ("npy", "npz") else 1)
         if spec.kind == "npz":
@@ -247,21 +273,33 @@ def iter_chunk_ranges(inputs: Sequence[InputSpec], chunk_size: int,
             try:
                 sample = view[:LINE_SAMPLE]
                 mean = sample.size / max(1, int(np.count_nonzero(sample == 10)))
-                step = max(1, int(size_of_chunk * mean))
-                first, start = 1, 0
+                step = max(1, min(int(size_of_chunk * mean), max_line_bytes // 2))
+                first, start, dropped = 1, 0, 0
                 while start < size:
                     end = start + step
                     if end >= size:
                         end = size
                     else:
-                        nl = mm.find(b"\n", end - 1)     # the newline that ends the line holding byte end-1
+                        # the line holding byte end-1: [ls, its newline], at most max_line_bytes long
+                        ls = mm.rfind(b"\n", start, end - 1)
+                        ls = start if ls < 0 else ls + 1
+                        nl = mm.find(b"\n", end - 1, min(size, ls + max_line_bytes + 1))
+                        if nl < 0 and size - ls > max_line_bytes:
+                            raise long_line_error(f.name, first + int(np.count_nonzero(view[start:ls] == 10)),
+                                                  max_line_bytes)
                         end = size if nl < 0 else nl + 1
+                        if end - ls > step and ls > start:
+                            end = ls                     # a long line: its own chunk, next
                     lines = int(np.count_nonzero(view[start:end] == 10))
                     if end == size and view[size - 1] != 10:
                         lines += 1                       # the very last line may lack its newline
                     yield fi, first, (start, end - start, lines)
                     first += lines
                     start = end
+                    cut = start - start % page
+                    if cut - dropped >= 1 << 22:         # the pages read so far: out of this process's memory
+                        mm.madvise(mmap.MADV_DONTNEED, dropped, cut - dropped)
+                        dropped = cut
             finally:
                 del view, sample
                 mm.close()

@@ -17,7 +17,7 @@ from megaslm.vocab import FRAME_RATES, LANG_NONE, UnitVocab
 
 from data_tools.common import dedup_units
 from data_tools.errors import DataError
-from data_tools.formats import Record
+from data_tools.formats import MAX_LINE_BYTES, Record
 
 MODES = ("mono", "random", "story-random", "alternate")
 RANDOM_MODES = ("random", "story-random")   # modes that use --p
@@ -40,6 +40,7 @@ class BuildOptions:
     allow_gaps: bool = False           # .npy sidecars: records may skip units (never overlap)
     workers: int = 1
     chunk_size: int = 1024
+    max_line_bytes: int = MAX_LINE_BYTES   # a longer line of a line input is refused (bounds a chunk's bytes)
     progress: bool = True
 
     def __post_init__(self):
@@ -70,6 +71,8 @@ class BuildOptions:
             raise DataError("--target-length: expected >= 0")
         if self.workers < 1 or self.chunk_size < 1:
             raise DataError("--workers and --chunk-size must be >= 1")
+        if self.max_line_bytes < 2:
+            raise DataError(f"--max-line-bytes: expected at least 2, got {self.max_line_bytes}")
 
 
 class Encoder:

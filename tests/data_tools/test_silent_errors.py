@@ -175,3 +175,120 @@ def test_overlap_across_chunks_and_converters(tmp_path, capfd, workers, where):
     one_line_error(rc, err, f"u.bounds.jsonl:{bad + 1}: field 'start': {ranges[bad][0]} overlaps the previous "
                             f"record's range, which ends at {ranges[bad][0] + 1}")
     assert leftovers(tmp_path, "ds") == []
+
+
+# ---- item 2: memory bounded by the chunk, not the file; a line longer than the maximum is named ------------------
+
+MiB = 1 << 20
+# the bound docs/data_tools.md states: each process of a build stays below its interpreter and libraries (R0,
+# measured here by a tiny build) + MEM_FACTOR x its largest chunk + MEM_EXTRA (a hash window, the cutter's
+# pages); a chunk of a line file holds at most --max-line-bytes + 1 bytes
+MEM_FACTOR, MEM_EXTRA = 20, 24 * MiB
+
+
+def peak_rss(*args):
+    """(exit code, stderr, peak RSS in bytes of the build and any worker process of it): the build runs in
+    a child of a fresh interpreter, which reads getrusage(RUSAGE_CHILDREN) once it has waited for it (this
+    test process's own children would mix in earlier tests' builds)."""
+    import json
+    import subprocess
+    import sys
+    from conftest import ROOT
+    code = ("import json, resource, subprocess, sys; "
+            "r = subprocess.run([sys.executable, '-m', 'data_tools', 'build', *sys.argv[1:], '-q'], capture_output=True, text=True); "
+            "print(json.dumps([r.returncode, r.stderr, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024]))")
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
+                       cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+    rc, err, rss = json.loads(r.stdout)
+    return rc, "".join(l for l in err.splitlines(True) if "warn" not in l.lower()), rss
+
+
+@pytest.fixture(scope="module")
+def base_rss(tmp_path_factory):
+    d = tmp_path_factory.mktemp("base")
+    src = write_jsonl(d / "t.jsonl", [{"file_name": "a", "units": [1, 2]}])
+    rc, err, rss = peak_rss("-i", src, "-o", str(d / "ds"))
+    assert rc == 0, err
+    return rss
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_one_huge_line_of_nul_bytes_is_named_in_bounded_memory(tmp_path, base_rss, workers):
+    """A 2 GiB file of NUL bytes (one "line") ran 40 s to 4.2 GB RSS and ended with 'input changed while
+    building' (it had not). Planted here: a 1 GiB sparse file (instant), --max-line-bytes 4M."""
+    src = tmp_path / "nul.jsonl"
+    with open(src, "wb") as f:
+        f.write(b'{"file_name": "a", "units": [1]}\n')
+        f.truncate(1 << 30)
+    out = tmp_path / "out"
+    rc, err, rss = peak_rss("-i", str(src), "-o", str(out / "ds"), "--max-line-bytes", "4M", "--workers", str(workers))
+    one_line_error(rc, err, f"error: {src}:2: line longer than 4,194,304 bytes; expected one JSON record per line, "
+                            f"at most --max-line-bytes 4194304")
+    assert "changed" not in err
+    assert not out.exists() or leftovers(out, "ds") == []
+    assert rss <= base_rss + MEM_FACTOR * (4 * MiB + 1) + MEM_EXTRA, (rss / MiB, base_rss / MiB)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_memory_is_a_multiple_of_the_chunk_not_of_the_file(tmp_path, base_rss, workers):
+    """A valid file of lines just under a lowered --max-line-bytes (stories, the record path, whose Python
+    objects cost the most per byte; utterances, the vectorised path), larger than the stated bound: the
+    build's peak RSS stays under the bound."""
+    import json
+    rng = np.random.default_rng(0)
+    u = rng.integers(0, 2048, 90_000)
+    story = json.dumps({"id": "s", "en": [u[i:i + 500].tolist() for i in range(0, u.size, 500)],
+                        "fr": [u[i:i + 500].tolist() for i in range(0, u.size, 500)]})
+    utt = json.dumps({"file_name": "u", "units": rng.integers(0, 2048, 182_000).tolist()})
+    limit = MiB
+    assert limit * 0.9 < len(story) < limit and limit * 0.9 < len(utt) < limit
+    src = tmp_path / "big.jsonl"
+    with open(src, "w") as f:
+        for k in range(72):
+            f.write((story if k % 4 == 0 else utt) + "\n")
+    bound = MEM_FACTOR * (limit + 1) + MEM_EXTRA
+    assert os.path.getsize(src) > bound + 20 * MiB         # memory that grew with the file would show
+    rc, err, rss = peak_rss("-i", str(src), "-o", str(tmp_path / "ds"), "--max-line-bytes", str(limit),
+                            "--workers", str(workers), "--mode", "random")
+    assert rc == 0, err
+    print(f"peak RSS {rss / MiB:.1f} MiB, base {base_rss / MiB:.1f} MiB, bound {(base_rss + bound) / MiB:.1f} MiB, "
+          f"file {os.path.getsize(src) / MiB:.1f} MiB")
+    assert rss <= base_rss + bound, (rss / MiB, base_rss / MiB, bound / MiB)
+
+
+def test_long_lines_cut_alone_build_the_same_bytes(tmp_path):
+    """A line longer than the step gets a chunk of its own: the output does not depend on it."""
+    from data_tools.build import build_dataset
+    rng = np.random.default_rng(1)
+    recs = [{"file_name": f"u{i}", "units": rng.integers(0, 2048, int(n)).tolist()}
+            for i, n in enumerate(rng.choice([3, 40, 3000], size=300, p=[0.45, 0.45, 0.1]))]
+    recs += [{"id": f"s{i}", "en": [[1, 2], [3] * 900], "fr": [[4], [5] * 800]} for i in range(5)]
+    src = write_jsonl(tmp_path / "in.jsonl", rng.permutation(np.array(recs, dtype=object)).tolist())
+    for name, kw in (("ref", {}), ("small", {"max_line_bytes": 20_000, "chunk_size": 50}), ("w2", {"max_line_bytes": 20_000, "workers": 2})):
+        build_dataset([src], str(tmp_path / name), mode="random", progress=False, **kw)
+    for ext in (".bin", ".idx", ".lang.bin", ".lang.idx"):
+        assert (tmp_path / f"small{ext}").read_bytes() == (tmp_path / f"ref{ext}").read_bytes()
+        assert (tmp_path / f"w2{ext}").read_bytes() == (tmp_path / f"ref{ext}").read_bytes()
+
+
+def test_max_line_bytes_in_every_reader(tmp_path, capfd):
+    """The limit applies to .bounds.jsonl sidecars too, to a line that is not the first, to the last line
+    without its newline, and to bpe-train's reader (formats.iter_chunks)."""
+    from data_tools.errors import DataError
+    from data_tools.formats import InputSpec, iter_chunks
+    long = '{"file_name": "x", "units": [' + ", ".join(["7"] * 400) + "]}"
+    src = write_jsonl(tmp_path / "a.jsonl", [{"file_name": "a", "units": [1]}] * 50 + [long] + [{"file_name": "b", "units": [2]}])
+    rc, err = cli(capfd, "-i", src, "-o", str(tmp_path / "ds"), "--max-line-bytes", "1000", "--chunk-size", "4")
+    one_line_error(rc, err, f"error: {src}:51: line longer than 1,000 bytes")
+    rc, err = cli(capfd, "-i", src, "-o", str(tmp_path / "ds"), "--max-line-bytes", str(len(long)), "--chunk-size", "4")
+    assert rc == 0, err
+    (tmp_path / "b.jsonl").write_text('{"file_name": "a", "units": [1]}\n' + long)       # no newline at the end
+    rc, err = cli(capfd, "-i", str(tmp_path / "b.jsonl"), "-o", str(tmp_path / "ds"), "--max-line-bytes", str(len(long) - 1))
+    one_line_error(rc, err, f"{tmp_path / 'b.jsonl'}:2: line longer than {len(long) - 1:,} bytes")
+    np.save(tmp_path / "n.npy", np.arange(10))
+    (tmp_path / "n.bounds.jsonl").write_text('{"start": 0, "end": 5}\n{"start": 5, "end": 10, "pad": "' + "x" * 3000 + '"}\n')
+    rc, err = cli(capfd, "-i", str(tmp_path / "n.npy"), "-o", str(tmp_path / "ds"), "--max-line-bytes", "2000")
+    one_line_error(rc, err, f"error: {tmp_path / 'n.bounds.jsonl'}:2: line longer than 2,000 bytes")
+    with pytest.raises(DataError, match=r"a\.jsonl:51: line longer than 1,000 bytes"):
+        list(iter_chunks([InputSpec(src, "a")], 16, max_line_bytes=1000))
+    assert sum(len(c[2]) for c in iter_chunks([InputSpec(src, "a")], 16, max_line_bytes=len(long))) == 52
