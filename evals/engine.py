@@ -29,7 +29,8 @@ def eval_config(saved: RunConfig, overrides: Sequence[str] = (), world_size: Opt
     """The saved run config with the eval layout: ``overrides`` (``parallel.tensor=2`` ...) applied;
     TP/PP default to the training layout when the world size allows it, else TP=1, PP=1; DP = the
     rest of the world. No optimizer (ZeRO-0), one sample per micro-batch, fp32 without CUDA,
-    no virtual pipeline (weights are canonical, so any layout loads them)."""
+    no virtual pipeline (weights are canonical, so any layout loads them), no recompute or sequence
+    parallelism unless asked for."""
     world = world_size if world_size is not None else parallel.env_world()["world_size"]
     tree = saved.to_dict()
     for o in overrides:
@@ -45,6 +46,12 @@ def eval_config(saved: RunConfig, overrides: Sequence[str] = (), world_size: Opt
         p["data"] = world // mp
     p["virtual_pipeline"] = None
     p["zero_stage"] = 0
+    # memory levers of training only: a forward without backward saves nothing to recompute, and sequence
+    # parallelism would split the hidden states the alignment benchmark reads across the TP ranks
+    if "parallel.sequence_parallel" not in user:
+        p["sequence_parallel"] = False
+    if not any(k.startswith("model.recompute") for k in user):
+        tree["model"].update(recompute="none", recompute_num_layers=None)
     tree["schedule"]["micro_batch_size"] = 1
     tree["schedule"]["global_batch_size"] = int(p["data"])
     if not torch.cuda.is_available() and tree.get("precision") in ("bf16", "fp16"):

@@ -1,10 +1,11 @@
-"""Training throughput of the presets on one device, Triton kernels vs the torch reference path:
-    python launchers/bench_train.py [--presets qwen2-360m llama3.2-1b] [--backends triton reference]
+"""Training throughput of the presets on one device, per attention backend and recompute mode:
+    python launchers/bench_train.py [--presets qwen2-360m llama3.2-1b] [--backends flex triton]
+                                    [--recompute none selective full]
                                     [--steps 20] [--warmup 5] [--micro-batch-size 8] [--global-batch-size 16]
                                     [--out kernels/bench/results/train]
     python launchers/bench_train.py --dry-run      # the same plumbing on CPU with the tiny model (seconds)
 
-Each (preset, backend) runs in its own process (a fresh allocator and a fresh Triton cache state): the
+Each (preset, backend, recompute) runs in its own process (a fresh allocator and a fresh Triton cache state): the
 real ``megaslm.train.Trainer`` (megatron-core GPTModel under DeepSpeed ZeRO-1, bf16 on GPU) trains the preset
 at sequence 2048 on packed documents (the synthetic EN/FR demo corpus, built once per run directory by
 data_tools' real pipeline, at the preset's 2048-unit vocabulary). The first ``--warmup`` steps are left out
@@ -13,7 +14,9 @@ data_tools' real pipeline, at the preset's 2048-unit vocabulary). The first ``--
 - tokens/s: tokens of the timed steps / their wall time (median step time, and the mean);
 - MFU: the telemetry's formula, stated in ``megaslm/telemetry.py``:
   ``(6 N + 12 L H S) * tokens/s / (world * peak)``, peak = the device's dense bf16 tensor-core FLOP/s;
-- peak memory: ``torch.cuda.max_memory_allocated`` (GPU only);
+- peak memory: ``torch.cuda.max_memory_allocated`` (GPU only): what ``--recompute`` buys;
+- the first timed steps' losses (the backends train the same batches from the same weights: they should
+  agree to bf16 precision, which the table lets one check by eye);
 - step-time breakdown: data (load + host->device of the step's batch), forward+backward (incl. the step's
   loss/flag reductions), optimizer (DeepSpeed ``engine.step``: ZeRO reduction, clipping, AdamW), each the
   median over the timed steps. The breakdown synchronises the device at each boundary (only in this
@@ -60,15 +63,17 @@ def _commit() -> str:
         return "unknown"
 
 
-def bench_config(preset: str, backend: str, args):
+def bench_config(preset: str, backend: str, args, recompute: str = "none"):
     """The preset's model at its own shape, one bench stage on the demo corpus, no checkpoints."""
     import dataclasses
 
     from megaslm.config import StageConfig, load_config
 
-    out = os.path.abspath(os.path.join(args.out, "runs", f"{preset}-{backend}"))
+    out = os.path.abspath(os.path.join(args.out, "runs", f"{preset}-{backend}-{recompute}"))
     data_dir = os.path.abspath(os.path.join(args.out, "runs", f"data-{preset}"))
-    overrides = [f"output_dir={out}", f"model.attention_backend={backend}", f"model.embedding_backend={backend}",
+    emb = backend if backend in ("triton", "reference") else "auto"   # flex / sdpa: the embedding's own default
+    overrides = [f"output_dir={out}", f"model.attention_backend={backend}", f"model.embedding_backend={emb}",
+                 f"model.recompute={recompute}",
                  "checkpoint.save=false", "logging.interval=1000000", "logging.tensorboard=false",
                  f"schedule.micro_batch_size={args.micro_batch_size}",
                  f"schedule.global_batch_size={args.global_batch_size}", "schedule.warmup_steps=1",
@@ -84,15 +89,15 @@ def bench_config(preset: str, backend: str, args):
     return with_demo_data(cfg, prepare_demo_data(demo_cfg, log=lambda *_: None))
 
 
-def child(preset: str, backend: str, args) -> dict:
-    """One (preset, backend) measurement in this process."""
+def child(preset: str, backend: str, args, recompute: str = "none") -> dict:
+    """One (preset, backend, recompute) measurement in this process."""
     import torch
 
     from megaslm import parallel, telemetry
     from megaslm.data import load_step
     from megaslm.train import Trainer
 
-    cfg = bench_config(preset, backend, args)
+    cfg = bench_config(preset, backend, args, recompute)
     cuda = torch.cuda.is_available()
     cfg.validate(world_size=1, cuda=cuda)
     os.makedirs(cfg.output_dir, exist_ok=True)
@@ -116,7 +121,7 @@ def child(preset: str, backend: str, args) -> dict:
         return r
 
     step = 0
-    plain, data_t, fb_t, opt_t = [], [], [], []
+    plain, data_t, fb_t, opt_t, losses = [], [], [], [], []
     for i in range(args.warmup + 2 * args.steps):
         breakdown = i >= args.warmup + args.steps
         trainer.engine.step = timed_engine_step if breakdown else engine_step
@@ -127,8 +132,9 @@ def child(preset: str, backend: str, args) -> dict:
             batch = batch.to(dev)
             sync()
         t1 = time.perf_counter()
-        trainer.train_step(batch)
+        out = trainer.train_step(batch)
         sync()
+        losses.append(out["loss"])
         t2 = time.perf_counter()
         step += 1
         trainer.step = step
@@ -149,7 +155,8 @@ def child(preset: str, backend: str, args) -> dict:
     name = torch.cuda.get_device_name() if cuda else "cpu"
     precision = cfg.resolved_precision(cuda)
     m = telemetry.mfu(cfg, tps, 1, name if cuda else None, precision)
-    rec = {"preset": preset, "backend": backend, "parameters": cfg.num_parameters(),
+    rec = {"preset": preset, "backend": backend, "recompute": recompute, "parameters": cfg.num_parameters(),
+           "first_losses": [round(x, 5) for x in losses[:3]],
            "seq_length": cfg.model.seq_length, "micro_batch_size": cfg.schedule.micro_batch_size,
            "global_batch_size": cfg.schedule.global_batch_size, "tokens_per_step": tokens,
            "precision": precision, "zero_stage": cfg.parallel.zero_stage, "timed_steps": len(plain),
@@ -165,27 +172,32 @@ def child(preset: str, backend: str, args) -> dict:
 
 
 def _table(rows) -> str:
-    lines = ["| preset | backend | tokens/s | MFU | goal | peak mem GiB | step ms | data / fwd+bwd / optim ms |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| preset | backend | recompute | tokens/s | MFU | goal | peak mem GiB | step ms | "
+             "data / fwd+bwd / optim ms | loss, steps 1-3 |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['preset']} | {r['backend']} | failed: {r['error']} | | | | | |")
+            lines.append(f"| {r['preset']} | {r['backend']} | {r.get('recompute', 'none')} | failed: {r['error']} "
+                         "| | | | | | |")
             continue
         b = r["breakdown_median_s"]
         mfu = f"{r['mfu'] * 100:.1f}%" if r["mfu"] is not None else "n/a"
         goal = GOALS.get(r["preset"])
         met = "" if goal is None or r["mfu"] is None else (f"{goal:.0%} {'met' if r['mfu'] >= goal else 'NOT met'}")
         mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "n/a"
-        lines.append(f"| {r['preset']} | {r['backend']} | {r['tokens_per_s']:,.0f} | {mfu} | {met} | {mem} | "
-                     f"{r['step_time_median_s'] * 1000:.0f} | {b['data'] * 1000:.0f} / "
-                     f"{b['forward_backward'] * 1000:.0f} / {b['optimizer'] * 1000:.0f} |")
+        lines.append(f"| {r['preset']} | {r['backend']} | {r.get('recompute', 'none')} | {r['tokens_per_s']:,.0f} | "
+                     f"{mfu} | {met} | {mem} | {r['step_time_median_s'] * 1000:.0f} | {b['data'] * 1000:.0f} / "
+                     f"{b['forward_backward'] * 1000:.0f} / {b['optimizer'] * 1000:.0f} | "
+                     f"{', '.join(f'{x:.4f}' for x in r.get('first_losses', []))} |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--presets", nargs="+", default=["qwen2-360m", "llama3.2-1b"], choices=list(PRESETS))
-    p.add_argument("--backends", nargs="+", default=["triton", "reference"], choices=["triton", "reference"])
+    p.add_argument("--backends", nargs="+", default=["flex", "triton"],
+                   choices=["flex", "sdpa", "triton", "reference"], help="attention backends (model.attention_backend)")
+    p.add_argument("--recompute", nargs="+", default=["none"], choices=["none", "selective", "full"],
+                   help="activation recompute modes (model.recompute), each with every backend")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--micro-batch-size", type=int, default=8)
@@ -194,7 +206,8 @@ def main(argv=None) -> int:
     p.add_argument("--demo-stories", type=int, default=3000)
     p.add_argument("--out", default=None, help="default: kernels/bench/results/train (runs/bench_train_dry with --dry-run)")
     p.add_argument("--dry-run", action="store_true",
-                   help="CPU plumbing check: the tiny model, reference backend, sequence 128, 3 steps")
+                   help="CPU plumbing check: the tiny model, reference backend, sequence 128, 3 steps "
+                        "(each --recompute mode)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.dry_run:
@@ -209,29 +222,29 @@ def main(argv=None) -> int:
         fail(f"--global-batch-size: expected a multiple of --micro-batch-size={args.micro_batch_size}, "
              f"got {args.global_batch_size}")
     if args.child:
-        preset, backend = args.child.split(":")
-        print("RESULT " + json.dumps(child(preset, backend, args)))
+        preset, backend, recompute = args.child.split(":")
+        print("RESULT " + json.dumps(child(preset, backend, args, recompute)))
         return 0
     rows = []
     for preset in args.presets:
-        for backend in args.backends:
+        for backend, recompute in [(b, r) for r in args.recompute for b in args.backends]:
             env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
             env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
                        LOCAL_RANK="0")
-            cmd = [sys.executable, os.path.abspath(__file__), "--child", f"{preset}:{backend}",
+            cmd = [sys.executable, os.path.abspath(__file__), "--child", f"{preset}:{backend}:{recompute}",
                    *[a for a in (argv if argv is not None else sys.argv[1:])]]
             t = time.time()
             r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
             res = [line[7:] for line in r.stdout.splitlines() if line.startswith("RESULT ")]
             if r.returncode != 0 or not res:
                 tail = (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
-                rows.append({"preset": preset, "backend": backend, "error": tail[:300]})
-                print(f"{preset} {backend}: FAILED ({tail[:300]})", file=sys.stderr)
+                rows.append({"preset": preset, "backend": backend, "recompute": recompute, "error": tail[:300]})
+                print(f"{preset} {backend} recompute={recompute}: FAILED ({tail[:300]})", file=sys.stderr)
                 continue
             row = json.loads(res[-1])
             row["wall_s"] = round(time.time() - t, 1)
             rows.append(row)
-            print(f"{preset} {backend}: {row['tokens_per_s']:,.0f} tok/s"
+            print(f"{preset} {backend} recompute={recompute}: {row['tokens_per_s']:,.0f} tok/s"
                   + (f", MFU {row['mfu'] * 100:.1f}%" if row["mfu"] is not None else ""), flush=True)
     import torch
 

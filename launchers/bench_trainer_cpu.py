@@ -7,6 +7,9 @@ builds the same megatron-core model (``megaslm.model.build_model``, same seed, s
 global batch / micro-batches / sequence length), and runs forward, backward, gradient clipping and
 ``torch.optim.AdamW`` with nothing else (no DeepSpeed, no accounting, no logging). Prints both figures
 and their ratio and writes ``<out>/results.json`` (device, commit, date, figures).
+``--attention A B ...`` (default ``sdpa reference``): the trainer runs once per attention backend, side by side
+on the same data (the plain loop with the first); the per-step losses of every backend must agree with the
+first's (relative 1e-4), else the script fails: a faster path that computes something else is no figure.
 Sizes: ``tiny`` = configs/tiny.yaml (~0.2M parameters); ``demo`` = 6 layers x 256 wide (~4.5M).
 """
 from __future__ import annotations
@@ -35,6 +38,8 @@ def _extra(p):
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5, help="first steps left out of the figure")
     p.add_argument("--out", default=os.path.join("runs", "bench_trainer_cpu"))
+    p.add_argument("--attention", nargs="+", default=["sdpa", "reference"], choices=["sdpa", "reference", "triton"],
+                   help="attention backends timed side by side (the plain loop uses the first)")
     p.add_argument("--plain", default=None, help=argparse.SUPPRESS)  # internal: run the plain loop here
 
 
@@ -84,7 +89,8 @@ def plain_loop(config, overrides, warmup: int) -> float:
     return cfg.tokens_per_step / lower_quartile(times[warmup:])
 
 
-def trainer_tokens_per_s(config, overrides, out, warmup: int) -> float:
+def trainer_run(config, overrides, out, warmup: int):
+    """(tokens/s, per-step losses) of launchers/pretrain.py with ``overrides``."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "LOCAL_RANK")}
     p = subprocess.run([sys.executable, os.path.join(ROOT, "launchers", "pretrain.py"), "--config", config,
                         *overrides], env=env, cwd=ROOT, capture_output=True, text=True)
@@ -92,7 +98,8 @@ def trainer_tokens_per_s(config, overrides, out, warmup: int) -> float:
         raise RuntimeError(f"pretrain.py failed ({p.returncode}): {p.stderr[-2000:]}")
     with open(os.path.join(out, "metrics.jsonl")) as f:
         recs = [json.loads(line) for line in f if '"loss"' in line]
-    return recs[-1]["step_tokens"] / lower_quartile([r["step_time_s"] for r in recs[warmup:]])
+    return (recs[-1]["step_tokens"] / lower_quartile([r["step_time_s"] for r in recs[warmup:]]),
+            [r["loss"] for r in recs])
 
 
 def _device() -> str:
@@ -125,12 +132,22 @@ def main(argv=None) -> int:
     results = []
     for size in args.sizes:
         out = os.path.abspath(os.path.join(args.out, size))
-        if os.path.exists(os.path.join(out, "metrics.jsonl")):
-            os.remove(os.path.join(out, "metrics.jsonl"))
-        ov = _overrides(size, out, args.steps) + overrides
-        trainer = trainer_tokens_per_s(args.config, ov, out, args.warmup)
+        trainer, losses = {}, {}
+        for backend in args.attention:
+            run_out = out if backend == args.attention[0] else f"{out}-{backend}"
+            if os.path.exists(os.path.join(run_out, "metrics.jsonl")):
+                os.remove(os.path.join(run_out, "metrics.jsonl"))
+            ov = _overrides(size, run_out, args.steps) + [f"model.attention_backend={backend}"] + overrides
+            trainer[backend], losses[backend] = trainer_run(args.config, ov, run_out, args.warmup)
+        first = args.attention[0]
+        for backend in args.attention[1:]:
+            worst = max(abs(a - b) / abs(b) for a, b in zip(losses[backend], losses[first]))
+            if len(losses[backend]) != len(losses[first]) or worst > 1e-4:
+                fail(f"{size}: attention {backend} and {first} disagree: per-step losses differ by {worst:.2e} "
+                     f"(relative; expected <= 1e-4)")
+        plain_ov = [f"model.attention_backend={first}"] + overrides
         p = subprocess.run([sys.executable, os.path.abspath(__file__), "--config", args.config, "--steps",
-                            str(args.steps), "--warmup", str(args.warmup), "--plain", f"{size}:{out}-plain", *overrides],
+                            str(args.steps), "--warmup", str(args.warmup), "--plain", f"{size}:{out}-plain", *plain_ov],
                            cwd=ROOT, capture_output=True, text=True,
                            env={k: v for k, v in os.environ.items() if k not in ("MASTER_PORT",)})
         if p.returncode != 0:
@@ -138,12 +155,17 @@ def main(argv=None) -> int:
         plain = json.loads(p.stdout.strip().splitlines()[-1])["plain_tokens_per_s"]
         from megaslm.config import load_config
 
-        n = load_config(args.config, ov).num_parameters()
-        row = {"size": size, "parameters": n, "steps": args.steps, "warmup_steps_left_out": args.warmup, "statistic": "lower quartile of step time",
-               "trainer_tokens_per_s": round(trainer, 1), "plain_tokens_per_s": round(plain, 1),
-               "plain_over_trainer": round(plain / trainer, 3)}
-        print(f"{size:5s} {n:>10,} params: trainer {trainer:,.0f} tok/s | plain loop {plain:,.0f} tok/s | "
-              f"plain/trainer {plain / trainer:.2f}x")
+        n = load_config(args.config, _overrides(size, out, args.steps) + overrides).num_parameters()
+        row = {"size": size, "parameters": n, "steps": args.steps, "warmup_steps_left_out": args.warmup,
+               "statistic": "lower quartile of step time", "attention": first,
+               "trainer_tokens_per_s": round(trainer[first], 1), "plain_tokens_per_s": round(plain, 1),
+               "plain_over_trainer": round(plain / trainer[first], 3),
+               "trainer_tokens_per_s_by_attention": {b: round(t, 1) for b, t in trainer.items()},
+               "losses_agree_rel_1e-4": True}
+        side = " | ".join(f"{b} {t:,.0f}" for b, t in trainer.items())
+        print(f"{size:5s} {n:>10,} params: trainer ({side}) tok/s | plain loop ({first}) {plain:,.0f} tok/s | "
+              f"plain/trainer {plain / trainer[first]:.2f}x"
+              + "".join(f" | {first}/{b} {trainer[first] / trainer[b]:.2f}x" for b in args.attention[1:]))
         results.append(row)
     rec = {"device": _device(), "torch_threads": None, "commit": _commit(),
            "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()],  # a busy machine makes both slow

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Every GPU figure of the project in one call on a GPU machine (issue 14 item 5): the bf16/fp16 kernel numerics,
-# the kernel benchmarks (embedding, document-masked attention vs FlexAttention and FA2, doc mask) and the
-# training throughput of the presets (Triton vs reference), and the data build's --workers scaling on the
-# machine's 16 CPU cores. Results stay in the repository's result folders (kernels/bench/results/,
+# Every GPU figure of the project in one call on a GPU machine (issues 14 and 21): the bf16/fp16 kernel numerics,
+# the document-masked attention benchmark (Triton vs FlexAttention and FA2: the stored result the `auto` backend
+# rule reads), training throughput and peak memory of the 1B preset with each attention backend (flex, triton,
+# reference) and each recompute mode, and the data build's --workers scaling on the machine's 16 CPU cores. Results stay in the repository's result folders (kernels/bench/results/,
 # kernels/bench/results/train/, data_tools/bench_results/) and are packed into $OUT/gpu_results.tar.gz.
 #
 # On a machine whose image lacks deepspeed / megatron-core / orjson / xxhash (the lent H100/H200 image), build
@@ -12,7 +12,7 @@
 #     --platform manylinux_2_17_x86_64 -d .whl orjson xxhash
 # and carry `.whl` with the call; this script installs them into /tmp/site.
 #   bash launchers/gpu_session.sh            # OUT defaults to runs/gpu_session
-# The step limits add up to 595 s: run it as one device call with timeout_s=600.
+# The step limits add up to 570 s: run it as one device call with timeout_s=600.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu_session}
@@ -44,11 +44,18 @@ step() {  # step NAME SECONDS COMMAND...
   fi
   pack
 }
-step pytest_gpu "${T_NUMERICS:-90}" python3 -m pytest -q -m gpu tests/kernels
-step bench_all "${T_BENCH:-150}" python3 -m kernels.bench.bench_all
-step bench_train "${T_TRAIN:-250}" python3 launchers/bench_train.py
+step pytest_gpu "${T_NUMERICS:-75}" python3 -m pytest -q -m gpu tests/kernels
+# what `model.attention_backend: auto` reads (kernels/choice.py): Triton vs FlexAttention, numerics checked first
+step bench_attention "${T_ATTN:-150}" python3 -m kernels.bench.bench_attention
+# the three attention backends training the 1B preset (reference: expect its dense scores to run out of memory)
+step bench_train "${T_TRAIN:-160}" python3 launchers/bench_train.py --presets llama3.2-1b \
+  --backends flex triton reference --micro-batch-size 4 --global-batch-size 8 --steps 6 --warmup 3
+# the recompute modes (peak memory vs tokens/s) on the default backend
+step bench_train_recompute "${T_RECOMPUTE:-100}" python3 launchers/bench_train.py --presets llama3.2-1b \
+  --backends flex --recompute selective full --micro-batch-size 4 --global-batch-size 8 --steps 6 --warmup 3 \
+  --out kernels/bench/results/train-recompute
 # the data build's --workers scaling where there are more than 2 cores (the machine's 16); CPU only
-step bench_build "${T_DATA:-60}" python3 -m data_tools.bench_build --formats jsonl,npz --workers 1,2,4,8 \
+step bench_build "${T_DATA:-40}" python3 -m data_tools.bench_build --formats jsonl,npz --workers 1,2,4,8 \
   --repeats 3 --out data_tools/bench_results/build_gpu_host.json
 step pytest_kernels "${T_SUITE:-45}" python3 -m pytest -q -x tests/kernels
 echo "gpu_session: exit $status (results in kernels/bench/results and $OUT/gpu_results.tar.gz)"

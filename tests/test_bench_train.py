@@ -12,13 +12,15 @@ def test_bench_train_dry_run(tmp_path):
     out = tmp_path / "bench"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     p = subprocess.run([sys.executable, os.path.join(ROOT, "launchers", "bench_train.py"), "--dry-run",
-                        "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                        "--recompute", "none", "full", "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     rec = json.loads((out / "results.json").read_text())
     assert rec["device"] and rec["commit"] and rec["date"]
-    [row] = rec["results"]
+    row, full = rec["results"]
     assert row["preset"] == "tiny" and row["backend"] == "reference"
+    assert (row["recompute"], full["recompute"]) == ("none", "full")
+    assert row["first_losses"] == full["first_losses"]          # recompute changes memory, not the numbers
     assert row["tokens_per_s"] > 0 and row["timed_steps"] == 3
     assert set(row["breakdown_median_s"]) == {"data", "forward_backward", "optimizer"}
     assert all(v >= 0 for v in row["breakdown_median_s"].values())
-    assert "| tiny | reference |" in (out / "results.md").read_text()
+    assert "| tiny | reference | full |" in (out / "results.md").read_text()

@@ -237,3 +237,23 @@ def test_the_attention_bench_stores_what_the_rule_reads(tmp_path):
     path.write_text(json.dumps(payload))
     shape = AttentionShape(tri[0]["dtype"], s["D"], s["Hq"], s["Hkv"], s["S"])
     assert gpu_attention_choice("Planted GPU", shape, tmp_path)[0] == "triton"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (FlexAttention's backward is GPU-only)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hq,hkv,D", [(14, 2, 64), (32, 8, 64), (16, 4, 128)])
+def test_compiled_flex_forward_backward_on_gpu(dtype, hq, hkv, D):
+    """The GPU default: compiled FlexAttention's output and every gradient vs the fp32 reference."""
+    g = torch.Generator().manual_seed(D)
+    B, S = 2, 1024
+    mk = lambda h: (torch.randn(B, S, h, D, generator=g) * 0.5).cuda().to(dtype).requires_grad_(True)  # noqa: E731
+    q, k, v = mk(hq), mk(hkv), mk(hkv)
+    go = torch.randn(B, S, hq, D, generator=g).cuda().to(dtype)
+    seg = torch.cumsum((torch.rand(B, S, generator=g) < 0.01).int(), 1).to(torch.int32).cuda()
+    got = (flex_segment_attention(q, k, v, seg),)
+    got += torch.autograd.grad(got[0], (q, k, v), go)
+    ref = (segment_attention_reference(q, k, v, seg).float(),)
+    ref += torch.autograd.grad(ref[0], (q, k, v), go.float())
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2, msg=lambda m: f"{name}: {m}")
