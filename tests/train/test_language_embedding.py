@@ -83,15 +83,19 @@ def test_tensor_and_pipeline_parallel_match_one_rank(single):
     ref = single["tp1"]
     res = run_ranks(2, "tests.train.lang_cases:lang_layouts", os.path.join(ROOT, "configs", "tiny.yaml"),
                     [["model.language_embedding=true", "parallel.tensor=2"],
-                     ["model.language_embedding=true", "parallel.pipeline=2"]], timeout=500)
+                     ["model.language_embedding=true", "parallel.pipeline=2"],
+                     # sequence parallel: the fused embedding reduce-scatters along the sequence
+                     ["model.language_embedding=true", "parallel.tensor=2", "parallel.sequence_parallel=true"]],
+                    timeout=500)
     for rank in res:
         for r in rank:
             assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(r["losses"], ref["losses"])), (r, ref["losses"])
             assert all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(r["grad_norms"], ref["grad_norms"]))
-    tp = [torch.tensor(rank[0]["lang_weight"]) for rank in res]
-    # both TP ranks hold the same table (added on rank 0, gradient on both), equal to the TP=1 one
-    assert torch.equal(tp[0], tp[1])
-    assert torch.allclose(tp[0], torch.tensor(ref["lang_weight"]), rtol=1e-4, atol=1e-5)
+    for case in (0, 2):
+        tp = [torch.tensor(rank[case]["lang_weight"]) for rank in res]
+        # both TP ranks hold the same table (added on rank 0, gradient on both), equal to the TP=1 one
+        assert torch.equal(tp[0], tp[1])
+        assert torch.allclose(tp[0], torch.tensor(ref["lang_weight"]), rtol=1e-4, atol=1e-5)
     assert res[0][1]["lang_weight"] is not None and res[1][1]["lang_weight"] is None  # PP: first stage only
 
 
