@@ -6,13 +6,14 @@ Decoding a piece gives back its characters, hence exactly the units.
 """
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from typing import Dict, Iterable, List, Sequence
 
 import numpy as np
 
-from data_tools.common import dedup_units, new_builder, token_dtype
+from data_tools.common import commit_files, dedup_units, new_builder, token_dtype, write_error, writing
 from data_tools.errors import DataError
 from data_tools.formats import InputSpec, check_inputs, iter_items, parse_item
 
@@ -84,33 +85,64 @@ def train_bpe(unit_sequences: Iterable[Sequence[int]], model_prefix: str, vocab_
         raise DataError(f"unit BPE supports codebooks up to {MAX_CODEBOOK} units, got {codebook_size}")
     if vocab_size <= codebook_size:
         raise DataError(f"--vocab-size must exceed the codebook size ({codebook_size}) + 1, got {vocab_size}")
-    os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(model_prefix))) as td:
+    out_dir = os.path.dirname(os.path.abspath(model_prefix))
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        tdir = tempfile.TemporaryDirectory(dir=out_dir)
+    except OSError as e:
+        raise DataError(f"cannot create the output here ({e.strerror or e}); expected a writable directory for "
+                        f"the model prefix", path=model_prefix) from None
+    after = "nothing was written at the model prefix"
+    with tdir as td:
         txt = os.path.join(td, "units.txt")
         n = 0
-        with open(txt, "w", encoding="utf-8") as f:
-            for seq in unit_sequences:
+        with writing(txt, "the BPE training text", after):
+            f = open(txt, "w", encoding="utf-8")
+        try:
+            for seq in unit_sequences:      # (reading the inputs: their own errors)
                 if len(seq):
-                    f.write(units_to_text(seq) + "\n")
+                    try:
+                        f.write(units_to_text(seq) + "\n")
+                    except OSError as e:
+                        raise write_error(e, txt, "the BPE training text", after) from None
                     n += 1
-            # every unit must be a piece, so that any sequence encodes without <unk>
-            for a in range(0, codebook_size, 256):
-                f.write(units_to_text(range(a, min(a + 256, codebook_size))) + "\n")
+            with writing(txt, "the BPE training text", after):
+                # every unit must be a piece, so that any sequence encodes without <unk>
+                for a in range(0, codebook_size, 256):
+                    f.write(units_to_text(range(a, min(a + 256, codebook_size))) + "\n")
+                f.close()
+        finally:
+            if not f.closed:
+                try:
+                    f.close()
+                except OSError:
+                    pass
         if n == 0:
             raise DataError("no unit sequences to train BPE on")
-        tmp_prefix = os.path.join(td, "m")
         if hasattr(spm, "set_random_generator_seed"):
             spm.set_random_generator_seed(int(seed))
+        # the model comes back in memory: sentencepiece's own file writes ignore a full disk (a truncated
+        # .model and an empty .vocab, no error); these are written here, checked, then renamed into place
+        model = io.BytesIO()
         spm.SentencePieceTrainer.train(
-            input=txt, model_prefix=tmp_prefix, model_type="bpe", vocab_size=vocab_size,
+            input=txt, model_writer=model, model_type="bpe", vocab_size=vocab_size,
             character_coverage=1.0, split_by_whitespace=False, split_by_unicode_script=False,
             split_by_number=False, byte_fallback=False, add_dummy_prefix=False,
             remove_extra_whitespaces=False, normalization_rule_name="identity",
             unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, hard_vocab_limit=False,
             max_sentence_length=1 << 20, input_sentence_size=max_sentences, shuffle_input_sentence=True,
             seed_sentencepiece_size=1_000_000, num_threads=1, minloglevel=2)
-        os.replace(tmp_prefix + ".model", model_prefix + ".model")
-        os.replace(tmp_prefix + ".vocab", model_prefix + ".vocab")
+        proto = model.getvalue()
+        sp = spm.SentencePieceProcessor(model_proto=proto)
+        # sentencepiece's .vocab: piece TAB score (C++ ostream float: 6 significant digits, as Python's :g)
+        vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size()))
+        tmp_prefix = os.path.join(td, "m")
+        for path, data in ((tmp_prefix + ".model", proto), (tmp_prefix + ".vocab", vocab.encode("utf-8"))):
+            with writing(path, "the BPE model", after):
+                with open(path, "wb") as fh:
+                    fh.write(data)
+        commit_files([(tmp_prefix + ".model", model_prefix + ".model"), (tmp_prefix + ".vocab", model_prefix + ".vocab")],
+                     "the BPE model", after)
     _CACHE.pop(os.path.abspath(model_prefix + ".model"), None)
     return model_prefix + ".model"
 
@@ -148,10 +180,21 @@ def encode_dataset(in_prefix: str, out_prefix: str, model_path: str) -> dict:
     tok_size = off + bpe.size
     dtype = token_dtype(tok_size)
     tmp = f"{out_prefix}.tmp-{os.getpid()}"
-    os.makedirs(tmp, exist_ok=True)
+    try:
+        os.makedirs(tmp, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create the output here ({e.strerror or e}); expected a writable directory for "
+                        f"the prefix", path=out_prefix) from None
+    builders = []
     try:
         f = os.path.join(tmp, "final")
-        tb, lb = new_builder(f, dtype), new_builder(lang_prefix(f), np.uint8)
+        tbin, lbin = f + ".bin", lang_prefix(f) + ".bin"
+        with writing(tbin):
+            tb = new_builder(f, dtype)
+            builders.append(tb)
+        with writing(lbin):
+            lb = new_builder(lang_prefix(f), np.uint8)
+            builders.append(lb)
         per_lang: Dict[str, int] = {}
         total = 0
         for d in range(len(ds)):
@@ -173,10 +216,15 @@ def encode_dataset(in_prefix: str, out_prefix: str, model_path: str) -> dict:
                     per_lang["none"] = per_lang.get("none", 0) + int(b - a)
             t, l = np.concatenate(out_ids), np.concatenate(out_l)
             total += t.size
-            tb.add_document(t, [t.size])
-            lb.add_document(l, [l.size])
-        tb.finalize(f + ".idx")
-        lb.finalize(lang_prefix(f) + ".idx")
+            with writing(tbin):
+                tb.add_document(t, [t.size])
+            with writing(lbin):
+                lb.add_document(l, [l.size])
+        for bld, bin_path, idx_path in ((tb, tbin, f + ".idx"), (lb, lbin, lang_prefix(f) + ".idx")):
+            with writing(bin_path):
+                bld.data_file.close()       # its last buffered bytes (finalize closes it first too)
+            with writing(idx_path):
+                bld.finalize(idx_path)
         del ds, ls
         new = dict(man)
         new["vocab"] = UnitVocab(codebook_size=bpe.size, languages=vocab.languages, lang_tags=vocab.lang_tags,
@@ -190,14 +238,21 @@ def encode_dataset(in_prefix: str, out_prefix: str, model_path: str) -> dict:
                              per_language={k: per_lang.get(k, 0) for k in list(vocab.languages) + ["none"]})
         new["content_hash"] = hash_files([f + ".bin", lang_prefix(f) + ".bin"], CONTENT_HASH)
         new["content_hash_algorithm"] = CONTENT_HASH
-        with open(os.path.join(tmp, "manifest.json"), "w") as fh:
-            json.dump(new, fh, indent=2)
+        tmp_manifest = os.path.join(tmp, "manifest.json")
+        with writing(tmp_manifest):
+            with open(tmp_manifest, "w") as fh:
+                json.dump(new, fh, indent=2)
         if os.path.exists(manifest_path(out_prefix)):
             os.remove(manifest_path(out_prefix))
-        for src, dst in ((f, out_prefix), (lang_prefix(f), lang_prefix(out_prefix))):
-            os.replace(src + ".bin", dst + ".bin")
-            os.replace(src + ".idx", dst + ".idx")
-        os.replace(os.path.join(tmp, "manifest.json"), manifest_path(out_prefix))
+        commit_files([(src + ext, dst + ext) for src, dst in ((f, out_prefix), (lang_prefix(f), lang_prefix(out_prefix)))
+                      for ext in (".bin", ".idx")] + [(tmp_manifest, manifest_path(out_prefix))])
         return new
     finally:
+        for bld in builders:        # on error: the builders' files are still open
+            data_file = getattr(bld, "data_file", None)
+            if data_file is not None and not data_file.closed:
+                try:
+                    data_file.close()
+                except OSError:
+                    pass
         shutil.rmtree(tmp, ignore_errors=True)

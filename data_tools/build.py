@@ -35,7 +35,8 @@ import numpy as np
 from megaslm.vocab import CONTENT_HASH, LANG_SUFFIX, MANIFEST_VERSION, content_hasher, lang_prefix, manifest_path
 
 from data_tools import fast
-from data_tools.common import INDEX_BLOCK, keep_freed_memory, token_dtype, write_error, write_index_blocks, writing
+from data_tools.common import (INDEX_BLOCK, commit_files, keep_freed_memory, token_dtype, write_error,
+                               write_index_blocks, writing)
 from data_tools.errors import DataError, FileError
 from data_tools.formats import (BINARY_CHUNK_FACTOR, BoundsCursor, InputSpec, LineText, bounds_path, check_inputs,
                                 chunk_items, clear_caches, covers_to_end, follows, iter_chunk_ranges, npy_units,
@@ -608,21 +609,6 @@ def _close(f) -> None:
         f.close()
 
 
-def _commit(moves: Sequence[tuple]) -> None:
-    """Move the finished files into place (renames in one directory); if one fails (a directory that
-    needs a new block on a full disk), the ones already moved are removed: no partial dataset."""
-    done = []
-    for src, dst in moves:
-        try:
-            os.replace(src, dst)
-        except OSError as e:
-            for d in done:
-                with contextlib.suppress(OSError):
-                    os.remove(d)
-            raise write_error(e, dst) from None
-        done.append(dst)
-
-
 def _fast_enabled() -> bool:
     """``DATA_TOOLS_RECORD_PATH=1`` forces the record-by-record path (tests compare both paths' bytes)."""
     return os.environ.get("DATA_TOOLS_RECORD_PATH", "") in ("", "0")
@@ -758,7 +744,7 @@ def build_dataset(inputs: Sequence[Union[str, InputSpec]], output_prefix: str,
             moves.append((bad.path, quarantine_path))
         elif os.path.exists(output_prefix + ".quarantine.jsonl"):
             os.remove(output_prefix + ".quarantine.jsonl")
-        _commit(moves + [(tmp_manifest, manifest_path(output_prefix))])
+        commit_files(moves + [(tmp_manifest, manifest_path(output_prefix))])
         return manifest
     finally:
         clear_caches()

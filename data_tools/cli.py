@@ -204,6 +204,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (DataError, VocabError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as e:
+        # a write no command wrapped itself (every data_tools write path does: common.writing): still one
+        # line naming the file and its file system, never a traceback
+        from data_tools.common import WRITE_ERRNOS, write_error
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        print(f"error: {write_error(e, e.filename or '.', 'a file', 'the command stopped')}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted (no partial dataset left)", file=sys.stderr)
         return 130

@@ -135,6 +135,75 @@ def writing(path: str, what: str = "the dataset", after: str = "nothing was writ
         raise write_error(e, path, what, after) from None
 
 
+def commit_files(moves: Sequence[tuple], what: str = "the dataset",
+                 after: str = "nothing was written at the output prefix") -> None:
+    """Move finished files into place (renames within one file system): if one fails (a directory that
+    needs a new block on a full disk), the ones already moved are removed -- no partial output."""
+    done = []
+    for src, dst in moves:
+        try:
+            os.replace(src, dst)
+        except OSError as e:
+            for d in done:
+                with contextlib.suppress(OSError):
+                    os.remove(d)
+            raise write_error(e, dst, what, after) from None
+        done.append(dst)
+
+
+class OutputFiles:
+    """The files one command writes (``demo``, ``world``): each written under a temporary name and renamed
+    into place when whole (``open``), or registered once another writer has placed it (``placed``). If the
+    command fails, the temporary files, the files it placed and the directories it created (when empty)
+    are removed: a full disk leaves nothing partial. ``with OutputFiles(...) as out:``."""
+
+    def __init__(self, what: str, after: str = "nothing was left under the output directory"):
+        self.what, self.after = what, after
+        self.files: list = []
+        self.dirs: list = []
+        self.temps: list = []
+
+    def makedirs(self, path: str) -> None:
+        missing = []
+        p = os.path.abspath(path)
+        while not os.path.isdir(p):
+            missing.append(p)
+            p = os.path.dirname(p)
+        with writing(path, self.what, self.after):
+            os.makedirs(path, exist_ok=True)
+        self.dirs.extend(missing)           # deepest first
+
+    @contextlib.contextmanager
+    def open(self, path: str, mode: str = "w"):
+        tmp = f"{path}.tmp-{os.getpid()}"
+        self.temps.append(tmp)
+        with writing(path, self.what, self.after):
+            f = open(tmp, mode)
+            try:
+                yield f
+            finally:
+                f.close()
+            os.replace(tmp, path)
+        self.temps.remove(tmp)
+        self.files.append(path)
+
+    def placed(self, *paths: str) -> None:
+        self.files.extend(paths)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if kind is not None:
+            for p in self.temps + self.files:
+                with contextlib.suppress(OSError):
+                    os.remove(p)
+            for d in self.dirs:
+                with contextlib.suppress(OSError):
+                    os.rmdir(d)             # only when empty
+        return False
+
+
 def keep_freed_memory() -> bool:
     """Ask glibc's malloc to keep freed memory in this process: arrays up to 32 MiB come from the heap (not
     one mmap each) and the heap is not trimmed after every free. A build allocates and frees a few MiB of

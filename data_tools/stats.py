@@ -8,6 +8,7 @@ import numpy as np
 
 from megaslm.vocab import lang_prefix, read_manifest
 
+from data_tools.common import write_error
 from data_tools.errors import DataError
 
 
@@ -88,8 +89,23 @@ def dataset_stats(prefix: str, histogram_png: Optional[str] = None, block_tokens
         ax.set_ylabel("documents")
         ax.set_title(os.path.basename(prefix))
         fig.tight_layout()
-        fig.savefig(histogram_png, dpi=100)
-        plt.close(fig)
+        # written under a temporary name and renamed into place: a full disk leaves no truncated image
+        fmt = os.path.splitext(histogram_png)[1][1:].lower()
+        if not fmt:                 # what savefig does with a name without an extension
+            fmt = matplotlib.rcParams["savefig.format"]
+            histogram_png = f"{histogram_png}.{fmt}"
+        tmp = f"{histogram_png}.tmp-{os.getpid()}"
+        try:
+            fig.savefig(tmp, dpi=100, format=fmt)
+            os.replace(tmp, histogram_png)
+        except OSError as e:        # named before the temporary file is removed (its space is then free)
+            raise write_error(e, histogram_png, "the histogram", "no histogram was written") from None
+        except ValueError as e:     # a format matplotlib does not write (the name's extension)
+            raise DataError(f"cannot write the histogram ({e})", path=histogram_png) from None
+        finally:
+            plt.close(fig)
+            if os.path.exists(tmp):
+                os.remove(tmp)
         out["histogram"] = histogram_png
     return out
 

@@ -12,9 +12,10 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from megaslm.vocab import UnitVocab
+from megaslm.vocab import UnitVocab, lang_prefix, manifest_path
 
 from data_tools.build import build_dataset
+from data_tools.common import OutputFiles
 from data_tools.streams import BuildOptions
 
 
@@ -54,13 +55,6 @@ def write_demo_corpus(out_dir: str, seed: int = 0, num_stories: int = 600, codeb
     vocab = vocab or UnitVocab(codebook_size=codebook_size)
     if vocab.codebook_size != codebook_size:
         raise ValueError("vocab.codebook_size and codebook_size differ")
-    os.makedirs(out_dir, exist_ok=True)
-    stories = os.path.join(out_dir, "stories.jsonl")
-    tmp = f"{stories}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        for st in make_stories(num_stories, codebook_size, seed=seed):
-            f.write(json.dumps(st, separators=(",", ":")) + "\n")
-    os.replace(tmp, stories)
     common = dict(vocab=vocab, seed=seed, target_length=target_length, workers=workers, progress=False)
     out = {
         "en": (os.path.join(out_dir, "en"), BuildOptions(mode="mono", lang="en", **common)),
@@ -68,6 +62,15 @@ def write_demo_corpus(out_dir: str, seed: int = 0, num_stories: int = 600, codeb
         "enfr_interleaved": (os.path.join(out_dir, "enfr_interleaved"),
                              BuildOptions(mode="random", p=p, **common)),
     }
-    for name, (prefix, opts) in out.items():
-        build_dataset([f"demo_stories={stories}"], prefix, opts)
+    # all or nothing: if a write fails (a full disk), what this call wrote is removed again
+    with OutputFiles("the demo corpus") as files:
+        files.makedirs(out_dir)
+        stories = os.path.join(out_dir, "stories.jsonl")
+        with files.open(stories) as f:
+            for st in make_stories(num_stories, codebook_size, seed=seed):
+                f.write(json.dumps(st, separators=(",", ":")) + "\n")
+        for name, (prefix, opts) in out.items():
+            build_dataset([f"demo_stories={stories}"], prefix, opts)
+            files.placed(prefix + ".bin", prefix + ".idx", lang_prefix(prefix) + ".bin", lang_prefix(prefix) + ".idx",
+                         manifest_path(prefix))
     return {k: v[0] for k, v in out.items()}

@@ -40,6 +40,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from data_tools.common import OutputFiles
 from data_tools.errors import DataError
 
 LANGS = ("en", "fr")
@@ -136,14 +137,12 @@ class World:
                 "character_concepts": self.character_concepts}
 
 
-def _atomic_jsonl(path: str, rows) -> int:
-    tmp = f"{path}.tmp-{os.getpid()}"
+def _atomic_jsonl(files, path: str, rows) -> int:
     n = 0
-    with open(tmp, "w") as f:
+    with files.open(path) as f:
         for r in rows:
             f.write(json.dumps(r, separators=(",", ":")) + "\n")
             n += 1
-    os.replace(tmp, path)
     return n
 
 
@@ -181,12 +180,17 @@ def _bench_items(world: World, spec: WorldSpec, rng: np.random.Generator) -> Tup
 
 
 def write_world(out_dir: str, spec: WorldSpec) -> Dict[str, object]:
-    """Write the training pool, the benchmarks and world.json (see the module doc)."""
-    from megaslm.vocab import UnitVocab
-
+    """Write the training pool, the benchmarks and world.json (see the module doc); all or nothing."""
     spec.check()
     world = World(spec)
-    os.makedirs(out_dir, exist_ok=True)
+    with OutputFiles("the world") as files:     # a failed write (full disk) removes what this call wrote
+        return _write_world(files, world, out_dir, spec)
+
+
+def _write_world(files, world: "World", out_dir: str, spec: WorldSpec) -> Dict[str, object]:
+    from megaslm.vocab import UnitVocab
+
+    files.makedirs(out_dir)
     rng = np.random.default_rng(np.random.SeedSequence([spec.seed, 1]))
 
     def draw(rng, count, tag):
@@ -200,30 +204,25 @@ def write_world(out_dir: str, spec: WorldSpec) -> Dict[str, object]:
 
     stories = draw(rng, spec.stories, "world")
     paths = {"stories": os.path.join(out_dir, "stories.jsonl"), "valid": os.path.join(out_dir, "valid.jsonl")}
-    _atomic_jsonl(paths["stories"], stories)
+    _atomic_jsonl(files, paths["stories"], stories)
     valid = draw(np.random.default_rng(np.random.SeedSequence([spec.seed, 2])), spec.valid_stories, "valid")
-    _atomic_jsonl(paths["valid"], valid)
+    _atomic_jsonl(files, paths["valid"], valid)
 
     bench = os.path.join(out_dir, "bench")
-    os.makedirs(bench, exist_ok=True)
+    files.makedirs(bench)
     brng = np.random.default_rng(np.random.SeedSequence([spec.seed, 3]))
     cloze, align = _bench_items(world, spec, brng)
     vocab = UnitVocab(codebook_size=spec.codebook_size, languages=LANGS)
-    man = os.path.join(bench, "manifest.json")
-    tmp = f"{man}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
+    with files.open(os.path.join(bench, "manifest.json")) as f:
         json.dump({"format": "megaslm-evals", "version": 1, "vocab": vocab.to_dict(), "source": "data_tools.world",
                    "world": asdict(spec)}, f, indent=1)
-    os.replace(tmp, man)
-    _atomic_jsonl(os.path.join(bench, "cloze.jsonl"), cloze)
-    _atomic_jsonl(os.path.join(bench, "align.jsonl"), align)
+    _atomic_jsonl(files, os.path.join(bench, "cloze.jsonl"), cloze)
+    _atomic_jsonl(files, os.path.join(bench, "align.jsonl"), align)
     paths["bench"] = bench
     wj = os.path.join(out_dir, "world.json")
-    tmp = f"{wj}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
+    with files.open(wj) as f:
         json.dump({"spec": asdict(spec), "lexicon": world.lexicon_dict(),
                    "counts": {"stories": len(stories), "valid_stories": len(valid), "cloze_items": len(cloze), "align_items": len(align)}}, f)
-    os.replace(tmp, wj)
     paths["world"] = wj
     return paths
 
