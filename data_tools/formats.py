@@ -628,8 +628,8 @@ def _parse_item(spec: InputSpec, line: int, text: Optional[str], codebook_size: 
             se.append(v)
         a, b = se
         if not (0 <= a < b <= arr.shape[0]):
-            raise DataError(f"bad boundaries [{a}, {b}) for {arr.shape[0]} units in {spec.path}",
-                            path=bp, line=line, field="end")
+            raise DataError(f"bad boundaries [{a}, {b}) for {arr.shape[0]} units in {spec.path}; expected "
+                            f"0 <= start < end <= {arr.shape[0]}", path=bp, line=line, field="end")
         if bounds is not None:
             bounds.take(bp, line, a, b)
         units = check_units(np.asarray(arr[a:b]), codebook_size, bp, line, "units")
