@@ -115,7 +115,7 @@ def _executor_runs(sw, todo, log):
             log(f"[{time.strftime('%H:%M:%S')}] {r.name}: submitted as job {j.job_id}")
     for r, j in zip(todo, jobs):
         try:
-            j.result()
+            j.results()   # every task's (a job of several nodes has one task per node; result() refuses it)
             results[r.name] = None
         except Exception as e:  # noqa: BLE001 - a failed job is reported, the others are collected
             msg = str(e).strip().splitlines()

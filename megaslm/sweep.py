@@ -911,6 +911,10 @@ def execute_run(sweep_json: str, name: str, python: Optional[str] = None, gpus: 
     -> evaluation of the final checkpoint. Idempotent; returns the run's state. ``lock_wait``: seconds to
     wait for a run held by another process before refusing it (a just-killed holder may take a moment to
     exit and release it)."""
+    if nodes > 1 and int(os.environ.get("SLURM_PROCID", "0")) > 0:
+        # a job of several nodes runs this once per node (one task each); the first task starts deepspeed
+        # on every node of the allocation over its hostfile, the others have nothing to do
+        return {}
     python = python or sys.executable
     with open(sweep_json) as f:
         sj = json.load(f)

@@ -87,8 +87,15 @@ def descendants(pid: int) -> List[int]:
 class LoopbackNodes:
     """A private sshd on ADDRS plus the hostfile, ssh wrapper and env file a DeepSpeed multi-node launch needs."""
 
-    def __init__(self, workdir: str, slots: int = 1, forward_env: Optional[Dict[str, str]] = None):
+    def __init__(self, workdir: str, slots: int = 1, forward_env: Optional[Dict[str, str]] = None,
+                 aliases: Optional[Dict[str, str]] = None, own_address: bool = False):
+        """``aliases``: host names (e.g. SLURM node names) that ssh resolves to one of ADDRS, on our port.
+        ``own_address``: in our ssh sessions ``hostname -I`` prints the loopback address the session came in
+        on (each node reports its own address, as a real node does). DeepSpeed's runner without
+        ``--master_addr`` takes the first node's ``hostname -I``; this machine's would be a non-loopback one."""
         self.dir = os.path.abspath(workdir)
+        self.aliases = dict(aliases or {})
+        self.own_address = own_address
         os.makedirs(self.dir, exist_ok=True)
         self.slots = slots
         self.forward_env = dict(forward_env or {})
@@ -150,7 +157,7 @@ class LoopbackNodes:
                 f"PidFile {self.dir}/sshd.pid", "UsePAM no", "StrictModes no",
                 "PermitRootLogin prohibit-password", "PubkeyAuthentication yes", "PasswordAuthentication no",
                 "KbdInteractiveAuthentication no", "X11Forwarding no", "AllowTcpForwarding no",
-                "PrintMotd no", "LogLevel VERBOSE", ""]))
+                "PrintMotd no", "LogLevel VERBOSE", *self._session_path(), ""]))
         sshd = which("sshd")
         r = subprocess.run([sshd, "-t", "-f", cfg], capture_output=True, text=True)
         if r.returncode:
@@ -173,10 +180,26 @@ class LoopbackNodes:
         self.stop()
         return f"sshd did not listen on {' and '.join(ADDRS)} port {self.port}: {self.log_tail()}"
 
+    def _session_path(self) -> List[str]:
+        if not self.own_address:
+            return []
+        real = which("hostname")
+        if real is None:
+            raise NodesUnavailable("`hostname` not found (Debian package hostname)")
+        shim_dir = os.path.join(self.dir, "session_bin")
+        os.makedirs(shim_dir, exist_ok=True)
+        shim = os.path.join(shim_dir, "hostname")
+        with open(shim, "w") as f:   # SSH_CONNECTION = client addr, client port, server addr, server port
+            f.write(f'#!/bin/sh\nif [ "$*" = "-I" ]; then set -- $SSH_CONNECTION; echo "$3"; exit 0; fi\n'
+                    f'exec {real} "$@"\n')
+        os.chmod(shim, 0o755)
+        return [f"SetEnv PATH={shim_dir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
+
     def _client_files(self) -> None:
         ssh_cfg = os.path.join(self.dir, "ssh_config")
         with open(ssh_cfg, "w") as f:
             f.write("\n".join([
+                *(f"Host {name}\n  HostName {addr}\n  Port {self.port}" for name, addr in self.aliases.items()),
                 "Host *", f"  IdentityFile {self.dir}/client_key", "  IdentitiesOnly yes",
                 "  StrictHostKeyChecking no", "  UserKnownHostsFile /dev/null", "  BatchMode yes",
                 "  ConnectTimeout 10", "  LogLevel ERROR", ""]))
