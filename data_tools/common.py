@@ -7,7 +7,7 @@ import contextlib
 import errno
 import os
 import struct
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 

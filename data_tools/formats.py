@@ -259,6 +259,7 @@ def iter_chunk_ranges(inputs: Sequence[InputSpec], chunk_size: int, binary_facto
     line, before anything has read it. The file's pages this process maps are dropped as each chunk is
     cut: its resident memory does not grow with the file either."""
     page = mmap.PAGESIZE
+    drop = getattr(mmap, "MADV_DONTNEED", 0) if hasattr(mmap.mmap, "madvise") else 0
     for fi, spec in enumerate(inputs):
         size_of_chunk = chunk_size * (binary_factor if spec.kind in ("npy", "npz") else 1)
         if spec.kind == "npz":
@@ -297,8 +298,8 @@ def iter_chunk_ranges(inputs: Sequence[InputSpec], chunk_size: int, binary_facto
                     first += lines
                     start = end
                     cut = start - start % page
-                    if cut - dropped >= 1 << 22:         # the pages read so far: out of this process's memory
-                        mm.madvise(mmap.MADV_DONTNEED, dropped, cut - dropped)
+                    if cut - dropped >= 1 << 22 and drop:  # the pages read so far: out of this process's memory
+                        mm.madvise(drop, dropped, cut - dropped)
                         dropped = cut
             finally:
                 del view, sample

@@ -3,7 +3,6 @@ file system (exit 2), and leaves nothing partial under the output: every mode an
 bpe-train, bpe-encode, inspect --histogram, demo, world. Planted with small tmpfs mounts (root, which CI is;
 skipped with the reason where mount is not permitted), filled to several fractions of what the output needs,
 so that the write fails at a different file each time (.bin, .lang.bin, .idx, the manifest, a model, ...)."""
-import json
 import os
 import subprocess
 
