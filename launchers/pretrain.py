@@ -3,7 +3,8 @@
 With no arguments it trains the tiny model on CPU on a synthetic EN/FR corpus built on the spot.
 It resumes by itself from the newest complete checkpoint in <output_dir>/checkpoints (or checkpoint.load).
 --dry-run validates the config for a world size (--world-size, else $WORLD_SIZE, else 1) and prints the
-rank -> (tp, pp, dp) layout and the derived batch / schedule numbers without starting anything.
+rank -> (tp, pp, dp) layout, the derived batch / schedule numbers and the per-rank GPU memory plan without
+starting anything; with --gpu-memory GIB it refuses (exit 2) a layout whose worst rank does not fit.
 Exit codes: 0 done (or pre-empted by SIGTERM after saving a checkpoint), 1 non-finite loss/gradient,
 2 bad config or input.
 """
@@ -21,12 +22,18 @@ def _extra(p) -> None:
                    help="validate and print the resolved parallel layout and schedule; start nothing")
     p.add_argument("--world-size", type=int, default=None,
                    help="world size for --dry-run (default: $WORLD_SIZE, else 1)")
+    p.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
+                   help="with --dry-run: GiB per GPU; refuse (exit 2, one line naming the levers) when the "
+                        "estimated worst rank does not fit (megaslm/memory.py; README: Memory plan)")
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume even if run-changing config fields differ from the checkpoint's")
 
 
-def dry_run(cfg, world_size: int, out=print) -> None:
-    """The resolved layout (ranks -> TP/PP/DP coordinates) and derived numbers; no process group."""
+def dry_run(cfg, world_size: int, out=print, gpu_memory_gib=None) -> None:
+    """The resolved layout (ranks -> TP/PP/DP coordinates) and derived numbers, and the per-rank memory plan
+    on a GPU (megaslm/memory.py); no process group. With ``gpu_memory_gib``, a worst rank that does not fit
+    stops it with one line naming the shortfall and the levers (exit 2)."""
+    from megaslm import memory
     from megaslm.data import stage_plans
     from megaslm.parallel import ParallelLayout
     from megaslm.telemetry import flops_per_token
@@ -55,6 +62,13 @@ def dry_run(cfg, world_size: int, out=print) -> None:
     out("rank   tp  pp  dp")
     for c in layout.coordinates():
         out(f"{c['rank']:4d}  {c['tp']:3d} {c['pp']:3d} {c['dp']:3d}")
+    if gpu_memory_gib is not None and not gpu_memory_gib > 0:
+        fail(f"--gpu-memory: expected a positive number of GiB, got {gpu_memory_gib:g}")
+    mem = memory.plan(cfg, world_size, gpu_memory_gib=gpu_memory_gib)
+    for line in mem.table():
+        out(line)
+    if mem.fits is False:
+        fail(mem.refusal())
 
 
 def adopt_unit_source(cfg):
@@ -93,7 +107,7 @@ def main(argv=None, faults=None) -> int:
         cfg = adopt_unit_source(load_config(args.config, overrides))
         if args.dry_run:
             cfg.validate(world_size=world)
-            dry_run(cfg, world)
+            dry_run(cfg, world, gpu_memory_gib=args.gpu_memory)
             return 0
         import torch
 
