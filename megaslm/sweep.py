@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from megaslm.config import ConfigError, RunConfig, _build, _merge, _read_tree, apply_override, config_from_dict
+from megaslm import memory  # torch-free: the per-rank memory plan the plan's fits column uses
 from megaslm.telemetry import flops_per_token  # torch-free at import: the telemetry's own 6N + 12LHS formula
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,6 +94,9 @@ class ThroughputSpec:
     tokens_per_s: float = 20000.0  # per device, at the reference size; scaled by FLOPs/token for others
     reference: str = "tiny"        # the size the figure was measured at
     device: str = "2 CPU cores"
+    # GiB per GPU for the plan's fits column; default: the nominal memory of a GPU named in ``device``
+    # (megaslm.memory.KNOWN_GPUS: H100 80, A100 80 or 40, H200 141, ...); none for a CPU device
+    gpu_memory_gib: Optional[float] = None
 
 
 @dataclass
@@ -722,22 +726,36 @@ def plan_rows(sw: Sweep) -> List[Dict]:
             "data": {"demo": True}})))
     else:
         raise SweepError(f"throughput.reference: {t.reference!r} is neither a size of this sweep nor a preset")
+    gpu = plan_gpu_memory(sw)
     rows = []
     for r in sw.runs:
         fpt = flops_per_token(r.config)
         # throughput in FLOPs/s is assumed constant across sizes (stated in the table footer)
         tok_s = t.tokens_per_s * ref_fpt / fpt
+        # the worst rank's memory (megaslm/memory.py) on the spec's GPU; a CPU device: as run on CPU, no verdict
+        mem = memory.plan(r.config, sw.spec.world_size, gpu, cuda=gpu is not None, levers=False)
         rows.append({"run": r.name, "params": r.config.num_parameters(), "stage_tokens": r.stage_tokens,
                      "tokens": r.tokens, "steps": r.config.total_steps(), "flops": r.flops(),
-                     "device_hours": r.tokens / tok_s / 3600})  # tok_s is per device
+                     "device_hours": r.tokens / tok_s / 3600,  # tok_s is per device
+                     "memory_gib": mem.worst.total / memory.GIB, "fits": mem.fits})
     return rows
+
+
+def plan_gpu_memory(sw: Sweep) -> Optional[float]:
+    """GiB per GPU the plan checks the runs against: ``throughput.gpu_memory_gib``, else the GPU its
+    ``device`` names; None for a CPU device."""
+    t = sw.spec.throughput
+    return t.gpu_memory_gib if t.gpu_memory_gib is not None else memory.gpu_memory_gib(t.device)
 
 
 def format_plan(sw: Sweep) -> str:
     rows = plan_rows(sw)
-    head = ["run", "params", "tokens per stage", "steps", "FLOPs", "device-h"]
+    gpu = plan_gpu_memory(sw)
+    head = ["run", "params", "tokens per stage", "steps", "FLOPs", "device-h", "memory GiB",
+            f"fits {gpu:g} GiB" if gpu is not None else "fits"]
     body = [[r["run"], f"{r['params']:,}", " + ".join(_human(x) for x in r["stage_tokens"]), f"{r['steps']:,}",
-             f"{r['flops']:.3e}", f"{r['device_hours']:.3f}"] for r in rows]
+             f"{r['flops']:.3e}", f"{r['device_hours']:.3f}", f"{r['memory_gib']:.1f}",
+             {None: "-", True: "yes", False: "NO"}[r["fits"]]] for r in rows]
     w = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(x)) for x in [head] + body]
     t = sw.spec.throughput
@@ -747,6 +765,14 @@ def format_plan(sw: Sweep) -> str:
                  f"total {sum(r['flops'] for r in rows):.3e} FLOPs, {sum(r['device_hours'] for r in rows):.2f} "
                  f"device-hours at {t.tokens_per_s:,.0f} tokens/s on {t.device} for {t.reference} "
                  "(other sizes at the same FLOP/s)")
+    where = (f"against {gpu:g} GiB per GPU ({'throughput.gpu_memory_gib' if t.gpu_memory_gib is not None else t.device})"
+             if gpu is not None else "as on CPU (no GPU named in throughput.device: no verdict)")
+    short = sum(1 for r in rows if r["fits"] is False)
+    lines.append(f"memory: the worst rank of each run at world size {sw.spec.world_size} (megaslm/memory.py: parameters, "
+                 f"gradients, optimizer, activations in flight{', 1.5 GiB overhead' if gpu is not None else ''}) {where}"
+                 + (f"; {short} run{'s' if short != 1 else ''} do{'es' if short == 1 else ''} not fit: check one with "
+                    "`launchers/pretrain.py --config <run config> --dry-run --world-size N --gpu-memory GIB` "
+                    "for the levers" if short else ""))
     return "\n".join(lines)
 
 

@@ -8,7 +8,7 @@ import yaml
 from helpers import BUDGET, ROOT, sweep, tiny_spec
 
 from megaslm.config import load_config
-from megaslm.sweep import SweepError, expand, format_plan, split_budget, write_configs
+from megaslm.sweep import SweepError, expand, format_plan, plan_rows, split_budget, write_configs
 from megaslm.telemetry import flops_per_token
 
 
@@ -129,6 +129,33 @@ def test_plan_prints_the_table(tmp_path):
     assert "20,000 tokens/s on 2 CPU cores" in out
     sw = expand(tiny_spec(tmp_path))
     assert format_plan(sw) in out
+
+
+def test_plan_says_which_runs_fit_the_gpu(tmp_path):
+    """The memory column: megaslm/memory.py's worst rank per run, against the GPU the spec names (its
+    nominal memory, or throughput.gpu_memory_gib)."""
+    from megaslm.memory import GIB, plan
+
+    h100 = {"tokens_per_s": 20000, "reference": "xs", "device": "one H100 (assumed, bf16)"}
+    sw = expand(tiny_spec(tmp_path, throughput=h100))
+    rows = plan_rows(sw)
+    for r, run in zip(rows, sw.runs):
+        assert r["memory_gib"] == plan(run.config, sw.spec.world_size).worst.total / GIB
+        assert r["fits"] is True
+    text = format_plan(sw)
+    assert "memory GiB" in text and "fits 80 GiB" in text and "against 80 GiB per GPU" in text
+    # a size written into the spec wins over the device's; here 1.6 GiB: the small size fits, the bigger not
+    xs, s = (plan(next(r for r in sw.runs if r.size == k).config, 1).worst.total / GIB for k in ("xs", "s"))
+    assert xs < s
+    limit = (xs + s) / 2
+    r = sweep("plan", "--spec", tiny_spec(tmp_path, throughput=dict(h100, gpu_memory_gib=limit)))
+    assert r.returncode == 0, r.stderr
+    verdicts = {l.split()[0].split(".")[0]: l.split()[-1] for l in r.stdout.splitlines() if l.startswith(("xs.", "s."))}
+    assert verdicts == {"xs": "yes", "s": "NO"}, r.stdout
+    assert "2 runs do not fit" in r.stdout
+    # a CPU device: estimated as on CPU, no verdict
+    cpu = format_plan(expand(tiny_spec(tmp_path)))
+    assert "as on CPU (no GPU named in throughput.device: no verdict)" in cpu
 
 
 def test_overrides_after_options(tmp_path):
