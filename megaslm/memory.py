@@ -477,9 +477,9 @@ class MemoryPlan:
                       if tot is not None else ov for part, ov, tot in self.levers if part == name]
             extra = ""
             if name == "activations":
-                extra = f", {w.in_flight} micro-batch{'es' if w.in_flight != 1 else ''} in flight"
-            bits.append(f"{name} {val / GIB:.1f} GiB" + (f" ({'; '.join(levers)}{extra})" if levers
-                                                         else (f" ({extra[2:]})" if extra else "")))
+                unit = "model-chunk micro-batch" if self.virtual_pipeline else "micro-batch"
+                extra = f" for {w.in_flight} {unit}{'es' if w.in_flight != 1 else ''} in flight"
+            bits.append(f"{name} {val / GIB:.1f} GiB{extra}" + (f" ({'; '.join(levers)})" if levers else ""))
         bits.append(f"overhead {w.overhead / GIB:.1f} GiB (fixed)")
         return (f"memory: rank {w.rank} (pp stage {w.stage}) needs {w.total / GIB:.1f} GiB of {gpu / GIB:g} GiB "
                 f"(short {(w.total - gpu) / GIB:.1f} GiB): " + ", ".join(bits))
