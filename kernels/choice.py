@@ -106,8 +106,9 @@ def choose_attention(requested: str, cuda: bool, device_name: str, shape: Attent
 
 
 def reference_score_bytes(micro_batch: int, q_heads_per_rank: int, seq_len: int, num_layers: int) -> int:
-    """Bytes the dense reference keeps for backward: fp32 scores and probabilities, [B, H, S, S] each, per layer."""
-    return 2 * 4 * micro_batch * q_heads_per_rank * seq_len * seq_len * num_layers
+    """Bytes of [B, H, S, S] the dense reference keeps for backward: its fp32 probabilities, per layer (the masked
+    scores are freed once softmax has run; megaslm/memory.py counts the rest of what it saves)."""
+    return 4 * micro_batch * q_heads_per_rank * seq_len * seq_len * num_layers
 
 
 def env_results_dir() -> Optional[Path]:

@@ -135,7 +135,7 @@ def resolve_attention(cfg: RunConfig, quiet: bool = False) -> tuple:
             est = reference_score_bytes(cfg.schedule.micro_batch_size, m.num_attention_heads // p.tensor,
                                         m.seq_length, layers)
             warnings.warn(f"model.attention_backend=reference on a GPU at seq_length {m.seq_length}: the dense "
-                          f"fp32 scores and probabilities kept for backward take ~{est / 2**30:.1f} GiB per "
+                          f"fp32 attention probabilities kept for backward take ~{est / 2**30:.1f} GiB per "
                           f"micro-batch over {layers} layers; use flex (or auto)", stacklevel=2)
     return backend, reason
 

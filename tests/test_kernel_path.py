@@ -54,6 +54,7 @@ def test_deterministic_flag_reaches_the_embedding_kernel(monkeypatch):
     emb.deterministic_mode = True
     emb.embedding_force = "reference"
     emb.tp_group = type("G", (), {"size": lambda self: 1})()
+    emb.reduce_scatter_embeddings = False   # set by megatron's __init__ (sequence parallelism off)
     emb(torch.zeros(2, 3, dtype=torch.long))
     assert seen["deterministic"] is True and seen["force"] == "reference"
 

@@ -1,9 +1,11 @@
-"""A real single-node SLURM for the tests: Debian's slurm-wlm + munge, started here as root.
+"""A real SLURM for the tests: Debian's slurm-wlm + munge, started here as root.
 
-``start(tmp)`` installs nothing: it needs ``slurmctld``, ``slurmd``, ``munged`` and ``sbatch`` on PATH
-(``apt-get install -y slurm-wlm munge``) and root; it writes a slurm.conf for this host into ``tmp``,
-creates a munge key, starts munged / slurmctld / slurmd and waits for the node to be idle. Returns
-(environment for the clients, stop function) or raises ``Unavailable`` with the reason.
+``start(tmp, nodes=None)`` installs nothing: it needs ``slurmctld``, ``slurmd``, ``munged`` and ``sbatch`` on
+PATH (``apt-get install -y slurm-wlm munge``) and root; it writes a slurm.conf into ``tmp``, creates a munge
+key, starts munged / slurmctld / slurmd and waits for every node to be idle. ``nodes=None``: one node, this
+host. ``nodes={name: address}``: several nodes on this host, one slurmd each (``slurmd -N name``, its own
+port; Debian's slurm-wlm is built with multiple-slurmd, and ``%n`` gives each its own spool, pid and log).
+Returns (environment for the clients, stop function) or raises ``Unavailable`` with the reason.
 """
 import os
 import shutil
@@ -22,16 +24,16 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def start(tmp):
-    for exe in ("slurmctld", "slurmd", "munged", "sbatch", "sinfo", "scontrol"):
+def start(tmp, nodes=None):
+    for exe in ("slurmctld", "slurmd", "munged", "sbatch", "sinfo", "scontrol", "scancel", "squeue"):
         if shutil.which(exe) is None and not os.path.exists(f"/usr/sbin/{exe}"):
             raise Unavailable(f"{exe} not installed (apt-get install -y slurm-wlm munge)")
     if os.geteuid() != 0:
         raise Unavailable("starting slurmctld/slurmd/munged needs root")
     d = os.path.join(str(tmp), "slurm")
-    for sub in ("state", "spool", "log", "munge"):
-        os.makedirs(os.path.join(d, sub), exist_ok=True)
     host = socket.gethostname().split(".")[0]
+    for sub in ("state", "log", "munge", *(f"spool/{n}" for n in (nodes or {host: None}))):
+        os.makedirs(os.path.join(d, sub), exist_ok=True)
     key = os.path.join(d, "munge", "munge.key")
     with open(key, "wb") as f:
         f.write(os.urandom(1024))
@@ -40,7 +42,11 @@ def start(tmp):
     procs = []
     env = dict(os.environ)
     conf = os.path.join(d, "slurm.conf")
-    cpus = os.cpu_count() or 1
+    if nodes:
+        node_lines = "".join(f"NodeName={n} NodeHostname={host} NodeAddr={a} Port={_free_port()} CPUs=1 "
+                             "State=UNKNOWN\n" for n, a in nodes.items())
+    else:
+        node_lines = f"NodeName={host} CPUs={os.cpu_count() or 1} Port={_free_port()} State=UNKNOWN\n"
     with open(conf, "w") as f:
         f.write(f"""ClusterName=megaslmtest
 SlurmctldHost={host}
@@ -50,13 +56,12 @@ AuthType=auth/munge
 AuthInfo=socket={sock}
 CredType=cred/munge
 SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
 StateSaveLocation={d}/state
-SlurmdSpoolDir={d}/spool
+SlurmdSpoolDir={d}/spool/%n
 SlurmctldPidFile={d}/slurmctld.pid
-SlurmdPidFile={d}/slurmd.pid
+SlurmdPidFile={d}/slurmd.%n.pid
 SlurmctldLogFile={d}/log/slurmctld.log
-SlurmdLogFile={d}/log/slurmd.log
+SlurmdLogFile={d}/log/slurmd.%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SchedulerType=sched/backfill
@@ -67,14 +72,13 @@ MpiDefault=none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
-NodeName={host} CPUs={cpus} State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+{node_lines}PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """)
     env["SLURM_CONF"] = conf
 
     def stop():
         # end every job step first (a job step outlives slurmd and its srun waits for slurmctld forever)
-        if len(procs) == 3 and all(p.poll() is None for p in procs):
+        if len(procs) >= 3 and all(p.poll() is None for p in procs):
             subprocess.run(["scancel", "--user=root"], env=env, capture_output=True)
             for _ in range(60):
                 r = subprocess.run(["squeue", "-h"], env=env, capture_output=True, text=True)
@@ -105,20 +109,22 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         procs.append(subprocess.Popen([ctld, "-D", "-i", "-f", conf], env=env,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         time.sleep(1.0)
-        procs.append(subprocess.Popen([slurmd, "-D", "-f", conf], env=env,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        for n in (nodes or [None]):
+            procs.append(subprocess.Popen([slurmd, "-D", *(["-N", n] if n else []), "-f", conf], env=env,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         deadline = time.time() + 60
         state = ""
         while time.time() < deadline:
             for p in procs:
                 if p.poll() is not None:
                     raise Unavailable(f"{p.args[0]} exited with {p.returncode} (logs in {d}/log)")
-            r = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, env=env)
+            r = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], capture_output=True, text=True, env=env)
             state = r.stdout.strip()
-            if r.returncode == 0 and state.startswith("idle"):
+            states = state.split()
+            if r.returncode == 0 and len(states) == len(nodes or [host]) and all(t == "idle" for t in states):
                 return env, stop
             time.sleep(1.0)
-        raise Unavailable(f"the node did not become idle within 60 s (sinfo: {state!r}; logs in {d}/log)")
+        raise Unavailable(f"the nodes did not become idle within 60 s (sinfo: {state!r}; logs in {d}/log)")
     except Exception:
         stop()
         raise

@@ -9,14 +9,12 @@ daemons do not start. Loopback only: each ssh node reports its own loopback addr
 DeepSpeed asks the first node for the rendezvous address) and gloo is pinned to ``lo``.
 """
 import os
-import shutil
-import socket
 import subprocess
-import time
 
 import pytest
 import yaml
 
+import slurm_cluster
 from helpers import BUDGET, PY, ROOT, SWEEP, tiny_spec
 from test_sweep_e2e import ONE_SIZE, check_finished_sweep
 from tests.train._loopback_nodes import LoopbackNodes, NodesUnavailable
@@ -26,126 +24,11 @@ from megaslm.sweep import expand, run_state
 NODES = {"n1": "127.0.0.1", "n2": "127.0.0.2"}
 
 
-class Unavailable(Exception):
-    pass
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _exe(name):
-    return shutil.which(name) or (f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}") else None)
-
-
-def start_two_node_slurm(tmp):
-    """munged + slurmctld + one slurmd per node (``slurmd -N n1`` / ``-N n2``); (client env, stop)."""
-    for exe in ("slurmctld", "slurmd", "munged", "sbatch", "sinfo", "scontrol", "scancel", "squeue"):
-        if _exe(exe) is None:
-            raise Unavailable(f"{exe} not installed (apt-get install -y slurm-wlm munge)")
-    if os.geteuid() != 0:
-        raise Unavailable("starting slurmctld/slurmd/munged needs root")
-    d = os.path.join(str(tmp), "slurm")
-    for sub in ("state", "log", "munge", *(f"spool/{n}" for n in NODES)):
-        os.makedirs(os.path.join(d, sub), exist_ok=True)
-    host = socket.gethostname().split(".")[0]
-    key = os.path.join(d, "munge", "munge.key")
-    with open(key, "wb") as f:
-        f.write(os.urandom(1024))
-    os.chmod(key, 0o400)
-    sock = os.path.join(d, "munge", "munge.socket")
-    conf = os.path.join(d, "slurm.conf")
-    node_lines = "".join(f"NodeName={n} NodeHostname={host} NodeAddr={a} Port={_free_port()} CPUs=1 State=UNKNOWN\n"
-                         for n, a in NODES.items())
-    with open(conf, "w") as f:
-        # %n: each slurmd (one per node name) keeps its own spool, pid and log file
-        f.write(f"""ClusterName=megaslmtwo
-SlurmctldHost={host}
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-AuthInfo=socket={sock}
-CredType=cred/munge
-SlurmctldPort={_free_port()}
-StateSaveLocation={d}/state
-SlurmdSpoolDir={d}/spool/%n
-SlurmctldPidFile={d}/slurmctld.pid
-SlurmdPidFile={d}/slurmd.%n.pid
-SlurmctldLogFile={d}/log/slurmctld.log
-SlurmdLogFile={d}/log/slurmd.%n.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SchedulerType=sched/backfill
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-ReturnToService=2
-MpiDefault=none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/none
-{node_lines}PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
-""")
-    env = dict(os.environ, SLURM_CONF=conf)
-    procs = []
-
-    def stop():
-        if procs and all(p.poll() is None for p in procs):
-            subprocess.run([_exe("scancel"), "--user=root"], env=env, capture_output=True)
-            for _ in range(60):
-                r = subprocess.run([_exe("squeue"), "-h"], env=env, capture_output=True, text=True)
-                if r.returncode != 0 or not r.stdout.strip():
-                    break
-                time.sleep(0.5)
-        for p in reversed(procs):
-            p.terminate()
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-
-    def spawn(cmd):
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-
-    try:
-        spawn([_exe("munged"), "-F", "--force", f"--key-file={key}", f"--socket={sock}",
-               f"--pid-file={d}/munge/munged.pid", f"--log-file={d}/log/munged.log", f"--seed-file={d}/munge/seed"])
-        for _ in range(50):
-            if os.path.exists(sock):
-                break
-            time.sleep(0.1)
-        else:
-            raise Unavailable(f"munged did not start (see {d}/log/munged.log)")
-        spawn([_exe("slurmctld"), "-D", "-i", "-f", conf])
-        time.sleep(1.0)
-        for n in NODES:
-            spawn([_exe("slurmd"), "-D", "-N", n, "-f", conf])
-        deadline = time.time() + 60
-        state = ""
-        while time.time() < deadline:
-            for p in procs:
-                if p.poll() is not None:
-                    logs = "; ".join(f"{f}: {open(os.path.join(d, 'log', f)).read()[-600:]!r}"
-                                     for f in sorted(os.listdir(os.path.join(d, "log"))) if f.startswith("slurm"))
-                    raise Unavailable(f"{' '.join(p.args[:4])} exited with {p.returncode} ({logs})")
-            r = subprocess.run([_exe("sinfo"), "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, env=env)
-            state = r.stdout.strip()
-            if r.returncode == 0 and sorted(state.splitlines()) == [f"{n} idle" for n in NODES]:
-                return env, stop
-            time.sleep(0.5)
-        raise Unavailable(f"the two nodes did not become idle within 60 s (sinfo: {state!r}; logs in {d}/log)")
-    except Exception:
-        stop()
-        raise
-
-
 @pytest.mark.slow
 def test_sweep_run_on_two_slurm_nodes(tmp_path):
     try:
-        env, stop = start_two_node_slurm(tmp_path)
-    except Unavailable as e:
+        env, stop = slurm_cluster.start(tmp_path, nodes=NODES)
+    except slurm_cluster.Unavailable as e:
         pytest.skip(f"no two-node SLURM here: {e}")
     nodes = LoopbackNodes(str(tmp_path / "ssh"), forward_env={"GLOO_SOCKET_IFNAME": "lo"}, aliases=NODES,
                           own_address=True)
