@@ -9,7 +9,7 @@ import pytest
 from megaslm.vocab import UnitVocab
 
 from data_tools.build import build_dataset
-from data_tools.fast import parse_int_lists
+from data_tools.intparse import parse_int_lists
 
 from conftest import write_jsonl
 
@@ -201,7 +201,7 @@ def test_template_lines_reads_what_orjson_reads():
     fields, blank lines; escapes are refused, below): every record's integers and fixed fields are orjson's."""
     import orjson
 
-    from data_tools.fast import template_lines
+    from data_tools.templates import template_lines
 
     rng = np.random.default_rng(3)
     for trial in range(60):
@@ -236,7 +236,7 @@ def test_template_lines_reads_what_orjson_reads():
     '{"start": true, "end": 20}', '{"start": 1, "end": 20, "a": [1, 2]}', '{"start": 1, "end": 20',
     '[1, 2]', '{"start": 1, "end": 20, "lang": "e1"}', '{"start": "1", "end": 20}'])
 def test_template_lines_refuses_what_it_cannot_vouch_for(bad):
-    from data_tools.fast import template_lines
+    from data_tools.templates import template_lines
 
     assert template_lines(_lines_array(['{"start": 0, "end": 1}', bad]), ("start", "end"), ("lang",)) is None
 
