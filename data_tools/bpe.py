@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import tempfile
 from typing import Dict, Iterable, List, Sequence
 
 import numpy as np
 
-from data_tools.common import commit_files, dedup_units, new_builder, token_dtype, write_error, writing
+from data_tools.common import (commit_dataset, commit_files, dedup_units, new_builder, staging_dir, token_dtype,
+                               write_error, writing)
 from data_tools.errors import DataError
 from data_tools.formats import InputSpec, check_inputs, iter_items, parse_item
 
@@ -165,8 +167,6 @@ def encode_dataset(in_prefix: str, out_prefix: str, model_path: str) -> dict:
     Runs of units of one language between special tokens are encoded separately (pieces never cross
     a language switch, a tag, a separator or a document end).
     """
-    import json
-    import shutil
     from megatron.core.datasets.indexed_dataset import IndexedDataset
     from megaslm.vocab import CONTENT_HASH, UnitVocab, hash_files, lang_prefix, manifest_path, read_manifest
 
@@ -175,56 +175,15 @@ def encode_dataset(in_prefix: str, out_prefix: str, model_path: str) -> dict:
         raise DataError("dataset is already BPE-encoded", path=manifest_path(in_prefix))
     vocab = UnitVocab.from_dict(man["vocab"])
     bpe = UnitBPE.load(model_path)
-    off = vocab.offset
     ds, ls = IndexedDataset(in_prefix), IndexedDataset(lang_prefix(in_prefix))
-    tok_size = off + bpe.size
+    tok_size = vocab.offset + bpe.size
     dtype = token_dtype(tok_size)
-    tmp = f"{out_prefix}.tmp-{os.getpid()}"
-    try:
-        os.makedirs(tmp, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"cannot create the output here ({e.strerror or e}); expected a writable directory for "
-                        f"the prefix", path=out_prefix) from None
+    tmp = staging_dir(out_prefix)
     builders = []
     try:
         f = os.path.join(tmp, "final")
-        tbin, lbin = f + ".bin", lang_prefix(f) + ".bin"
-        with writing(tbin):
-            tb = new_builder(f, dtype)
-            builders.append(tb)
-        with writing(lbin):
-            lb = new_builder(lang_prefix(f), np.uint8)
-            builders.append(lb)
         per_lang: Dict[str, int] = {}
-        total = 0
-        for d in range(len(ds)):
-            ids, lid = ds[d].astype(np.int64), ls[d]
-            is_unit = ids >= off
-            # run boundaries: where unit-ness or language changes
-            cut = np.flatnonzero((is_unit[1:] != is_unit[:-1]) | (lid[1:] != lid[:-1])) + 1
-            out_ids, out_l = [], []
-            for a, b in zip(np.r_[0, cut], np.r_[cut, ids.size]):
-                if is_unit[a]:
-                    p = bpe.encode(ids[a:b] - off) + off
-                    out_ids.append(p)
-                    out_l.append(np.full(p.size, lid[a], dtype=np.uint8))
-                    name = vocab.languages[int(lid[a]) - 1] if lid[a] else "none"
-                    per_lang[name] = per_lang.get(name, 0) + int(p.size)
-                else:
-                    out_ids.append(ids[a:b])
-                    out_l.append(lid[a:b])
-                    per_lang["none"] = per_lang.get("none", 0) + int(b - a)
-            t, l = np.concatenate(out_ids), np.concatenate(out_l)
-            total += t.size
-            with writing(tbin):
-                tb.add_document(t, [t.size])
-            with writing(lbin):
-                lb.add_document(l, [l.size])
-        for bld, bin_path, idx_path in ((tb, tbin, f + ".idx"), (lb, lbin, lang_prefix(f) + ".idx")):
-            with writing(bin_path):
-                bld.data_file.close()       # its last buffered bytes (finalize closes it first too)
-            with writing(idx_path):
-                bld.finalize(idx_path)
+        total = _write_encoded(ds, ls, bpe, vocab, f, dtype, builders, per_lang)
         del ds, ls
         new = dict(man)
         new["vocab"] = UnitVocab(codebook_size=bpe.size, languages=vocab.languages, lang_tags=vocab.lang_tags,
@@ -238,14 +197,7 @@ def encode_dataset(in_prefix: str, out_prefix: str, model_path: str) -> dict:
                              per_language={k: per_lang.get(k, 0) for k in list(vocab.languages) + ["none"]})
         new["content_hash"] = hash_files([f + ".bin", lang_prefix(f) + ".bin"], CONTENT_HASH)
         new["content_hash_algorithm"] = CONTENT_HASH
-        tmp_manifest = os.path.join(tmp, "manifest.json")
-        with writing(tmp_manifest):
-            with open(tmp_manifest, "w") as fh:
-                json.dump(new, fh, indent=2)
-        if os.path.exists(manifest_path(out_prefix)):
-            os.remove(manifest_path(out_prefix))
-        commit_files([(src + ext, dst + ext) for src, dst in ((f, out_prefix), (lang_prefix(f), lang_prefix(out_prefix)))
-                      for ext in (".bin", ".idx")] + [(tmp_manifest, manifest_path(out_prefix))])
+        commit_dataset(f, out_prefix, new)
         return new
     finally:
         for bld in builders:        # on error: the builders' files are still open
@@ -256,3 +208,54 @@ def encode_dataset(in_prefix: str, out_prefix: str, model_path: str) -> dict:
                 except OSError:
                     pass
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_encoded(ds, ls, bpe: "UnitBPE", vocab, f: str, dtype, builders: list, per_lang: Dict[str, int]) -> int:
+    """Every document of ``ds`` (tokens) and ``ls`` (languages) BPE-encoded into ``f``.bin/.idx and its language
+    channel with megatron-core's builders (appended to ``builders`` as they open); ``per_lang`` counts the
+    tokens per language. Returns the number of tokens written."""
+    from megaslm.vocab import lang_prefix
+
+    tbin, lbin = f + ".bin", lang_prefix(f) + ".bin"
+    with writing(tbin):
+        tb = new_builder(f, dtype)
+        builders.append(tb)
+    with writing(lbin):
+        lb = new_builder(lang_prefix(f), np.uint8)
+        builders.append(lb)
+    total = 0
+    for d in range(len(ds)):
+        t, l = _encode_document(ds[d].astype(np.int64), ls[d], bpe, vocab, per_lang)
+        total += t.size
+        with writing(tbin):
+            tb.add_document(t, [t.size])
+        with writing(lbin):
+            lb.add_document(l, [l.size])
+    for bld, bin_path, idx_path in ((tb, tbin, f + ".idx"), (lb, lbin, lang_prefix(f) + ".idx")):
+        with writing(bin_path):
+            bld.data_file.close()       # its last buffered bytes (finalize closes it first too)
+        with writing(idx_path):
+            bld.finalize(idx_path)
+    return total
+
+
+def _encode_document(ids: np.ndarray, lid: np.ndarray, bpe: "UnitBPE", vocab, per_lang: Dict[str, int]):
+    """One document's tokens and languages -> BPE-encoded (tokens, languages): each run of units of one
+    language is encoded on its own; special tokens are kept."""
+    off = vocab.offset
+    is_unit = ids >= off
+    # run boundaries: where unit-ness or language changes
+    cut = np.flatnonzero((is_unit[1:] != is_unit[:-1]) | (lid[1:] != lid[:-1])) + 1
+    out_ids, out_l = [], []
+    for a, b in zip(np.r_[0, cut], np.r_[cut, ids.size]):
+        if is_unit[a]:
+            p = bpe.encode(ids[a:b] - off) + off
+            out_ids.append(p)
+            out_l.append(np.full(p.size, lid[a], dtype=np.uint8))
+            name = vocab.languages[int(lid[a]) - 1] if lid[a] else "none"
+            per_lang[name] = per_lang.get(name, 0) + int(p.size)
+        else:
+            out_ids.append(ids[a:b])
+            out_l.append(lid[a:b])
+            per_lang["none"] = per_lang.get("none", 0) + int(b - a)
+    return np.concatenate(out_ids), np.concatenate(out_l)

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
+import shutil
 import struct
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
+
+from megaslm.vocab import lang_prefix, manifest_path
 
 from data_tools.errors import DataError
 
@@ -149,6 +153,41 @@ def commit_files(moves: Sequence[tuple], what: str = "the dataset",
                     os.remove(d)
             raise write_error(e, dst, what, after) from None
         done.append(dst)
+
+
+def staging_dir(prefix: str) -> str:
+    """A fresh ``<prefix>.tmp-<pid>/`` (the prefix's directory created if missing), where a dataset is written
+    before ``commit_dataset`` moves it into place; DataError (one line) where it cannot be made."""
+    tmpdir = f"{prefix}.tmp-{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+        shutil.rmtree(tmpdir, ignore_errors=True)
+        os.makedirs(tmpdir)
+    except OSError as e:
+        raise DataError(f"cannot create the output here ({e.strerror or e}); expected a writable "
+                        f"directory for the prefix", path=prefix) from None
+    return tmpdir
+
+
+def commit_dataset(staged: str, prefix: str, manifest: dict, extra: Sequence[tuple] = (),
+                   stale: Sequence[str] = ()) -> None:
+    """Move the dataset written at ``staged`` (``.bin/.idx`` and ``.lang.bin/.idx``, in a ``staging_dir``)
+    into place at ``prefix`` with its manifest: an old manifest is dropped first (an interrupted commit then
+    reads as "no dataset"), the ``stale`` files of an old dataset are removed, the data files and ``extra``
+    (src, dst) files are moved, the manifest last."""
+    tmp_manifest = os.path.join(os.path.dirname(staged), "manifest.json")
+    with writing(tmp_manifest):
+        with open(tmp_manifest, "w") as f:
+            json.dump(manifest, f, indent=2, sort_keys=False)
+            f.write("\n")
+    if os.path.exists(manifest_path(prefix)):
+        os.remove(manifest_path(prefix))
+    for path in stale:
+        if os.path.exists(path):
+            os.remove(path)
+    moves = [(src + ext, dst + ext) for src, dst in ((staged, prefix), (lang_prefix(staged), lang_prefix(prefix)))
+             for ext in (".bin", ".idx")]
+    commit_files(moves + list(extra) + [(tmp_manifest, manifest_path(prefix))])
 
 
 class OutputFiles:

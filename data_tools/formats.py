@@ -445,7 +445,7 @@ def _check_lang(lang, languages, path, line, field="lang") -> str:
 
 _NPZ_CACHE: Dict[str, dict] = {}
 _NPY_CACHE: Dict[str, np.ndarray] = {}
-# The loaded inputs are shared by a build's converter threads (build._run_chunks: --workers N over .npy/.npz
+# The loaded inputs are shared by a build's converter threads (engine.run_chunks: --workers N over .npy/.npz
 # inputs), which may work on chunks of two neighbouring inputs at once: an input is loaded (mapped, its
 # offsets read) once, under this lock, and the last few stay loaded until the build ends (clear_caches).
 _CACHE_LOCK = threading.Lock()

@@ -11,7 +11,7 @@ import pytest
 
 from megaslm.vocab import UnitVocab
 
-import data_tools.build as B
+import data_tools.engine as E
 from data_tools.build import build_dataset, uses_processes
 from data_tools.errors import DataError
 from data_tools.formats import InputSpec
@@ -64,13 +64,13 @@ def test_workers_choose_threads_for_binary_inputs_and_processes_for_lines():
 def test_binary_inputs_build_the_same_bytes_in_threads(tmp_path, monkeypatch):
     paths = _binary_inputs(tmp_path, np.random.default_rng(0))
     started = []
-    real = B._Workers.__init__
+    real = E._Workers.__init__
 
     def spy(self, *a, **kw):
         started.append(a[1])
         real(self, *a, **kw)
 
-    monkeypatch.setattr(B._Workers, "__init__", spy)
+    monkeypatch.setattr(E._Workers, "__init__", spy)
     vocab = UnitVocab(codebook_size=C, lang_tags=True)
     ref = str(tmp_path / "w1")
     build_dataset(paths, ref, vocab=vocab, mode="mono", lang="en", progress=False, chunk_size=37)
@@ -119,8 +119,8 @@ def test_a_worker_process_that_dies_is_one_error_not_a_hang(tmp_path, monkeypatc
     """A worker that exits or is killed (the OOM killer) mid-build: the build stops with one error naming how
     it died, leaves nothing at the prefix, and no worker process is left behind."""
     # fork, so that the planted failure below reaches the workers (a process holding torch uses a fork server)
-    monkeypatch.setattr(B, "_pool_context", lambda: multiprocessing.get_context("fork"))
-    real = B._pool_chunk
+    monkeypatch.setattr(E, "_pool_context", lambda: multiprocessing.get_context("fork"))
+    real = E._pool_chunk
 
     def dies_at_chunk_3(job):
         if job[0] == 3:
@@ -129,7 +129,7 @@ def test_a_worker_process_that_dies_is_one_error_not_a_hang(tmp_path, monkeypatc
             os._exit(3)
         return real(job)
 
-    monkeypatch.setattr(B, "_pool_chunk", dies_at_chunk_3)
+    monkeypatch.setattr(E, "_pool_chunk", dies_at_chunk_3)
     src = write_jsonl(tmp_path / "u.jsonl", [{"file_name": f"u{i}", "units": [i % C, 1, 2]} for i in range(2000)])
     with pytest.raises(DataError) as ei:
         build_dataset([src], str(tmp_path / "ds"), vocab=UnitVocab(codebook_size=C), progress=False, chunk_size=100,
