@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from megaslm.vocab import lang_prefix, manifest_path
+from megaslm.vocab import IDX_DTYPE_CODES, IDX_MAGIC, IDX_VERSION, lang_prefix, manifest_path
 
 from data_tools.errors import DataError
 
@@ -41,12 +41,6 @@ def new_builder(path_prefix: str, dtype):
     return IndexedDatasetBuilder(path_prefix + ".bin", dtype=dtype)
 
 
-# megatron-core's .idx layout (megatron/core/datasets/indexed_dataset.py: _INDEX_HEADER, DType, _IndexWriter)
-_INDEX_HEADER = b"MMIDIDX\x00\x00"
-_DTYPE_CODES = {np.dtype(t): c for t, c in ((np.uint8, 1), (np.int8, 2), (np.int16, 3), (np.int32, 4), (np.int64, 5),
-                                            (np.float64, 6), (np.float32, 7), (np.uint16, 8))}
-
-
 INDEX_BLOCK = 1 << 20      # write_index_blocks: documents per block of the .idx's arrays
 
 
@@ -70,9 +64,9 @@ def write_index_blocks(idx_path: str, dtype, count: int, blocks: Callable[[], It
     many documents (a build keeps its lengths in a file beyond a million documents)."""
     dt = np.dtype(dtype)
     with open(idx_path, "wb") as f:
-        f.write(_INDEX_HEADER)
-        f.write(struct.pack("<Q", 1))
-        f.write(struct.pack("<B", _DTYPE_CODES[dt]))
+        f.write(IDX_MAGIC)                  # megatron-core's layout: megaslm.vocab
+        f.write(struct.pack("<Q", IDX_VERSION))
+        f.write(struct.pack("<B", IDX_DTYPE_CODES[dt.name]))
         f.write(struct.pack("<Q", count))
         f.write(struct.pack("<Q", count + 1))
         for lengths in blocks():

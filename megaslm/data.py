@@ -19,8 +19,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from megaslm.config import ConfigError, RunConfig, StageConfig
-from megaslm.vocab import (LANG_NONE, UnitVocab, VocabError, content_hash_algorithm, hash_files, manifest_path,
-                          read_manifest)
+from megaslm.vocab import (IDX_HEAD, IDX_ITEMSIZE, IDX_MAGIC, IDX_VERSION, LANG_NONE, UnitVocab, VocabError,
+                           content_hash_algorithm, hash_files, manifest_path, read_manifest)
 
 
 class UnitTokenizer:
@@ -35,16 +35,6 @@ class UnitTokenizer:
         self.unique_identifiers = {"class": "UnitTokenizer", **{k: str(v) for k, v in vocab.to_dict().items()}}
 
 
-# megatron-core's indexed dataset layout (megatron/core/datasets/indexed_dataset.py, version 1):
-# header, version <Q, dtype code <B, sequence count <Q, document count <Q, then int32 lengths,
-# int64 byte pointers, int64 document indices (and, for multimodal sets, int8 modes). Read here with
-# the standard library so that a truncated or garbage file is one clear error before any model is
-# built, not a numpy/megatron traceback after it (megatron's reader only asserts the header).
-_IDX_MAGIC = b"MMIDIDX\x00\x00"
-_IDX_HEAD = len(_IDX_MAGIC) + 8 + 1 + 8 + 8
-_ITEMSIZE = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 4, 8: 2}   # megatron's DType codes
-
-
 @dataclasses.dataclass
 class IndexedFileInfo:
     itemsize: int
@@ -55,7 +45,10 @@ class IndexedFileInfo:
 
 
 def inspect_indexed(prefix: str) -> IndexedFileInfo:
-    """Cheap structural check of ``prefix.idx`` / ``prefix.bin`` (sizes and headers; no hashing)."""
+    """Cheap structural check of ``prefix.idx`` / ``prefix.bin`` (sizes and headers; no hashing). The layout is
+    megatron-core's (``megaslm.vocab.IDX_*``, which data_tools writes), read here with the standard library so
+    that a truncated or garbage file is one clear error before any model is built, not a numpy/megatron
+    traceback after it (megatron's reader only asserts the header)."""
     import numpy as np
 
     idx, binp = prefix + ".idx", prefix + ".bin"
@@ -64,22 +57,22 @@ def inspect_indexed(prefix: str) -> IndexedFileInfo:
             raise ConfigError(f"dataset {prefix}: {path} not found (build it with `python -m data_tools build`)")
     size = os.path.getsize(idx)
     with open(idx, "rb") as f:
-        head = f.read(_IDX_HEAD)
-    if len(head) < _IDX_HEAD or head[:len(_IDX_MAGIC)] != _IDX_MAGIC:
+        head = f.read(IDX_HEAD)
+    if len(head) < IDX_HEAD or head[:len(IDX_MAGIC)] != IDX_MAGIC:
         raise ConfigError(f"{idx}: not a megatron indexed-dataset index (bad or truncated header, {size} bytes)")
-    version, code, n, d = struct.unpack("<QBQQ", head[len(_IDX_MAGIC):])
-    if version != 1 or code not in _ITEMSIZE:
+    version, code, n, d = struct.unpack("<QBQQ", head[len(IDX_MAGIC):])
+    if version != IDX_VERSION or code not in IDX_ITEMSIZE:
         raise ConfigError(f"{idx}: unsupported index (version {version}, dtype code {code}; expected version 1 "
                           f"and a dtype code in 1-8)")
-    expected = _IDX_HEAD + 12 * n + 8 * d
+    expected = IDX_HEAD + 12 * n + 8 * d
     if size not in (expected, expected + n):      # + n: the optional per-sequence mode bytes
         raise ConfigError(f"{idx}: truncated or corrupt index: {size} bytes, expected {expected} for "
                           f"{n} sequences and {d} document indices")
-    lengths = np.memmap(idx, dtype=np.int32, mode="r", offset=_IDX_HEAD, shape=(n,)) if n else np.zeros(0, np.int32)
+    lengths = np.memmap(idx, dtype=np.int32, mode="r", offset=IDX_HEAD, shape=(n,)) if n else np.zeros(0, np.int32)
     if n and int(lengths.min()) < 0:
         raise ConfigError(f"{idx}: corrupt index: negative sequence length")
     tokens = int(lengths.sum(dtype=np.int64))
-    itemsize = _ITEMSIZE[code]
+    itemsize = IDX_ITEMSIZE[code]
     bsize = os.path.getsize(binp)
     if bsize != tokens * itemsize:
         raise ConfigError(f"{binp}: {'truncated' if bsize < tokens * itemsize else 'wrong size'}: {bsize} bytes, "

@@ -42,6 +42,19 @@ MANIFEST_VERSION = 1
 CONTENT_HASH = "xxh3_128"
 LEGACY_CONTENT_HASH = "sha256"
 
+# megatron-core's indexed dataset layout (megatron/core/datasets/indexed_dataset.py: _INDEX_HEADER, DType,
+# _IndexWriter; version 1): the .idx holds this header, version <Q, dtype code <B, sequence count <Q, document
+# count <Q, then int32 lengths, int64 byte pointers, int64 document indices (and, for multimodal sets, int8
+# modes); the .bin the tokens. data_tools writes it (common.write_index), training checks it (data.inspect_indexed).
+IDX_MAGIC = b"MMIDIDX\x00\x00"
+IDX_VERSION = 1
+IDX_HEAD = len(IDX_MAGIC) + 8 + 1 + 8 + 8      # magic, version, dtype code, sequence count, document count
+# (numpy dtype name, megatron's DType code, bytes per item)
+_IDX_DTYPES = (("uint8", 1, 1), ("int8", 2, 1), ("int16", 3, 2), ("int32", 4, 4), ("int64", 5, 8),
+               ("float64", 6, 8), ("float32", 7, 4), ("uint16", 8, 2))
+IDX_DTYPE_CODES = {name: code for name, code, _ in _IDX_DTYPES}
+IDX_ITEMSIZE = {code: size for _, code, size in _IDX_DTYPES}
+
 # Frame rates (units per second) of the usual unit sources, for hour accounting.
 FRAME_RATES = {"mimi": 12.5, "hubert25": 25.0, "hubert50": 50.0}
 

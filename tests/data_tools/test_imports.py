@@ -1,5 +1,6 @@
 """data_tools imports only numpy, megatron-core's dataset package, sentencepiece, tqdm, matplotlib,
-yaml (recipes) and megaslm.vocab (ARCHITECTURE.md dependency direction)."""
+yaml (recipes), megaslm.vocab and the torch-free benchmark record (kernels.bench.record, the one
+harness every benchmark writes through) (ARCHITECTURE.md dependency direction)."""
 import ast
 import os
 import sys
@@ -7,7 +8,7 @@ import sys
 from conftest import ROOT
 
 ALLOWED = {"numpy", "orjson", "sentencepiece", "tqdm", "matplotlib", "yaml", "data_tools", "megaslm.vocab",
-           "megatron.core.datasets"}
+           "megatron.core.datasets", "kernels.bench.record"}
 # the data-build benchmark runs megatron-core's own per-item builder loop as its anchor, which takes tensors
 EXTRA = {"bench_build.py": {"torch"}}
 # data_tools/audio (audio -> units, docs/audio.md) runs the speech models: these, and only there
@@ -92,6 +93,18 @@ def test_write_index_is_megatron_cores_index_writer():
                 with _IndexWriter(os.path.join(d, "b.idx"), dtype) as w:
                     w.write(lengths.tolist(), None, list(range(n + 1)))
                 assert open(os.path.join(d, "a.idx"), "rb").read() == open(os.path.join(d, "b.idx"), "rb").read()
+
+
+def test_idx_constants_are_megatron_cores():
+    """megaslm.vocab's .idx layout constants (the one copy data_tools writes with and training reads with) are
+    megatron-core's: header, every DType code and its item size."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, DType
+
+    from megaslm.vocab import IDX_DTYPE_CODES, IDX_HEAD, IDX_ITEMSIZE, IDX_MAGIC
+    assert IDX_MAGIC == _INDEX_HEADER and IDX_HEAD == len(_INDEX_HEADER) + 25
+    assert IDX_DTYPE_CODES == {d.name: d.value for d in DType}
+    assert IDX_ITEMSIZE == {d.value: np.dtype(d.name).itemsize for d in DType}
 
 
 def test_build_never_imports_torch(tmp_path):
