@@ -24,12 +24,22 @@ deepspeed 0.19.8 and are adapted here, so that a DeepSpeed upgrade has one file 
    (``deepspeed.ops.__compatible_ops__``) so ``build_shm_op`` returns None, as it does wherever the op
    cannot be built. The names are checked by the same test.
 
+4. Checkpoint state into a live engine (``megaslm.checkpoint.engine``): ZeRO-1/2 and the bf16 optimizer
+   keep fp32 master weights and Adam moments in flat partitions; torch's Adam creates its state at the
+   first step and DeepSpeed links each parameter's fragment of it (``lp._hp_mapping``) only then, in the
+   private ``_lazy_init_hp_params_optimizer_state`` guarded by ``_hp_optimizer_states_linked``.
+   ``link_optimizer_state`` re-runs that linkage once the state exists; ``holds_partition`` /
+   ``holds_fragment`` read the mapping. ``set_last_lr`` writes the scheduler's ``_last_lr`` (torch's
+   ``LRScheduler.get_last_lr`` returns it; DeepSpeed logs it) after the lr is realigned on resume.
+   ``PRIVATE_NAMES`` lists every private name used here; the same test checks each against the
+   installed DeepSpeed and torch, and the import-rule test keeps them out of every other file.
+
 ``grad_norm_tensor`` returns the norm of the last step as a tensor (or ``None``) without a host
 synchronisation, so the trainer can convert it once per log interval.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -38,6 +48,11 @@ from megaslm.config import RunConfig
 # the names this adapter relies on (checked by a test against the installed DeepSpeed)
 PATCHED_ENGINE_METHOD = "clip_fp32_gradients"
 NORM_ATTRIBUTE = "_global_grad_norm"
+HP_MAPPING = "_hp_mapping"                                  # a parameter's fragment of ZeRO's flat partition
+LINK_METHOD = "_lazy_init_hp_params_optimizer_state"        # ZeRO-1/2 and bf16 optimizer
+LINKED_FLAG = "_hp_optimizer_states_linked"
+LAST_LR = "_last_lr"                                        # torch's LRScheduler
+PRIVATE_NAMES = (NORM_ATTRIBUTE, HP_MAPPING, LINK_METHOD, LINKED_FLAG, LAST_LR)
 
 
 def engine_config(cfg: RunConfig, dp_size: int, cuda: bool) -> Dict:
@@ -97,3 +112,31 @@ def grad_norm_tensor(engine) -> Optional[torch.Tensor]:
     if torch.is_tensor(raw):
         return raw.detach().reshape(-1)[0].double().clone()   # a copy: DeepSpeed may reuse its buffer
     return torch.tensor(float(raw), dtype=torch.float64)
+
+
+# ---- checkpoint state into a live engine (see the module doc, 4.) --------------------------------
+def can_link_optimizer_state(optimizer) -> bool:
+    """Whether this DeepSpeed optimizer links parameter fragments to its Adam state (ZeRO-1/2, bf16)."""
+    return hasattr(optimizer, LINK_METHOD)
+
+
+def link_optimizer_state(optimizer) -> None:
+    """Link every parameter's fragment to the Adam state of the flat partitions (created by the caller
+    before the first step), as DeepSpeed does itself at its first step."""
+    setattr(optimizer, LINKED_FLAG, False)
+    getattr(optimizer, LINK_METHOD)()
+
+
+def holds_partition(param) -> bool:
+    """The parameter's master weight and moments live in a DeepSpeed flat partition (ZeRO / bf16 optimizer)."""
+    return hasattr(param, HP_MAPPING)
+
+
+def holds_fragment(param) -> bool:
+    """This rank's partition holds a fragment of the parameter (False also without a partition)."""
+    return getattr(param, HP_MAPPING, None) is not None
+
+
+def set_last_lr(scheduler, lrs: List[float]) -> None:
+    """What ``scheduler.get_last_lr()`` returns until its next step."""
+    setattr(scheduler, LAST_LR, list(lrs))

@@ -144,8 +144,9 @@ def test_telemetry_on_cpu(tmp_path):
 
 
 def test_deepspeed_adapter_names_exist():
-    """megaslm/ds_adapter.py patches one engine method and reads one attribute: a DeepSpeed release
-    that renames either must fail here, not silently log NaN gradient norms."""
+    """megaslm/ds_adapter.py patches one engine method and reads one attribute, and the checkpoint code
+    reaches optimizer state through the private names it lists: a DeepSpeed release that renames any must
+    fail here, not silently log NaN gradient norms or resume without Adam moments."""
     import inspect
 
     from deepspeed.runtime.engine import DeepSpeedEngine
@@ -170,6 +171,25 @@ def test_deepspeed_adapter_names_exist():
     assert builder is None or builder.NAME == ds_adapter.SHM_OP
     ds_adapter.skip_cpu_shm_op()
     assert ds_torch.build_shm_op() is None and deepspeed.ops.__compatible_ops__[ds_adapter.SHM_OP] is False
+    # checkpoint state into a live engine (megaslm.checkpoint.engine): the Adam-state linkage of ZeRO-1/2 and
+    # the bf16 optimizer, the parameter-to-fragment mapping, the scheduler's last lr
+    import torch
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    from deepspeed.utils import mixed_precision_linkage, safe_set_full_fp32_param
+
+    for cls in (DeepSpeedZeroOptimizer, BF16_Optimizer):
+        link = getattr(cls, ds_adapter.LINK_METHOD)
+        assert callable(link) and f"self.{ds_adapter.LINKED_FLAG}" in inspect.getsource(link), cls
+    assert f"lp_param.{ds_adapter.HP_MAPPING} = " in inspect.getsource(mixed_precision_linkage.link_hp_params)
+    assert repr(ds_adapter.HP_MAPPING) in inspect.getsource(safe_set_full_fp32_param)
+    p = torch.nn.Parameter(torch.zeros(2))
+    assert not ds_adapter.holds_partition(p) and not ds_adapter.holds_fragment(p)
+    setattr(p, ds_adapter.HP_MAPPING, None)          # a parameter with no fragment on this DP rank
+    assert ds_adapter.holds_partition(p) and not ds_adapter.holds_fragment(p)
+    sched = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([p], lr=1.0), lambda s: 1.0)
+    ds_adapter.set_last_lr(sched, [0.25])
+    assert sched.get_last_lr() == [0.25]
 
 
 SHM_BUILDER = "ShareMemCommBuilder"
