@@ -175,8 +175,10 @@ def test_config_and_vocab_are_torch_free():
 
 
 def test_megaslm_only_looks_down():
-    """The library never imports the packages built on it: evals, data_tools, launchers."""
-    bad = [(f, full) for f, m, full in imports_of("megaslm") if m in ("evals", "data_tools", "launchers")]
+    """The library never imports the packages built on it: evals, data_tools, launchers (megaslm/sweeps sits
+    above the library: its edges are test_sweeps_sit_above_the_library's)."""
+    bad = [(f, full) for f, m, full in imports_of("megaslm") if m in ("evals", "data_tools", "launchers")
+           and not f.startswith("megaslm/sweeps/")]
     assert not bad, bad
 
 
@@ -206,3 +208,26 @@ def test_megaslm_model_layer_does_not_import_training():
         if f in ("megaslm/model.py", "megaslm/layers.py", "megaslm/sharding.py", "megaslm/parallel.py",
                  "megaslm/data.py", "megaslm/cpu_compat.py", "megaslm/ds_adapter.py"):
             assert full != "megaslm.train", (f, full)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sweeps sit above the rest of megaslm (ARCHITECTURE.md "Where things live")
+# ------------------------------------------------------------------------------------------------
+# what megaslm.sweeps takes from below: the config, the FLOPs formula, the plan's memory column, the
+# checkpoint layout (run state) and evals' torch-free task names (the report's columns)
+SWEEPS_MAY_IMPORT = ("megaslm.config", "megaslm.telemetry", "megaslm.memory", "megaslm.checkpoint.layout",
+                     "evals.benchmarks")
+
+
+def test_sweeps_sit_above_the_library():
+    """Nothing in megaslm outside megaslm/sweeps (nor kernels, data_tools, evals) imports megaslm.sweeps;
+    megaslm.sweeps imports from the project only SWEEPS_MAY_IMPORT and its own modules."""
+    for package in ("megaslm", "kernels", "data_tools", "evals"):
+        for f, m, full in imports_of(package):
+            if not f.startswith("megaslm/sweeps/"):
+                assert not (full == "megaslm.sweeps" or full.startswith("megaslm.sweeps.")), (f, full)
+    own = [(f, full) for f, m, full in imports_of("megaslm.sweeps")]
+    assert own, "megaslm/sweeps not found"
+    for f, full in own:
+        if full.split(".")[0] in PACKAGES:
+            assert full.startswith("megaslm.sweeps.") or full in SWEEPS_MAY_IMPORT, (f, full)

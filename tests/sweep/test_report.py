@@ -1,7 +1,7 @@
 """The report's arithmetic: the power-law fit of final loss vs FLOPs, and which loss a report shows."""
 import math
 
-from megaslm.sweep_report import LOSS_NOTE, fit_power_law, loss_kind
+from megaslm.sweeps.report import LOSS_NOTE, fit_power_law, loss_kind
 
 
 def test_power_law_fit_recovers_its_parameters():

@@ -19,7 +19,8 @@ from helpers import BUDGET, PY, ROOT, SWEEP, tiny_spec
 from test_sweep_e2e import ONE_SIZE, check_finished_sweep
 from tests.train._loopback_nodes import LoopbackNodes, NodesUnavailable
 
-from megaslm.sweep import expand, run_state
+from megaslm.sweeps.expand import expand
+from megaslm.sweeps.state import run_state
 
 NODES = {"n1": "127.0.0.1", "n2": "127.0.0.2"}
 

@@ -8,7 +8,10 @@ import yaml
 from helpers import BUDGET, ROOT, sweep, tiny_spec
 
 from megaslm.config import load_config
-from megaslm.sweep import SweepError, expand, format_plan, plan_rows, split_budget, write_configs
+from megaslm.sweeps.expand import expand, split_budget
+from megaslm.sweeps.plan import format_plan, plan_rows
+from megaslm.sweeps.spec import SweepError
+from megaslm.sweeps.state import write_configs
 from megaslm.telemetry import flops_per_token
 
 
@@ -179,13 +182,116 @@ def test_spec_error_is_a_sweep_error(tmp_path):
 
 
 def test_sweep_library_is_torch_free_and_imports_no_tools():
+    """The package sits above megaslm: from evals it takes only the torch-free task names of the report."""
     import subprocess
     import sys
 
-    code = ("import sys, megaslm.sweep, megaslm.sweep_report\n"
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'evals', 'data_tools', 'launchers', "
-            "'deepspeed', 'megatron')]\n"
+    code = ("import sys, megaslm.sweeps.spec, megaslm.sweeps.expand, megaslm.sweeps.state, megaslm.sweeps.plan, "
+            "megaslm.sweeps.execute, megaslm.sweeps.report\n"
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'data_tools', 'launchers', 'deepspeed', "
+            "'megatron') or (m.startswith('evals.') and m not in ('evals.benchmarks', 'evals.errors'))]\n"
             "assert not bad, bad\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                        env=dict(os.environ, PYTHONPATH=ROOT))
     assert r.returncode == 0, r.stderr
+
+
+def test_a_key_given_twice_is_an_error(tmp_path):
+    """The spec loader is the run config's strict one: a repeated key (here `seeds`, whose second value
+    would silently win) is one line naming the file, the line and the key."""
+    path = tiny_spec(tmp_path)
+    with open(path, "a") as f:
+        f.write("seeds: [1, 2]\n")
+    with pytest.raises(SweepError) as e:
+        expand(path)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(path + ":") and "duplicate key 'seeds'" in msg, msg
+    r = sweep("plan", "--spec", path)
+    assert r.returncode == 2 and r.stderr.strip() == f"error: {msg}", r.stderr
+
+
+def test_build_lists_know_the_data_tools_subcommands():
+    """A dataset's build list is data_tools arguments when it starts with one of data_tools' subcommands,
+    otherwise a command of its own: the list the sweep knows is data_tools' own."""
+    from data_tools.cli import make_parser
+    from megaslm.sweeps.spec import DATA_TOOLS_COMMANDS
+
+    sub = next(a for a in make_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
+    assert sorted(DATA_TOOLS_COMMANDS) == sorted(sub.choices)
+
+
+def test_build_forms(tmp_path):
+    """data_tools arguments, a command (argv) and a shell string, each with the placeholders resolved."""
+    import shlex
+    import sys
+
+    spec = tiny_spec(tmp_path, benchmarks=["b1", "b2"], datasets={
+        **yaml.safe_load(open(tiny_spec(tmp_path)))["datasets"],
+        "b1": {"kind": "files", "prefix": "{data}/b1", "build": ["{python}", "convert.py", "{data}/b1", "--p", "{p}"]},
+        "b2": {"kind": "files", "prefix": "{data}/b 2", "build": "{python} convert.py {data}/'b 2' | tee log"}})
+    sw = expand(spec)
+    d = sw.datasets
+    assert d["en"].command[:3] == [sys.executable, "-m", "data_tools"] and d["en"].command[3] == "build"
+    b1 = d["b1@p0.5"]   # it uses {p}: one instance per value
+    assert b1.command == [sys.executable, "convert.py", os.path.join(sw.data_dir, "b1"), "--p", "0.5"]
+    assert b1.cwd == str(tmp_path)      # a command of its own runs in the spec's folder
+    assert d["b2"].command == ["/bin/sh", "-c", f"{shlex.quote(sys.executable)} convert.py "
+                                                f"{shlex.quote(sw.data_dir)}/'b 2' | tee log"]
+
+
+def test_presets_include_the_3b_and_8b_shapes(tmp_path):
+    from megaslm.sweeps.spec import PRESETS
+
+    for name, path in PRESETS.items():
+        assert os.path.isfile(os.path.join(ROOT, path)), name
+    assert {os.path.basename(p)[:-5] for p in PRESETS.values()} == {
+        f[:-5] for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".yaml")}
+    sw = expand(tiny_spec(tmp_path, sizes=["llama3.2-3b", "llama3.1-8b"], recipes=["en_fr"], budgets=[10**8],
+                          throughput={"tokens_per_s": 3000, "reference": "llama3.2-3b", "device": "one H100"}))
+    params = {r.size: r.config.num_parameters() for r in sw.runs}
+    # the presets' model sections over the spec's base (its unit vocabulary): 2.8B and 7.0B parameters
+    assert 2.5e9 < params["llama3.2-3b"] < 3.2e9 and 6.5e9 < params["llama3.1-8b"] < 7.5e9, params
+
+
+def test_without_the_repository_one_line_says_what_is_missing(tmp_path):
+    """A non-editable `pip install .` ships the packages, not configs/ or launchers/: a sweep that needs
+    them (a preset size, the trainer) says so in one line, naming where it looked; a spec that needs
+    nothing from the repository still expands and plans."""
+    import shutil
+    import subprocess
+    import sys
+
+    site = tmp_path / "site-packages"
+    for pkg in ("megaslm", "evals"):      # what the wheel holds (setup.py's packages) that a sweep imports
+        shutil.copytree(os.path.join(ROOT, pkg), site / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    spec = tiny_spec(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    code = ("import sys\n"
+            "from megaslm.sweeps.expand import expand\n"
+            "from megaslm.sweeps.execute import train_command\n"
+            "from megaslm.sweeps.plan import format_plan\n"
+            "from megaslm.sweeps.spec import SweepError\n"
+            "assert __import__('megaslm').__file__.startswith(sys.argv[2]), 'not the installed copy'\n"
+            "print(format_plan(expand(sys.argv[1])).splitlines()[0])\n"
+            "for f in (lambda: expand(sys.argv[1], ['sizes=[tiny]', 'throughput.reference=tiny', 'budgets=[100000]']), lambda: train_command('c.yaml', 'py', 0, 1, None)):\n"
+            "    try:\n"
+            "        f()\n"
+            "    except SweepError as e:\n"
+            "        print('ERR', e)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("MEGASLM_ROOT", "PYTHONPATH")}
+    r = subprocess.run([sys.executable, "-c", code, spec, str(site)], capture_output=True, text=True,
+                       cwd=str(elsewhere), env=dict(env, PYTHONPATH=str(site)))
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.splitlines()
+    assert out[0].startswith("run ") and "params" in out[0], out
+    errs = [l for l in out if l.startswith("ERR ")]
+    assert len(errs) == 2 and errs[0] == errs[1], out
+    for e in errs:
+        assert "configs, launchers/pretrain.py, launchers/eval.py" in e and "non-editable" in e, e
+        assert f"looked in {site} (no configs, launchers/pretrain.py, launchers/eval.py)" in e, e
+        assert str(elsewhere) in e and "MEGASLM_ROOT" in e, e
+    # pointed at a checkout, the same installed copy finds it
+    r = subprocess.run([sys.executable, "-c", code, spec, str(site)], capture_output=True, text=True,
+                       cwd=str(elsewhere), env=dict(env, PYTHONPATH=str(site), MEGASLM_ROOT=ROOT))
+    assert r.returncode == 0 and "ERR" not in r.stdout, r.stdout + r.stderr

@@ -11,7 +11,8 @@ import pytest
 
 from helpers import BUDGET, PY, ROOT, SWEEP, sweep, tiny_spec
 
-from megaslm.sweep import expand, newest_meta, run_state
+from megaslm.sweeps.expand import expand
+from megaslm.sweeps.state import newest_meta, run_state
 
 
 def _train_log(run):
@@ -63,16 +64,16 @@ def test_local_sweep_killed_midway_resumes_without_retraining(tmp_path):
     log = open(os.path.join(str(tmp_path), "first.log"), "w")
     proc = subprocess.Popen([PY, SWEEP, "run", "--spec", spec], stdout=log, stderr=subprocess.STDOUT, env=env,
                             cwd=ROOT, start_new_session=True)
-    # kill the whole sweep (driver, trainer, evaluator) as soon as one run is evaluated and another has
-    # started: a SIGKILL leaves no chance to clean up
+    # kill the whole sweep (driver, trainer, evaluator) as soon as one run is evaluated and another is
+    # running with a checkpoint saved: a SIGKILL leaves no chance to clean up
     deadline = time.time() + 900
     states = {}
     try:
         while time.time() < deadline:
-            states = {r.name: run_state(r)["state"] for r in sw.runs}
-            started = [r for r in sw.runs if states[r.name] in ("pending", "partial") and os.path.exists(
-                os.path.join(r.dir, "logs", "train.log"))]
-            if "evaluated" in states.values() and started and states[started[0].name] == "partial":
+            states = {r.name: run_state(r) for r in sw.runs}
+            kinds = [s["state"] for s in states.values()]
+            running = [r for r in sw.runs if states[r.name]["state"] == "running"]
+            if "evaluated" in kinds and running and states[running[0].name]["checkpoint"]:
                 break
             if proc.poll() is not None:
                 break
@@ -83,9 +84,18 @@ def test_local_sweep_killed_midway_resumes_without_retraining(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    finished = [r for r in sw.runs if states[r.name] == "evaluated"]
-    partial = [r for r in sw.runs if states[r.name] == "partial"]
+    finished = [r for r in sw.runs if states[r.name]["state"] == "evaluated"]
+    partial = [r for r in sw.runs if states[r.name]["state"] == "running"]
     assert finished and partial, states
+    # killed, the run that was running is stopped at its newest checkpoint (its lock went with the processes)
+    for _ in range(50):
+        after = {r.name: run_state(r) for r in partial}
+        if all(s["state"] == "stopped" for s in after.values()):
+            break
+        time.sleep(0.1)
+    assert all(s["state"] == "stopped" and s["step"] > 0 for s in after.values()), after
+    st = sweep("status", "--spec", spec)
+    assert st.returncode == 0 and " stopped " in st.stdout and " running " not in st.stdout, st.stdout
     before = {r.name: (_train_log(r), os.path.getmtime(os.path.join(newest_meta(r.dir)["_path"], "meta.json")))
               for r in finished}
     partial_step = {r.name: run_state(r)["step"] for r in partial}

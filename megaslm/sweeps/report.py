@@ -18,12 +18,10 @@ import math
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from megaslm.sweep import atomic_write, newest_meta
+from evals.benchmarks import CROSSLINGUAL, MONOLINGUAL, SYNTAX_LEXICON  # the paper's column order (torch-free)
+from megaslm.sweeps.state import atomic_write, newest_meta
 
-# the paper's column order (as evals.benchmarks names the tasks; megaslm may not import evals)
-MONOLINGUAL = ["sSC-EN", "sSC-FR", "sTC-EN", "sTC-FR"]
-CROSSLINGUAL = ["sSC EN→FR", "sSC FR→EN", "sTC EN→FR", "sTC FR→EN"]
-SYNTAX_LEXICON = ["sBLIMP", "sWUGGY"]
+PAPER_COLUMNS = MONOLINGUAL + CROSSLINGUAL + SYNTAX_LEXICON
 
 
 def _metrics(run_dir: str) -> List[Dict]:
@@ -145,8 +143,7 @@ def _cell(m: Optional[Tuple], fmt: str) -> str:
 
 def markdown(sj: Dict, rows: Sequence[Dict], arm_rows: Sequence[Dict]) -> str:
     present = {k for r in rows for k in r["tasks"]}
-    cols = [c for c in MONOLINGUAL + CROSSLINGUAL + SYNTAX_LEXICON if c in present] + \
-        sorted(present - set(MONOLINGUAL + CROSSLINGUAL + SYNTAX_LEXICON))
+    cols = [c for c in PAPER_COLUMNS if c in present] + sorted(present - set(PAPER_COLUMNS))
     aligns = sorted({k for r in rows for k in r["alignment"]})
     head = ["arm", "params", "tokens", "seeds", "final loss"] + cols + [f"{a} (cos)" for a in aligns]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
@@ -196,13 +193,15 @@ def _smooth(ys: Sequence[float], k: int) -> List[float]:
 
 
 def write_plots(rows: Sequence[Dict], arm_rows: Sequence[Dict], plot_dir: str) -> Tuple[List[str], List[str]]:
+    """loss_vs_tokens.png, loss_vs_flops.png (with the power-law fits, returned as lines) and
+    accuracy_vs_flops.png (where a benchmark was scored)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     os.makedirs(plot_dir, exist_ok=True)
-    paths, fits = [], []
+    paths: List[str] = []
 
     def save(fig, name):
         p = os.path.join(plot_dir, name)
@@ -213,7 +212,18 @@ def write_plots(rows: Sequence[Dict], arm_rows: Sequence[Dict], plot_dir: str) -
         os.replace(tmp, p)
         paths.append(p)
 
-    # 1. loss vs tokens, one line per arm (seeds averaged step by step)
+    kind = loss_kind([r for a in arm_rows for r in a["runs"]])
+    save(_plot_loss_vs_tokens(plt, arm_rows, kind), "loss_vs_tokens.png")
+    fig, fits = _plot_loss_vs_flops(plt, arm_rows, kind)
+    save(fig, "loss_vs_flops.png")
+    fig = _plot_accuracy_vs_flops(plt, arm_rows)
+    if fig is not None:
+        save(fig, "accuracy_vs_flops.png")
+    return paths, fits
+
+
+def _plot_loss_vs_tokens(plt, arm_rows: Sequence[Dict], kind: str):
+    """One line per arm (seeds averaged step by step)."""
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     for a in arm_rows:
         curves = [r["curve"] for r in a["runs"] if r["curve"]]
@@ -227,18 +237,19 @@ def write_plots(rows: Sequence[Dict], arm_rows: Sequence[Dict], plot_dir: str) -
         ax.plot(xs, ys if held_out else _smooth(ys, max(1, n // 10)), "o-" if held_out else "-",
                 markersize=3, label=a["arm"])
     ax.set_xlabel("tokens")
-    kind = loss_kind([r for a in arm_rows for r in a["runs"]])
     ax.set_ylabel({"validation": "validation loss (held out)", "training": "training loss (moving mean)"}.get(
         kind, "loss (validation where logged)"))
     ax.set_title("loss vs tokens per arm")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    save(fig, "loss_vs_tokens.png")
+    return fig
 
-    # 2. final loss vs FLOPs per recipe, with a fitted power law
+
+def _plot_loss_vs_flops(plt, arm_rows: Sequence[Dict], kind: str):
+    """Final loss vs FLOPs per recipe, with a fitted power law -> (figure, one line per recipe)."""
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    recipes = sorted({a["recipe"] for a in arm_rows})
-    for rec in recipes:
+    fits = []
+    for rec in sorted({a["recipe"] for a in arm_rows}):
         pts = sorted((a["flops"], a["metrics"]["final_loss"][0]) for a in arm_rows
                      if a["recipe"] == rec and "final_loss" in a["metrics"])
         if not pts:
@@ -260,32 +271,36 @@ def write_plots(rows: Sequence[Dict], arm_rows: Sequence[Dict], plot_dir: str) -
     ax.set_title("final loss vs compute per recipe")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
-    save(fig, "loss_vs_flops.png")
+    return fig, fits
 
-    # 3. benchmark accuracy vs compute per recipe (one panel per task), error bars = spread over seeds
-    tasks = [t for t in MONOLINGUAL + CROSSLINGUAL + SYNTAX_LEXICON if any(t in a["metrics"] for a in arm_rows)]
+
+def _plot_accuracy_vs_flops(plt, arm_rows: Sequence[Dict]):
+    """Each benchmark vs compute per recipe (one panel per task), error bars = spread over seeds; None
+    without any score."""
+    tasks = [t for t in PAPER_COLUMNS if any(t in a["metrics"] for a in arm_rows)]
     tasks += sorted({k for a in arm_rows for k in a["metrics"]} - set(tasks) - {"final_loss"})
-    if tasks:
-        ncol = min(4, len(tasks))
-        nrow = -(-len(tasks) // ncol)
-        fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 2.6 * nrow), dpi=100, squeeze=False)
-        for i, t in enumerate(tasks):
-            ax = axes[i // ncol][i % ncol]
-            for rec in recipes:
-                pts = sorted((a["flops"],) + a["metrics"][t][:2] for a in arm_rows if a["recipe"] == rec and t in a["metrics"])
-                if pts:
-                    ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
-                                capsize=3, label=rec)
-            ax.set_xscale("log")
-            ax.set_title(t, fontsize=9)
-            ax.grid(alpha=0.3)
-            ax.set_xlabel("FLOPs", fontsize=8)
-            ax.set_ylabel("cosine" if t.startswith("align") else "accuracy (%)", fontsize=8)
-        for j in range(len(tasks), nrow * ncol):
-            axes[j // ncol][j % ncol].axis("off")
-        axes[0][0].legend(fontsize=7)
-        save(fig, "accuracy_vs_flops.png")
-    return paths, fits
+    if not tasks:
+        return None
+    recipes = sorted({a["recipe"] for a in arm_rows})
+    ncol = min(4, len(tasks))
+    nrow = -(-len(tasks) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 2.6 * nrow), dpi=100, squeeze=False)
+    for i, t in enumerate(tasks):
+        ax = axes[i // ncol][i % ncol]
+        for rec in recipes:
+            pts = sorted((a["flops"],) + a["metrics"][t][:2] for a in arm_rows if a["recipe"] == rec and t in a["metrics"])
+            if pts:
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
+                            capsize=3, label=rec)
+        ax.set_xscale("log")
+        ax.set_title(t, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.set_xlabel("FLOPs", fontsize=8)
+        ax.set_ylabel("cosine" if t.startswith("align") else "accuracy (%)", fontsize=8)
+    for j in range(len(tasks), nrow * ncol):
+        axes[j // ncol][j % ncol].axis("off")
+    axes[0][0].legend(fontsize=7)
+    return fig
 
 
 def write_report(sweep_dir: str) -> Dict[str, object]:
