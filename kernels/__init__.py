@@ -8,16 +8,17 @@ plain-torch reference; ``force="triton" | "reference"`` overrides):
 * :func:`doc_positions_and_masks` / :func:`doc_positions_and_masks_reference`
 * :func:`use_triton`
 
-Importing this package never launches a kernel, so it works on a CPU-only machine.  The kernel modules
-(and so triton) are imported lazily on first attribute access: ``TRITON_INTERPRET`` is read when a
-``@triton.jit`` function is defined, so scripts (``kernels.bench``) can still set it after importing
-the package itself.
+Importing this package never launches a kernel, so it works on a CPU-only machine, and imports neither torch
+nor triton: torch-free code may import its standard-library modules (``kernels.choice``,
+``kernels.bench.record``).  The kernel modules (and so torch and triton) are imported lazily on first attribute
+access: ``TRITON_INTERPRET`` is read when a ``@triton.jit`` function is defined, so scripts (``kernels.bench``)
+can still set it after importing the package itself.
 """
 import importlib
 
-from .dispatch import interpreting, use_triton
-
 _LAZY = {
+    "use_triton": ".dispatch",
+    "interpreting": ".dispatch",
     "fused_unit_embedding": ".embedding",
     "embedding_reference": ".embedding",
     "FusedUnitEmbedding": ".embedding",
@@ -27,7 +28,7 @@ _LAZY = {
     "doc_positions_and_masks_reference": ".doc_mask",
 }
 
-__all__ = ["use_triton", "interpreting", *_LAZY]
+__all__ = list(_LAZY)
 
 
 def __getattr__(name):

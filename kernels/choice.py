@@ -2,8 +2,9 @@
 
 * On a GPU the default is PyTorch's FlexAttention (``flex``): a kernel PyTorch itself tests on GPUs.
   Our Triton kernel (``triton``) earns the default only by a stored, side-by-side measurement on this device
-  class: a result file of ``python -m kernels.bench.bench_attention`` in ``kernels/bench/results/`` (written on
-  a GPU, committed with device, commit and date) whose Triton forward+backward row for this shape -- same
+  class: a record of ``python -m kernels.bench.bench_attention`` (or ``bench_all``) in the results folder
+  ``docs/bench/`` (kernels/bench/record.py: written on a GPU, committed with device, commit and date; not a
+  dry run) whose Triton forward+backward row for this shape -- same
   dtype, head dim, query heads per KV head and sequence length -- passed the bench's numerics check against
   FlexAttention (status ``ok``: output and every gradient agree, else it is stored as ``mismatch ...`` and
   never timed) and ran faster than FlexAttention on the same mask (``ratio_vs_flex > 1``).
@@ -13,16 +14,17 @@
   backward on CPU.
 
 Imports only the standard library: the rule is a pure function of the device name, the shape and the result
-files, so it is tested with fake device names and planted result files (tests/kernels/test_choice.py).
+records, so it is tested with fake device names and planted records (tests/kernels/test_flex.py).
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Iterator, NamedTuple, Optional, Tuple
 
-RESULTS_DIR = Path(__file__).resolve().parent / "bench" / "results"
+from kernels.bench.record import RESULTS_DIR, read_records
+
+ATTENTION_BENCHMARKS = ("bench_attention", "bench_all")   # the records that carry attention rows
 BACKENDS = ("flex", "sdpa", "triton", "reference")
 _DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -45,19 +47,12 @@ class AttentionShape(NamedTuple):
 
 
 def _stored_rows(results_dir: Path) -> Iterator[Tuple[str, dict, dict]]:
-    """(file name, device record, row) for every attention fwd+bwd Triton row of every stored result file."""
-    if not results_dir.is_dir():
-        return
-    for path in sorted(results_dir.glob("*.json")):
-        try:
-            payload = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if not isinstance(payload, dict) or not isinstance(payload.get("device"), dict):
-            continue
-        for row in payload.get("rows") or []:
+    """(file name, record, row) for every attention fwd+bwd Triton row of every stored attention record, oldest
+    record first (unreadable files and other records are skipped)."""
+    for path, rec in read_records(results_dir, ATTENTION_BENCHMARKS):
+        for row in rec["figures"].get("rows") or []:
             if isinstance(row, dict) and row.get("kernel") == "attention_fwd_bwd" and row.get("impl") == "triton":
-                yield path.name, payload["device"], row
+                yield path.name, rec, row
 
 
 def _matches(row: dict, shape: AttentionShape) -> bool:
@@ -74,15 +69,15 @@ def gpu_attention_choice(device_name: str, shape: AttentionShape,
                          results_dir: Optional[Path] = None) -> Tuple[str, str]:
     """(backend, reason) for ``auto`` on the CUDA device called ``device_name``."""
     results_dir = Path(results_dir) if results_dir is not None else RESULTS_DIR
-    found = [(f, r) for f, dev, r in _stored_rows(results_dir)
-             if dev.get("name") == device_name and not dev.get("dry_run") and _matches(r, shape)]
+    found = [(f, r) for f, rec, r in _stored_rows(results_dir)
+             if rec["device"] == device_name and not rec["dry_run"] and _matches(r, shape)]
     if not found:
         return "flex", f"triton not yet measured on {device_name} at {shape.describe()}"
     failed = [(f, r) for f, r in found if r.get("status") != "ok"]
     if failed:
         f, r = failed[-1]
         return "flex", f"triton failed its numerics check vs FlexAttention on {device_name} ({f}: {r.get('status')})"
-    f, r = found[-1]                                # the newest file (names carry the date)
+    f, r = found[-1]                                # the newest record (by its date)
     ratio = r.get("ratio_vs_flex")
     if ratio is None:
         return "flex", f"triton measured on {device_name} without FlexAttention beside it ({f})"

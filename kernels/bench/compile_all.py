@@ -1,6 +1,6 @@
 """Compile every Triton kernel variant the product launches, for sm_80 and sm_90, without a GPU.
 
-    python -m kernels.bench.compile_all                 # all variants, both archs -> kernels/bench/results/
+    python -m kernels.bench.compile_all                 # all variants, both archs -> docs/bench/
     python -m kernels.bench.compile_all --archs 90 --filter "attention fwd bfloat16 D64" --out /tmp/x
 
 How: the variant axes and attention block-size spaces live in ``kernels/dispatch.py`` (the one list the
@@ -14,11 +14,13 @@ by ``triton.compile`` down to a cubin with the ptxas that ships in the triton wh
 processes, into a FRESH ``TRITON_CACHE_DIR`` and with ``TRITON_INTERPRET`` and
 ``TRITON_ALLOW_NON_CONSTEXPR_GLOBALS`` removed (a cached or interpreted kernel hides compile errors).
 
-Writes ``compile_table.csv`` and ``compile_table.md`` (registers, spill stores/loads, shared memory,
-compile seconds per compiled kernel, and the variants that launch it) to ``--out`` (default
-``kernels/bench/results``), each to a temporary name then renamed.  Exit status 1 and one line per
-failure naming the variant when any kernel fails to compile or needs more shared memory than the
-architecture has; 2 on bad arguments.
+Writes the project's benchmark record (``kernels/bench/record.py``: device, commit, date, load, command, the goal
+"every launched variant compiles" and whether it is met, and as figures one row per compiled kernel: registers,
+spill stores/loads, shared memory, compile seconds, the variants that launch it) as
+``compile_all-triton-<version>.json`` -- one per Triton release, a rerun replaces it -- with the same rows as
+``.csv`` and a Markdown table ``.md`` beside it, into ``--out`` (default the results folder ``docs/bench``), each
+to a temporary name then renamed.  Exit status 1 and one line per failure naming the variant when any kernel
+fails to compile or needs more shared memory than the architecture has; 2 on bad arguments.
 """
 from __future__ import annotations
 
@@ -51,7 +53,8 @@ from typing import Dict, List, Optional, Tuple  # noqa: E402
 
 import torch  # noqa: E402
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+from kernels.bench import record  # noqa: E402
+
 # usable shared memory per block (bytes): A100 163 KiB, H100 227 KiB
 SMEM_LIMIT = {80: 166912, 90: 232448}
 
@@ -325,23 +328,14 @@ COLUMNS = ["kernel", "arch", "constexprs", "num_warps", "num_stages", "regs", "s
            "smem", "compile_s", "cpu_s", "status", "variants"]
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
-    with os.fdopen(fd, "w", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def write_tables(rows: List[dict], out: Path, meta: dict) -> Tuple[Path, Path]:
-    out.mkdir(parents=True, exist_ok=True)
+def tables(rows: List[dict], meta: dict) -> Tuple[List[dict], str, str]:
+    """(rows sorted as stored, CSV text, Markdown text)."""
     rows = sorted(rows, key=lambda r: (r["kernel"], r["arch"], r["constexprs"]))
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(COLUMNS)
     for r in rows:
         w.writerow([r.get(c, "") if r.get(c) is not None else "" for c in COLUMNS])
-    csv_path, md_path = out / "compile_table.csv", out / "compile_table.md"
-    _atomic_write(csv_path, buf.getvalue())
     lines = [f"# Triton compile check: {meta['n_ok']}/{meta['n']} kernels compiled to cubin",
              "",
              f"`python -m kernels.bench.compile_all` -- triton {meta['triton']}, commit {meta['commit']}, "
@@ -356,8 +350,23 @@ def write_tables(rows: List[dict], out: Path, meta: dict) -> Tuple[Path, Path]:
         vs = r.get("variants", "").split("; ")
         cells.append(vs[0] + (f" (+{len(vs) - 1} more)" if len(vs) > 1 else ""))
         lines.append("| " + " | ".join(cells) + " |")
-    _atomic_write(md_path, "\n".join(lines) + "\n")
-    return csv_path, md_path
+    return rows, buf.getvalue(), "\n".join(lines) + "\n"
+
+
+def compile_goal(n_ok: int, n: int, archs) -> dict:
+    return record.goal(f"every launched kernel variant compiles to cubin for sm_{', sm_'.join(map(str, archs))} "
+                       "(within the architecture's shared memory)", n_ok, "==", n, "compiles")
+
+
+def write_tables(rows: List[dict], out: Path, meta: dict, run: record.Run) -> Path:
+    """The record ``compile_all-triton-<version>.json`` with its ``.csv`` and ``.md`` beside it, in ``out``."""
+    rows, csv_text, md_text = tables(rows, meta)
+    figures = {k: meta[k] for k in ("triton", "archs", "selection", "variants", "wall_s", "workers", "cpu_s")}
+    figures.update(compiles=meta["n"], compiled=meta["n_ok"],
+                   rows=[{c: r.get(c) for c in COLUMNS} for r in rows])
+    return run.write(record.cpu_device(), figures, [compile_goal(meta["n_ok"], meta["n"], meta["archs"])], out=out,
+                     stem=f"compile_all-triton-{meta['triton']}", companions={".csv": csv_text, ".md": md_text},
+                     environment={"triton": meta["triton"], "torch": torch.__version__})
 
 
 def main(argv=None) -> int:
@@ -367,7 +376,8 @@ def main(argv=None) -> int:
     p.add_argument("--filter", nargs="+", default=[""],
                    help="only variants whose name contains one of these texts (e.g. 'attention fwd bfloat16 D64')")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
-    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="where compile_table.{csv,md} go")
+    p.add_argument("--out", type=Path, default=record.RESULTS_DIR,
+                   help="results folder for compile_all-triton-<version>.{json,csv,md} (default docs/bench)")
     p.add_argument("--cache-dir", default=None, help="TRITON_CACHE_DIR to use instead of a fresh temp dir")
     args = p.parse_args(argv)
     from kernels.dispatch import ARCHS
@@ -384,9 +394,7 @@ def main(argv=None) -> int:
         os.environ["TRITON_CACHE_DIR"] = args.cache_dir
     import triton
 
-    from kernels.bench.harness import git_commit
-    import datetime as dt
-
+    run = record.Run("compile_all", argv)
     t0 = time.perf_counter()
     try:
         jobs = collect(archs, args.only, args.filter)
@@ -402,16 +410,16 @@ def main(argv=None) -> int:
     rows = compile_jobs(jobs, args.jobs)
     wall = time.perf_counter() - t0
     failed = [r for r in rows if r["status"] != "ok"]
-    meta = dict(n=len(rows), n_ok=len(rows) - len(failed), triton=triton.__version__, commit=git_commit(),
-                date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), variants=n_variants,
+    meta = dict(n=len(rows), n_ok=len(rows) - len(failed), triton=triton.__version__, commit=run.commit,
+                date=run.date, variants=n_variants, archs=archs,
                 wall_s=wall, workers=args.jobs, cpu_s=sum(r["cpu_s"] for r in rows),
                 selection=f"archs {archs}, ops {args.only}" + (
                     f", filter {args.filter}" if args.filter != [""] else " (everything)"))
-    csv_path, md_path = write_tables(rows, args.out, meta)
+    json_path = write_tables(rows, args.out, meta, run)
     spilling = [r for r in rows if r["status"] == "ok" and (r.get("spill_stores") or 0) > 0]
     print(f"# {meta['n_ok']}/{meta['n']} compiled in {wall:.0f} s wall, {meta['cpu_s']:.0f} CPU-s; "
           f"{len(spilling)} of them spill registers; "
-          f"wrote {csv_path} and {md_path.name}")
+          f"wrote {json_path} (+ .csv, .md)")
     for r in failed:
         print(f"FAILED {r['kernel']} {r['arch']} [{r['variants'].split('; ')[0]}"
               f"{' +%d more variants' % (r['variants'].count('; ')) if '; ' in r['variants'] else ''}]: "

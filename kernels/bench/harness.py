@@ -1,44 +1,38 @@
-"""Shared benchmark harness: timing (triton.testing.do_bench medians), device ceilings, result files.
+"""Timing harness of the kernel benchmarks: triton.testing.do_bench medians, device ceilings, rows and tables.
 
 Every bench script is runnable as ``python -m kernels.bench.<name>`` from the repository root. On a
 machine without CUDA they exit with a one-line message unless ``--dry-run`` is given, which runs the
 same plumbing at tiny sizes on CPU (Triton kernels through the interpreter, wall-clock medians) and
-writes its result files to a temporary directory instead of ``kernels/bench/results``.
+writes its record to a temporary directory instead of the results folder.
 
-Result files: ``kernels/bench/results/<device-slug>-<UTC date>.json`` and ``.csv``; the JSON holds
-the device name, measured copy bandwidth and bf16 matmul rate, git commit, date, torch/triton
-versions and one row per (kernel, case, implementation).
+Results go through the project's one record format (``kernels/bench/record.py``) into the one results folder
+``docs/bench/``: ``bench_<tag>-<device slug>-<UTC date and time>.json`` -- device, commit, date, load, command,
+the goals (kernels/README.md "Targets") and whether they are met, and as figures the measured copy bandwidth
+and bf16 matmul rate and one row per (kernel, case, implementation) -- with the same rows as a ``.csv`` beside it.
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import datetime as _dt
-import json
+import io
 import math
-import os
-import re
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
-
 import torch
+
+from kernels.bench import record
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--dry-run", action="store_true",
                    help="tiny shapes on CPU (Triton interpreter), results to a temp dir; checks plumbing only")
-    p.add_argument("--out", type=Path, default=None, help="results directory (default kernels/bench/results)")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default docs/bench; a temp dir with --dry-run)")
     p.add_argument("--no-write", action="store_true", help="print the table only")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile baselines")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warmup (ms)")
@@ -99,27 +93,13 @@ class DeviceInfo:
     triton_version: str = ""
     dry_run: bool = False
     extra: Dict[str, object] = field(default_factory=dict)
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
-        commit = out.stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "kernels"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return commit + ("-dirty" if dirty else "")
-    except Exception:  # noqa: BLE001
-        return "unknown"
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"
+    run: Optional[record.Run] = field(default=None, repr=False)  # started before the device was measured
 
 
 def measure_device(args) -> DeviceInfo:
     import triton
 
-    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    run = record.Run("bench")   # date, commit, load and command as the run starts; named when it is written
     if torch.cuda.is_available() and not args.dry_run:
         dev = torch.device("cuda")
         name = torch.cuda.get_device_name(dev)
@@ -145,8 +125,9 @@ def measure_device(args) -> DeviceInfo:
         a = torch.randn(256, 256)
         ms = time_ms(lambda: a @ a, args)
         tflops = 2 * 256 ** 3 / (ms * 1e-3) / 1e12
-    return DeviceInfo(name=name, slug=_slug(name), copy_gbps=copy_gbps, matmul_tflops=tflops,
-                      commit=git_commit(), date=date, triton_version=triton.__version__, dry_run=args.dry_run)
+    return DeviceInfo(name=name, slug=record.slug(name), copy_gbps=copy_gbps, matmul_tflops=tflops,
+                      commit=run.commit, date=run.date, triton_version=triton.__version__, dry_run=args.dry_run,
+                      run=run)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,26 +212,57 @@ def print_table(rows: List[Row], dev: DeviceInfo) -> None:
         print(line(t))
 
 
+# the targets of kernels/README.md, each judged on its worst case: (name, kernel, impl, row field, op, target,
+# unit, which rows); a benchmark that measured no such row states no such goal
+GOALS = [
+    ("attention fwd+bwd vs FlexAttention, same mask (worst case)", "attention_fwd_bwd", "triton", "ratio_vs_flex",
+     ">=", 1.0, "x", None),
+    ("attention fwd+bwd TFLOP/s on allowed pairs vs causal FA2 (worst case)", "attention_fwd_bwd", "triton",
+     "pct_of_fa2_causal", ">=", 75.0, "%", None),
+    ("embedding forward, share of measured copy bandwidth (worst case)", "embedding_fwd", "triton", "pct_copy_bw",
+     ">=", 80.0, "%", None),
+    ("embedding backward vs torch (megatron's ops) at V=2048, H=2048 (worst case)", "embedding_bwd",
+     "eager_megatron", "speedup", ">=", 2.0, "x", lambda r: " V=2048 " in r.case and " H=2048 " in r.case),
+]
+
+
+def goals(rows: List[Row]) -> List[dict]:
+    """The targets these rows can judge; a goal whose rows were not all measured is unknown (None)."""
+    out = []
+    for name, kernel, impl, key, op, target, unit, which in GOALS:
+        mine = [r for r in rows if r.kernel == kernel and r.impl == impl and (which is None or which(r))]
+        if not mine:
+            continue
+        vals = [getattr(r, key) for r in mine if r.status == "ok" and getattr(r, key) is not None]
+        worst = (min(vals) if op == ">=" else max(vals)) if vals and len(vals) == len(mine) else None
+        out.append(record.goal(name, worst, op, target, unit))
+    return out
+
+
 def write_results(rows: List[Row], dev: DeviceInfo, args, tag: str) -> Optional[Path]:
+    """The record (``bench_<tag>``) and its rows as ``.csv``, into ``--out`` (default docs/bench; a temp dir
+    when dry-running)."""
     if args.no_write:
         return None
+    import tempfile
+
     rows = _ordered(rows)
-    out_dir = args.out or (Path(tempfile.mkdtemp(prefix="kernels-bench-dry-")) if args.dry_run else RESULTS_DIR)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{dev.slug}-{dev.date[:10]}-{tag}"
-    payload = {"device": asdict(dev), "rows": [asdict(r) for r in rows]}
-    json_path = out_dir / f"{stem}.json"
-    json_path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
-    with open(out_dir / f"{stem}.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        meta = ["device", "commit", "date", "copy_gbps", "matmul_tflops"]
-        fields = list(asdict(rows[0]).keys()) if rows else []
-        w.writerow(meta + fields)
-        for r in rows:
-            w.writerow([dev.name, dev.commit, dev.date, f"{dev.copy_gbps:.1f}", f"{dev.matmul_tflops:.1f}"]
-                       + [getattr(r, k) for k in fields])
-    print(f"# wrote {json_path} (+ .csv)")
-    return json_path
+    out_dir = args.out or (Path(tempfile.mkdtemp(prefix="kernels-bench-dry-")) if args.dry_run else record.RESULTS_DIR)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    fields = list(asdict(rows[0]).keys()) if rows else []
+    w.writerow(["device", "commit", "date", "copy_gbps", "matmul_tflops"] + fields)
+    for r in rows:
+        w.writerow([dev.name, dev.commit, dev.date, f"{dev.copy_gbps:.1f}", f"{dev.matmul_tflops:.1f}"]
+                   + [getattr(r, k) for k in fields])
+    run = dev.run or record.Run("bench")
+    run.benchmark = f"bench_{tag}"
+    path = run.write(dev.name, {"copy_gbps": dev.copy_gbps, "matmul_tflops": dev.matmul_tflops,
+                                "rows": [asdict(r) for r in rows], **dev.extra},
+                     goals(rows), out=out_dir, companions={".csv": buf.getvalue()}, dry_run=dev.dry_run,
+                     environment={"torch": dev.torch_version, "triton": dev.triton_version})
+    print(f"# wrote {path} (+ .csv)")
+    return path
 
 
 def maybe_compile(fn, args):

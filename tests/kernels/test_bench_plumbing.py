@@ -15,9 +15,13 @@ def test_bench_all_dry_run_writes_results(tmp_path):
                         "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     [js] = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
-    payload = json.load(open(tmp_path / js))
-    assert {"name", "commit", "date", "copy_gbps", "matmul_tflops"} <= set(payload["device"])
-    rows = payload["rows"]
+    payload = json.load(open(tmp_path / js))   # the one record format (kernels/bench/record.py)
+    assert js.startswith("bench_all-") and os.path.exists(tmp_path / js.replace(".json", ".csv"))
+    assert payload["device"] and payload["commit"] and payload["date"] and payload["dry_run"] is True
+    assert {"copy_gbps", "matmul_tflops"} <= set(payload["figures"])
+    # a dry run states the goals its rows can judge, and judges none
+    assert payload["goals"] and all(g["met"] is None for g in payload["goals"]) and payload["met"] is None
+    rows = payload["figures"]["rows"]
     assert {"embedding_fwd", "embedding_bwd", "attention_fwd", "attention_fwd_bwd", "doc_mask"} <= {r["kernel"] for r in rows}
     impls = {r["impl"] for r in rows if r["status"] == "ok"}
     assert {"triton", "sdpa_dense_mask", "flex_doc_mask"} <= impls, impls

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from kernels.attention import segment_attention_reference
+from kernels.bench.record import make_record, write_record
 from kernels.choice import AttentionShape, choose_attention, gpu_attention_choice
 from kernels.doc_mask import doc_positions_and_masks_reference
 from kernels.flex import (document_block_mask, document_mask, flex_segment_attention,
@@ -163,9 +164,10 @@ SHAPE = AttentionShape("bf16", 64, 32, 8, 2048)
 
 
 def plant(tmp_path, name, device, rows, dry_run=False):
-    payload = {"device": {"name": device, "dry_run": dry_run, "commit": "abc", "date": "2026-12-03"},
-               "rows": rows}
-    (tmp_path / name).write_text(json.dumps(payload))
+    """A bench_attention record (kernels/bench/record.py) as a GPU run would store it."""
+    rec = make_record("bench_attention", device, {"rows": rows}, command="python -m kernels.bench.bench_attention",
+                      commit="abc", date="2026-12-03T00:00:00Z", dry_run=dry_run)
+    write_record(rec, tmp_path / name)
 
 
 def row(ratio, status="ok", S=2048, D=64, hq=32, hkv=8, dtype="bfloat16", kernel="attention_fwd_bwd"):
@@ -228,11 +230,11 @@ def test_the_attention_bench_stores_what_the_rule_reads(tmp_path):
                    timeout=300)
     [path] = tmp_path.glob("*.json")
     payload = json.loads(path.read_text())
-    tri = [r for r in payload["rows"] if r["impl"] == "triton" and r["kernel"] == "attention_fwd_bwd"]
+    tri = [r for r in payload["figures"]["rows"] if r["impl"] == "triton" and r["kernel"] == "attention_fwd_bwd"]
     assert tri and set(tri[0]["shape"]) >= {"B", "S", "Hq", "Hkv", "D"}
     s = tri[0]["shape"]
     # the same file, as if a GPU had written it: the rule finds the row
-    payload["device"].update(name="Planted GPU", dry_run=False)
+    payload.update(device="Planted GPU", dry_run=False)
     tri[0].update(status="ok", ratio_vs_flex=1.5)
     path.write_text(json.dumps(payload))
     shape = AttentionShape(tri[0]["dtype"], s["D"], s["Hq"], s["Hkv"], s["S"])
