@@ -14,11 +14,11 @@ import torch
 import torch.distributed as dist
 
 from megaslm import parallel, sharding
+from megaslm.checkpoint.reader import Checkpoint
 from megaslm.config import ConfigError, RunConfig, apply_override, config_from_dict
 from megaslm.model import build_model
 from megaslm.vocab import LANG_NONE
 
-from evals.checkpoint import canonical_full_state_dict
 from evals.errors import EvalError
 
 
@@ -81,9 +81,10 @@ def build_eval_model(cfg: RunConfig, full: Optional[Dict[str, torch.Tensor]] = N
 
 
 def load_checkpoint_model(ckpt: str, overrides: Sequence[str] = ()) -> Tuple[RunConfig, List[torch.nn.Module]]:
-    saved, full = canonical_full_state_dict(ckpt)
-    cfg = eval_config(saved, overrides)
-    return cfg, build_eval_model(cfg, full)
+    """A checkpoint written at any layout (its saved config, canonical full weights) built at the eval layout."""
+    ck = Checkpoint(ckpt)
+    cfg = eval_config(ck.cfg, overrides)
+    return cfg, build_eval_model(cfg, ck.state_dict())
 
 
 # ------------------------------------------------------------------------------------------------

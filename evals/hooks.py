@@ -11,6 +11,7 @@ from typing import Dict, List
 
 import torch
 
+from megaslm.checkpoint.layout import tag_for
 from megaslm.config import RunConfig
 
 from evals.benchmarks import load_benchmark
@@ -49,7 +50,7 @@ def evaluate_chunks(chunks: List[torch.nn.Module], cfg: RunConfig, step: int) ->
         os.makedirs(d, exist_ok=True)
         with open(os.path.join(d, "results.jsonl"), "a") as f:
             f.write(json.dumps({"step": step, **{k: v for k, v in res.items() if k != "per_item"}}) + "\n")
-        with open(os.path.join(d, f"step{step:08d}.items.jsonl"), "w") as f:
+        with open(os.path.join(d, f"{tag_for(step)}.items.jsonl"), "w") as f:
             for rec in res["per_item"]:
                 f.write(json.dumps(rec) + "\n")
     return flat

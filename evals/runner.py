@@ -15,11 +15,11 @@ import torch
 import torch.distributed as dist
 
 from megaslm import parallel
+from megaslm.checkpoint.layout import checkpoint_step, list_checkpoints
 from megaslm.config import RunConfig
 
 from evals.alignment import align_items
 from evals.benchmarks import ALIGN, Benchmark, check_vocab, load_benchmark
-from evals.checkpoint import checkpoint_step, find_checkpoints
 from evals.engine import load_checkpoint_model
 from evals.errors import EvalError
 from evals.scoring import accuracies, score_items
@@ -85,7 +85,7 @@ def evaluate_path(path: str, bench_paths: Sequence[str], overrides: Sequence[str
     """
     from evals.report import write_reports
 
-    ckpts = find_checkpoints(path)
+    ckpts = list_checkpoints(path)
     results = []
     for c in ckpts:
         r = evaluate_checkpoint(c, bench_paths, overrides, out_dir)

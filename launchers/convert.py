@@ -53,7 +53,7 @@ def main(argv=None) -> int:
         if args.cmd == "export-hf":
             import torch
 
-            from megaslm.interop.checkpoint import export_hf
+            from megaslm.interop.hf import export_hf
 
             dtype = {None: None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
             out = export_hf(args.checkpoint, args.out, arch=args.arch, dtype=dtype, config=args.config)

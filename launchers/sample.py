@@ -51,10 +51,10 @@ def _prompt(text: str):
 
 def main(argv=None) -> int:
     args, overrides = parse(__doc__.splitlines()[0], None, argv, extra=_extra)
+    from megaslm.checkpoint.layout import list_checkpoints
     from megaslm.config import ConfigError
     from megaslm.vocab import VocabError
 
-    from evals.checkpoint import find_checkpoints
     from evals.engine import load_checkpoint_model
     from evals.errors import EvalError
     from evals.generate import sample
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
         if args.wav and not args.tokenizer_dir:
             raise ValueError("--wav needs --tokenizer-dir (the local Mimi model folder that made the units)")
         prompt = _prompt(args.prompt)
-        ckpts = find_checkpoints(args.checkpoint)
+        ckpts = list_checkpoints(args.checkpoint)
         if not ckpts:
             raise EvalError(f"{args.checkpoint}: no checkpoint found")
         cfg, chunks = load_checkpoint_model(ckpts[-1], overrides)

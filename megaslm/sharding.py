@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Dict, Iterator, List, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Tuple
 
 import torch
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+EMB = "embedding.word_embeddings.weight"
 LANG = "embedding.word_embeddings.lang_weight"   # model.language_embedding: [1 + languages, hidden]
 
 
@@ -51,7 +52,7 @@ class ParamSpec:
 
 def split_rule(canonical: str) -> Tuple[int, bool]:
     """(split dim, glu) of a canonical parameter name."""
-    if canonical in ("embedding.word_embeddings.weight", "output_layer.weight"):
+    if canonical in (EMB, "output_layer.weight"):
         return 0, False
     if canonical.endswith("linear_qkv.weight") or canonical.endswith("linear_qkv.bias"):
         return 0, False
@@ -66,15 +67,40 @@ def split_rule(canonical: str) -> Tuple[int, bool]:
     raise KeyError(f"no tensor-parallel layout known for parameter {canonical!r}")
 
 
-def canonical_name(chunk: torch.nn.Module, local_name: str, tied: bool) -> str:
+def canonical_key(local_name: str, global_layer: Callable[[int], int], tied: bool) -> str:
+    """The one rank-local -> canonical rule: a chunk's layer ``i`` is global layer ``global_layer(i)``;
+    the last stage's ``output_layer.weight`` is the tied embedding when ``tied``; every other name is
+    already canonical. Used on live chunks (``canonical_name``) and on saved state dicts (the
+    checkpoint reader, with ``layer_offset``)."""
     m = _LAYER.match(local_name)
     if m:
-        layer = chunk.decoder.layers[int(m.group(1))]
-        return f"decoder.layers.{layer.layer_number - 1}.{m.group(2)}"
+        return f"decoder.layers.{global_layer(int(m.group(1)))}.{m.group(2)}"
     if local_name == "output_layer.weight" and tied:
-        # last pipeline stage's copy of the tied embedding
-        return "embedding.word_embeddings.weight"
+        return EMB  # last pipeline stage's copy of the tied embedding
     return local_name
+
+
+def canonical_name(chunk: torch.nn.Module, local_name: str, tied: bool) -> str:
+    return canonical_key(local_name, lambda i: chunk.decoder.layers[i].layer_number - 1, tied)
+
+
+def layer_offset(cfg, pp_rank: int, vp_stage: int) -> int:
+    """Global index of a chunk's first layer (megatron's uniform split, VPP-aware)."""
+    L, P, V = cfg.model.num_layers, cfg.parallel.pipeline, cfg.parallel.virtual_pipeline or 1
+    per = L // (P * V)
+    return vp_stage * (L // V) + pp_rank * per
+
+
+def decay_groups(named: Iterable[Tuple[str, torch.Tensor]]) -> List[List[Tuple[str, torch.Tensor]]]:
+    """The optimizer's parameter groups, in order: weight decay on matrices, none on 1-D tensors and
+    biases (megatron's convention); ``[decay]`` or ``[decay, no_decay]``. The one rule:
+    ``megaslm.train.param_groups`` builds the optimizer with it, the checkpoint reader re-derives the
+    groups of a saved module with it. ``named``: (name, tensor) pairs in module order."""
+    decay: List[Tuple[str, torch.Tensor]] = []
+    no_decay: List[Tuple[str, torch.Tensor]] = []
+    for name, t in named:
+        (no_decay if (t.dim() == 1 or name.endswith(".bias")) else decay).append((name, t))
+    return [decay, no_decay] if no_decay else [decay]
 
 
 def iter_params(chunks: List[torch.nn.Module], cfg) -> Iterator[Tuple[str, torch.nn.Parameter, ParamSpec]]:

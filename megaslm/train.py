@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from megaslm import checkpoint, ds_adapter, parallel, telemetry
+from megaslm import checkpoint, ds_adapter, parallel, sharding, telemetry
 from megaslm.config import ConfigError, DataSource, RunConfig, StageConfig, config_digest
 from megaslm.data import (Batch, build_stage_dataset, check_manifest, collate, load_step, stage_plans,
                           step_source_tokens)
@@ -65,18 +65,16 @@ class Faults:
 def param_groups(chunks: List[torch.nn.Module], weight_decay: float):
     """Weight decay on matrices; none on norms, biases (megatron's convention). The language table
     (``model.language_embedding``) is an embedding matrix and is decayed like the word embedding;
-    ``megaslm.ckpt_io`` re-derives these groups by the same rule (dim == 1 or .bias)."""
-    decay, no_decay, seen = [], [], set()
+    the checkpoint reader re-derives these groups by the same rule (``megaslm.sharding.decay_groups``)."""
+    named, seen = [], set()
     for c in chunks:
         for name, p in c.named_parameters():
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))
-            (no_decay if (p.dim() == 1 or name.endswith(".bias")) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
+            named.append((name, p))
+    return [{"params": [p for _, p in group], "weight_decay": weight_decay if i == 0 else 0.0}
+            for i, group in enumerate(sharding.decay_groups(named))]
 
 
 def lr_lambda(step: int, cfg: RunConfig, total_steps: int) -> float:
@@ -355,30 +353,28 @@ class Trainer:
         return path
 
     def load(self, directory: Optional[str] = None, resume=None) -> bool:
-        """Resume from ``resume`` (chosen by ``ckpt_io.select_resume`` before the model was built), else
+        """Resume from ``resume`` (chosen by ``checkpoint.select_resume`` before the model was built), else
         from the newest intact checkpoint under ``directory`` (default: this run's) or ``directory``
         itself when it is one checkpoint. False: none (then ``model.init_from`` applies, if set)."""
-        from megaslm import ckpt_io
-
         if self.rank == 0:
             checkpoint.remove_partial(self.checkpoint_dir())
         dist.barrier()
         if resume is None:
-            resume = ckpt_io.select_resume(self.cfg, dist.get_world_size(), allow_config_change=True,
-                                           directory=directory, warn=self._log)
+            resume = checkpoint.select_resume(self.cfg, dist.get_world_size(), allow_config_change=True,
+                                              directory=directory, warn=self._log)
         if resume is None:
             if self.cfg.model.init_from:
                 from megaslm.interop.hf import apply_init_from
 
                 apply_init_from(self.chunks, self.cfg, self.engine)
             return False
-        if ckpt_io.is_canonical(resume.tag_dir):
-            path, state = resume.tag_dir, ckpt_io.load_canonical_into(self, resume.tag_dir)
+        if checkpoint.is_canonical(resume.tag_dir):
+            path, state = resume.tag_dir, checkpoint.load_canonical_into(self, resume.tag_dir)
         else:
             path, state, rng, _ = checkpoint.load(self.engine, resume.tag_dir)
             checkpoint.set_rng_state(rng)
         state.restore_into(self)
-        ckpt_io.realign_lr(self.scheduler, self.cfg.optimizer.lr, self.step)
+        checkpoint.realign_lr(self.scheduler, self.cfg.optimizer.lr, self.step)
         self._last_saved = self.step
         self.log(f"resumed from {path} at step {self.step} (stage {self.stage_index}, step {self.stage_step} "
                  f"in stage; {self.tokens_seen:,} tokens seen)")
@@ -613,8 +609,7 @@ def run(cfg: RunConfig, log=print, max_steps: Optional[int] = None, evaluator: O
     parallel.init_distributed()
     dist.barrier()
     # the checkpoint to resume (intact, same run-changing config) is chosen before the model is built
-    from megaslm.ckpt_io import select_resume
-    resume = select_resume(cfg, world["world_size"], allow_config_change, warn=log)
+    resume = checkpoint.select_resume(cfg, world["world_size"], allow_config_change, warn=log)
     if world["rank"] == 0:
         cfg.save(os.path.join(cfg.output_dir, "config.yaml"))
     trainer = Trainer(cfg, log=log, evaluator=evaluator, faults=faults)

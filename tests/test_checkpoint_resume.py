@@ -138,7 +138,7 @@ def engine_load_worker(work, marker):
     from megatron.core import parallel_state as ps
 
     from megaslm import checkpoint, parallel
-    from megaslm.ckpt_io import CheckpointError
+    from megaslm.checkpoint import CheckpointError
     from megaslm.config import load_config
     from megaslm.train import Trainer
 
@@ -192,7 +192,7 @@ def zero0_reshard_worker(work):
     from megatron.core import parallel_state as ps
 
     from megaslm import parallel, sharding
-    from megaslm.ckpt_io import Checkpoint
+    from megaslm.checkpoint import Checkpoint
     from megaslm.config import load_config
     from megaslm.interop.reshard import reshard
     from megaslm.train import Trainer

@@ -1,4 +1,4 @@
-"""Which checkpoint a run resumes from (megaslm.ckpt_io.select_resume), on planted checkpoint directories:
+"""Which checkpoint a run resumes from (megaslm.checkpoint.select_resume), on planted checkpoint directories:
 corruption falls back with a warning naming both, nothing is modified, a malicious pickle is refused
 without running, a changed config is refused with the differing fields. No process group needed."""
 import hashlib
@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from megaslm import ckpt_io
-from megaslm.ckpt_io import CheckpointError, TrainState, select_resume
+from megaslm import checkpoint
+from megaslm.checkpoint import CheckpointError, TrainState, select_resume
 from megaslm.config import load_config
 
 MARKER_NAME = "pwned-marker"
@@ -31,7 +31,7 @@ def _cfg(out, *extra):
 
 def _plant(ckpt_dir, step, cfg, world=1):
     """A checkpoint directory as megaslm.checkpoint.save writes it (small tensors)."""
-    d = os.path.join(ckpt_dir, ckpt_io.tag_for(step))
+    d = os.path.join(ckpt_dir, checkpoint.tag_for(step))
     os.makedirs(d)
     torch.save({"module": {"w": torch.full((4,), float(step))}, "lr_scheduler": {"last_epoch": step}},
                os.path.join(d, "mp_rank_00_model_states.pt"))
@@ -40,10 +40,10 @@ def _plant(ckpt_dir, step, cfg, world=1):
     for r in range(world):
         torch.save({"train_state": TrainState(step=step).to_dict(), "rng": {"torch": torch.get_rng_state()}},
                    os.path.join(d, f"trainer_state_rank{r:05d}.pt"))
-    meta = {**TrainState(step=step).to_dict(), "config": cfg.to_dict(), "tag": ckpt_io.tag_for(step),
-            "files": ckpt_io.write_manifest(d)}
-    ckpt_io.write_json_atomic(os.path.join(d, "meta.json"), meta)
-    ckpt_io.write_latest(ckpt_dir, ckpt_io.tag_for(step))
+    meta = {**TrainState(step=step).to_dict(), "config": cfg.to_dict(), "tag": checkpoint.tag_for(step),
+            "files": checkpoint.write_manifest(d)}
+    checkpoint.write_json_atomic(os.path.join(d, "meta.json"), meta)
+    checkpoint.write_latest(ckpt_dir, checkpoint.tag_for(step))
     return d
 
 
@@ -109,7 +109,7 @@ def test_all_corrupted_refuses_instead_of_restarting(run):
 
 def test_latest_naming_a_missing_directory_warns(run):
     cfg, ck, dirs = run
-    ckpt_io.write_latest(ck, "step00000099")
+    checkpoint.write_latest(ck, "step00000099")
     warnings = []
     got = select_resume(cfg, 1, warn=warnings.append)
     assert got.tag_dir == dirs[1]
@@ -130,15 +130,15 @@ def test_malicious_pickle_refused_and_never_run(run, tmp_path, kind):
     path = os.path.join(new, kind)
     torch.save({"module": {}, "payload": Evil(str(marker))}, path)
     meta = json.load(open(os.path.join(new, "meta.json")))
-    meta["files"] = ckpt_io.write_manifest(new)  # an attacker who also fixes the manifest
-    ckpt_io.write_json_atomic(os.path.join(new, "meta.json"), meta)
+    meta["files"] = checkpoint.write_manifest(new)  # an attacker who also fixes the manifest
+    checkpoint.write_json_atomic(os.path.join(new, "meta.json"), meta)
     with pytest.raises(CheckpointError) as e:
         select_resume(cfg, 1, warn=lambda *_: None)
     msg = str(e.value)
     assert path in msg and "refused" in msg and "posix.system" in msg and "\n" not in msg
     # every loader refuses it too, without running it
     with pytest.raises(CheckpointError, match="refused by torch.load"):
-        ckpt_io.safe_load(path)
+        checkpoint.safe_load(path)
     assert not marker.exists()
 
 

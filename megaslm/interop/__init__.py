@@ -1,12 +1,12 @@
 """Hugging Face interoperability: import a text LM (TWIST init), export to HF, reshard checkpoints.
 
-    hf.py          HF Llama / Qwen2 directory <-> canonical (TP=1, PP=1) tensors; vocabulary replacement
-    checkpoint.py  read a DeepSpeed checkpoint of any TP/PP/ZeRO-0/1/2 layout into canonical tensors
-                   (safetensors / torch.load(weights_only=True) only), export to an HF directory
+    hf.py          HF Llama / Qwen2 directory <-> canonical (TP=1, PP=1) tensors; vocabulary replacement;
+                   ``export_hf``: a checkpoint of any layout (read by ``megaslm.checkpoint.reader``) -> HF
     reshard.py     write a checkpoint of another layout (run inside the new layout's ranks)
 
-Every user-facing failure is an ``InteropError`` (a ``ValueError``) whose message names the file,
-tensor or config field.
+A bad Hugging Face directory, tensor or conversion request is an ``InteropError``; a checkpoint that
+cannot be read is the checkpoint package's ``CheckpointError``. Both are ``ValueError``s whose one-line
+message names the file, tensor or config field (``launchers/convert.py`` prints either and exits 2).
 """
 from megaslm.interop.errors import InteropError
 

@@ -367,7 +367,7 @@ def apply_init_from(chunks, cfg, engine=None) -> None:
         return
     load_hf_into_chunks(chunks, cfg, cfg.model.init_from)
     if engine is not None:
-        from megaslm.ckpt_io import sync_master_weights
+        from megaslm.checkpoint.engine import sync_master_weights
 
         sync_master_weights(engine, chunks)
 
@@ -483,3 +483,13 @@ def save_hf(full: Dict[str, torch.Tensor], cfg, out_dir: str, arch: Optional[str
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
         json.dump(gen, f, indent=2)
     return out_dir
+
+
+def export_hf(checkpoint: str, out_dir: str, arch: Optional[str] = None,
+              dtype: Optional[torch.dtype] = None, config=None) -> str:
+    """Checkpoint (any layout, read by ``megaslm.checkpoint.reader``) -> HF directory loadable by
+    AutoModelForCausalLM.from_pretrained offline."""
+    from megaslm.checkpoint.reader import read_checkpoint
+
+    cfg, full, _ = read_checkpoint(checkpoint, config)
+    return save_hf(full, cfg, out_dir, arch=arch, dtype=dtype)

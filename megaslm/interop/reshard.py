@@ -1,7 +1,7 @@
 """Write layout-free (canonical) checkpoints: reshard an existing one, or import an HF model as step 0.
 
 Neither builds a DeepSpeed engine or optimizer. ``reshard`` reads the source offline in one process
-(``megaslm.ckpt_io.Checkpoint``: canonical full weights — ZeRO-1/2's fp32 master copies when present —
+(``megaslm.checkpoint.reader.Checkpoint``: canonical full weights — ZeRO-1/2's fp32 master copies when present —
 canonical full Adam moments re-assembled from the ZeRO-0/1/2 optimizer state, the Adam step, the
 ``TrainState`` and DeepSpeed's step counters) and writes them in the canonical format with the new
 layout in its config. ``megaslm.train.Trainer.load`` loads that into the new layout: weights, fp32
@@ -17,8 +17,11 @@ import copy
 import os
 from typing import Sequence
 
-from megaslm.ckpt_io import EMB, Checkpoint, CheckpointError, TrainState, write_canonical
+from megaslm.checkpoint import CheckpointError, TrainState, tag_for
+from megaslm.checkpoint.canonical import write_canonical
+from megaslm.checkpoint.reader import Checkpoint
 from megaslm.interop.errors import InteropError
+from megaslm.sharding import EMB
 
 _LAYOUT_KEYS = ("parallel.", "schedule.micro_batch_size", "schedule.global_batch_size", "output_dir",
                 "checkpoint.", "logging.")
@@ -93,9 +96,10 @@ def import_hf(cfg, out_dir: str, log=None) -> str:
     saved = copy.deepcopy(cfg)
     saved.output_dir = out_dir
     saved.model.init_from = None  # the weights are in the checkpoint now
-    path = os.path.join(out_dir, "checkpoints", "step00000000")
+    state = TrainState()
+    path = os.path.join(out_dir, "checkpoints", tag_for(state.step))
     if dist.get_rank() == 0:
-        path = write_canonical(out_dir, saved, full, {}, None, TrainState(), {"global_steps": 0, "global_samples": 0})
+        path = write_canonical(out_dir, saved, full, {}, None, state, {"global_steps": 0, "global_samples": 0})
     dist.barrier()
     ps.destroy_model_parallel()
     return path

@@ -43,9 +43,9 @@ def layouts(ckpt: str, bench: str, layout_overrides: Sequence[Sequence[str]], tp
     from megatron.core import parallel_state as ps
 
     from megaslm import parallel
+    from megaslm.checkpoint import Checkpoint
     from evals.benchmarks import encode, load_benchmark
     from evals.engine import build_eval_model, eval_config, load_checkpoint_model
-    from evals.checkpoint import canonical_full_state_dict
     from evals.generate import sample
     from evals.runner import evaluate
 
@@ -100,7 +100,7 @@ def layouts(ckpt: str, bench: str, layout_overrides: Sequence[Sequence[str]], tp
     held = gather_full_state_dict(tr.chunks, cfg)
     dist.barrier()
     if dist.get_rank() == 0:
-        _, full = canonical_full_state_dict(path)
+        full = Checkpoint(path).state_dict()
         out["tp2pp2_keys_equal"] = sorted(full) == sorted(held)
         out["tp2pp2_max_diff"] = max(float((full[k] - held[k]).abs().max()) for k in held)
     ps.destroy_model_parallel()

@@ -160,7 +160,7 @@ def import_then_resume(overrides: Sequence[str], hf_dir: str, work: str) -> Dict
     from megatron.core import parallel_state as ps
 
     from megaslm import parallel, sharding
-    from megaslm.ckpt_io import select_resume
+    from megaslm.checkpoint import select_resume
     from megaslm.config import load_config
     from megaslm.interop.hf import apply_init_from
     from megaslm.interop.reshard import import_hf

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from conftest import TOKENS, hf_logits
-from megaslm.interop.checkpoint import export_hf, read_checkpoint
-from megaslm.interop.hf import config_overrides_from_hf, read_hf_config
+from megaslm.checkpoint import read_checkpoint
+from megaslm.interop.hf import config_overrides_from_hf, export_hf, read_hf_config
 from tests.distributed import run_ranks
 
 
@@ -67,7 +67,7 @@ def test_resume_from_resharded(run):
 
 
 def test_reshard_keeps_adam_moments(run):
-    from megaslm.ckpt_io import Checkpoint
+    from megaslm.checkpoint import Checkpoint
 
     ref, step_a = Checkpoint(run["path_a"]).optimizer_state()
     assert step_a == 2.0 and set(ref) == {"exp_avg", "exp_avg_sq"}

@@ -140,7 +140,7 @@ def test_config_refuses_megatron_embedding_with_the_table():
 
 
 def test_reshard_carries_the_table_and_hf_export_refuses(single, tmp_path):
-    from megaslm.ckpt_io import Checkpoint
+    from megaslm.checkpoint import Checkpoint
     from megaslm.interop.errors import InteropError
     from megaslm.interop.hf import save_hf
     from megaslm.interop.reshard import reshard
