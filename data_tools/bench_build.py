@@ -19,6 +19,10 @@ time also shows the wait for a core. The JSON records the load average before an
 them, the I/O floor: reading the input files whole and writing the output's bytes to two new files, the
 least a build of that input can take on this machine's page cache ("disk speed").
 
+The record (``kernels/bench/record.py``: device, commit, date, load before and after, command, the goals of
+issue 14 item 4 and whether they are met, the figures) goes to the results folder ``docs/bench/`` as
+``bench_build-<device>-<date>.json``, or to ``--out`` (a folder, or a ``.json`` file path).
+
 Worker scaling is measured on a second input ``--scale`` times larger (default 10x: 200k sequences), where
 process start-up does not dominate: ``build`` with 1 worker vs each count in ``--workers`` on that input
 (outputs byte-identical), reported as speed-up vs 1 worker, with the cores the build kept busy (CPU seconds /
@@ -29,11 +33,9 @@ how much of the speed-up was left to take.
 from __future__ import annotations
 
 import argparse
-import datetime
 import filecmp
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -44,6 +46,7 @@ from typing import Dict, List
 
 import numpy as np
 
+from kernels.bench.record import Run, cpu_device, goal
 from megaslm.vocab import UnitVocab
 
 CODEBOOK = 2048
@@ -213,28 +216,16 @@ def same(a: str, b: str) -> bool:
     return all(filecmp.cmp(a + ext, b + ext, shallow=False) for ext in (".bin", ".idx"))
 
 
-def machine() -> Dict[str, str]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-                                    capture_output=True, text=True).stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        commit, dirty = "unknown", False
-    return {"device": "cpu", "cpu": cpu, "cpu_count": str(os.cpu_count()), "commit": commit + ("+dirty" if dirty else ""),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "python": platform.python_version(), "numpy": np.__version__,
-            "load_average_before": " ".join(f"{x:.2f}" for x in os.getloadavg())}
+# issue 14 item 4, one worker: (format, figure, target, unit)
+GOALS = [("jsonl", "units_per_s", 20e6, "units/s"), ("jsonl", "ratio_vs_anchor", 5.0, "x megatron-core's loop"),
+         ("npy", "units_per_s", 250e6, "units/s"), ("npz", "units_per_s", 250e6, "units/s")]
+
+
+def goals(results: List[Dict]) -> List[dict]:
+    """The goals the measured formats can judge, on the one-worker build."""
+    by_fmt = {r["format"]: r for r in results}
+    return [goal(f"{fmt} build, 1 worker: {key}", (by_fmt[fmt]["workers"].get("1") or {}).get(key), ">=",
+                        target, unit) for fmt, key, target, unit in GOALS if fmt in by_fmt]
 
 
 def main(argv=None) -> int:
@@ -248,11 +239,12 @@ def main(argv=None) -> int:
     ap.add_argument("--scale", type=int, default=10,
                     help="worker scaling is measured on an input this many times larger (0: skip)")
     ap.add_argument("--dir", default=None, help="work directory (default: a temporary one, removed)")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_results",
-                                                  "build.json"))
+    ap.add_argument("--out", default=None,
+                    help="results folder, or a .json file path (default: the results folder docs/bench)")
     a = ap.parse_args(argv)
 
-    info = machine()
+    run = Run("bench_build", argv, prog="python -m data_tools.bench_build")
+    device = cpu_device()
     workers = [int(w) for w in a.workers.split(",")]
     work = a.dir or tempfile.mkdtemp(prefix="bench_build_")
     os.makedirs(work, exist_ok=True)
@@ -266,8 +258,7 @@ def main(argv=None) -> int:
             big_paths = generate_in_subprocess(big_dir, a.sequences * a.scale, a.min_len, a.max_len, seed=1)
             big_units = int(np.load(big_paths["npy"], mmap_mode="r").shape[0])
         results: List[Dict] = []
-        print(f"{a.sequences} sequences, {units:,} units; {info['cpu']} ({info['cpu_count']} cores), "
-              f"load {info['load_average_before']}; median of {a.repeats}")
+        print(f"{a.sequences} sequences, {units:,} units; {device}, load {run.load_before}; median of {a.repeats}")
         for fmt in a.formats.split(","):
             path = paths[fmt]
             ref = os.path.join(work, f"anchor_{fmt}")
@@ -325,18 +316,12 @@ def main(argv=None) -> int:
                           f"CPU-second, identical: {r['identical_to_1_worker']}")
                 row["scaling"] = scaling
             results.append(row)
-        record = {**info, "benchmark": "data_tools.bench_build", "command": " ".join(["python -m data_tools.bench_build"] + (argv if argv is not None else sys.argv[1:])),
-                  "timing": "in-process wall time of the build call (and CPU time of it and its worker "
-                            "processes), median of repeats", "repeats": a.repeats, "scale": a.scale,
-                  "load_average_after": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-                  "results": results}
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        tmp = a.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(record, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, a.out)
-        print(f"wrote {a.out}")
+        figures = {"timing": "in-process wall time of the build call (and CPU time of it and its worker "
+                             "processes), median of repeats", "repeats": a.repeats, "scale": a.scale,
+                   "results": results}
+        path = run.write(device, figures, goals(results), out=a.out,
+                         environment={"numpy": np.__version__, "cpu_count": os.cpu_count()})
+        print(f"wrote {path}")
         return 0
     finally:
         if a.dir is None:

@@ -2,7 +2,7 @@
     python launchers/bench_train.py [--presets qwen2-360m llama3.2-1b] [--backends flex triton]
                                     [--recompute none selective full]
                                     [--steps 20] [--warmup 5] [--micro-batch-size 8] [--global-batch-size 16]
-                                    [--out kernels/bench/results/train]
+                                    [--out runs/bench_train] [--results docs/bench]
     python launchers/bench_train.py --dry-run      # the same plumbing on CPU with the tiny model (seconds)
 
 Each (preset, backend, recompute) runs in its own process (a fresh allocator and a fresh Triton cache state): the
@@ -23,9 +23,11 @@ data_tools' real pipeline, at the preset's 2048-unit vocabulary). The first ``--
   script; the trainer itself does not), so its sum is a little above the un-instrumented step time,
   which is measured on separate steps without the boundaries.
 
-Results go to ``<out>/results.json`` (device, commit, date, command, every figure) and a Markdown table
-``<out>/results.md``; the goals (issue 14: >= 40% MFU at 360M, >= 50% at 1B on one H100) are stated
-against the measured figures there.
+The runs go to ``--out``; the project's benchmark record (kernels/bench/record.py: device, commit, date, load,
+command, every figure, and the goals -- issue 14: >= 40% MFU at 360M, >= 50% at 1B on one H100, each judged on
+the preset's best row -- and whether they are met) goes to ``--results`` (default the results folder
+docs/bench/; with ``--dry-run``, ``--out``) as ``bench_train-<device>-<date>.json``, with the Markdown table
+beside it (``.md``).
 """
 from __future__ import annotations
 
@@ -40,6 +42,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import ROOT, fail, prepare_demo_data, with_demo_data  # noqa: E402
 
+from kernels.bench import record  # noqa: E402
+
 PRESETS = {"qwen2-360m": "configs/qwen2-360m.yaml", "llama3.2-1b": "configs/llama3.2-1b.yaml",
            "tiny": "configs/tiny.yaml"}
 GOALS = {"qwen2-360m": 0.40, "llama3.2-1b": 0.50}   # MFU on one H100 (issue 14 item 3)
@@ -53,14 +57,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return (out.stdout.strip() or "unknown") + ("-dirty" if dirty else "")
-    except OSError:
-        return "unknown"
+def goals(rows) -> list:
+    """Issue 14 item 3: MFU per preset that has a goal, judged on its best row (backend, recompute mode)."""
+    out = []
+    for preset, target in GOALS.items():
+        mine = [r for r in rows if r["preset"] == preset]
+        if mine:
+            mfus = [r["mfu"] for r in mine if r.get("mfu") is not None]
+            out.append(record.goal(f"{preset} MFU on one GPU (best backend / recompute mode run)",
+                                   max(mfus) if mfus else None, ">=", target))
+    return out
 
 
 def bench_config(preset: str, backend: str, args, recompute: str = "none"):
@@ -204,7 +210,10 @@ def main(argv=None) -> int:
     p.add_argument("--global-batch-size", type=int, default=16)
     p.add_argument("--seq-length", type=int, default=None, help="default: the preset's (2048)")
     p.add_argument("--demo-stories", type=int, default=3000)
-    p.add_argument("--out", default=None, help="default: kernels/bench/results/train (runs/bench_train_dry with --dry-run)")
+    p.add_argument("--out", default=None, help="where the runs go (default: runs/bench_train; runs/bench_train_dry "
+                                               "with --dry-run)")
+    p.add_argument("--results", default=None, help="results folder for the record (default: docs/bench; --out "
+                                                   "with --dry-run)")
     p.add_argument("--dry-run", action="store_true",
                    help="CPU plumbing check: the tiny model, reference backend, sequence 128, 3 steps "
                         "(each --recompute mode)")
@@ -215,7 +224,9 @@ def main(argv=None) -> int:
         args.steps, args.warmup, args.micro_batch_size, args.global_batch_size = 3, 1, 2, 4
         args.seq_length, args.demo_stories = 128, 200
     if args.out is None:
-        args.out = os.path.join("runs", "bench_train_dry") if args.dry_run else os.path.join("kernels", "bench", "results", "train")
+        args.out = os.path.join("runs", "bench_train_dry" if args.dry_run else "bench_train")
+    if args.results is None and args.dry_run:
+        args.results = args.out
     if args.steps < 1 or args.warmup < 1:
         fail(f"--steps and --warmup: expected integers >= 1, got {args.steps} and {args.warmup}")
     if args.global_batch_size % args.micro_batch_size:
@@ -225,6 +236,7 @@ def main(argv=None) -> int:
         preset, backend, recompute = args.child.split(":")
         print("RESULT " + json.dumps(child(preset, backend, args, recompute)))
         return 0
+    run = record.Run("bench_train", argv, prog="python launchers/bench_train.py")
     rows = []
     for preset in args.presets:
         for backend, recompute in [(b, r) for r in args.recompute for b in args.backends]:
@@ -248,22 +260,14 @@ def main(argv=None) -> int:
                   + (f", MFU {row['mfu'] * 100:.1f}%" if row["mfu"] is not None else ""), flush=True)
     import torch
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (dry run)"
-    rec = {"device": device, "commit": _commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "command": "python launchers/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "mfu_formula": "(6N + 12*L*H*S) * tokens/s / (world * dense bf16 peak), megaslm/telemetry.py",
-           "results": rows}
-    os.makedirs(args.out, exist_ok=True)
-    for name, text in (("results.json", json.dumps(rec, indent=2)),
-                       ("results.md", f"device {device}, commit {rec['commit']}, {rec['date']}\n\n"
-                                      f"`{rec['command']}`\n\n{_table(rows)}\n")):
-        path = os.path.join(args.out, name)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else record.cpu_device()
+    rec = run.record(device, {"mfu_formula": "(6N + 12*L*H*S) * tokens/s / (world * dense bf16 peak), "
+                                             "megaslm/telemetry.py", "results": rows},
+                     goals(rows), dry_run=args.dry_run, environment={"torch": torch.__version__})
+    table = (f"device {device}, commit {rec['commit']}, {rec['date']}\n\n`{rec['command']}`\n\n{_table(rows)}\n")
+    path = record.write_record(rec, args.results, companions={".md": table})
     print(_table(rows))
-    print(f"wrote {os.path.join(args.out, 'results.json')}")
+    print(f"wrote {path} (+ .md)")
     return 1 if any("error" in r for r in rows) else 0
 
 

@@ -1,12 +1,16 @@
 """Trainer speed on CPU vs a plain PyTorch loop of the same model, batch and sequence length:
     python launchers/bench_trainer_cpu.py [--sizes tiny demo] [--steps 30] [--out runs/bench_trainer_cpu]
+                                          [--results docs/bench]
 
 For each size, (1) ``launchers/pretrain.py`` trains ``--steps`` steps in a subprocess (tokens/s from the
 step times in its metrics.jsonl: the lower quartile of the steps after ``--warmup``, as for the plain loop); (2) a plain loop in a second subprocess
 builds the same megatron-core model (``megaslm.model.build_model``, same seed, same demo data, same
 global batch / micro-batches / sequence length), and runs forward, backward, gradient clipping and
 ``torch.optim.AdamW`` with nothing else (no DeepSpeed, no accounting, no logging). Prints both figures
-and their ratio and writes ``<out>/results.json`` (device, commit, date, figures).
+and their ratio, and stores the project's benchmark record (kernels/bench/record.py: device, commit, date, load,
+command, the goal -- the trainer within 1.5x of the plain loop, issue 13 -- and whether it is met, the figures)
+in ``--results`` (default the results folder docs/bench/) as ``bench_trainer_cpu-<device>-<date>.json``; the
+runs themselves go to ``--out``.
 ``--attention A B ...`` (default ``sdpa reference``): the trainer runs once per attention backend, side by side
 on the same data (the plain loop with the first); the per-step losses of every backend must agree with the
 first's (relative 1e-4), else the script fails: a faster path that computes something else is no figure.
@@ -17,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -25,6 +28,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import ROOT, fail, parse, prepare_demo_data, with_demo_data  # noqa: E402
+
+from kernels.bench import record  # noqa: E402
 
 SIZES = {
     "tiny": [],
@@ -37,7 +42,8 @@ def _extra(p):
     p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5, help="first steps left out of the figure")
-    p.add_argument("--out", default=os.path.join("runs", "bench_trainer_cpu"))
+    p.add_argument("--out", default=os.path.join("runs", "bench_trainer_cpu"), help="where the runs go")
+    p.add_argument("--results", default=None, help="results folder for the record (default docs/bench)")
     p.add_argument("--attention", nargs="+", default=["sdpa", "reference"], choices=["sdpa", "reference", "triton"],
                    help="attention backends timed side by side (the plain loop uses the first)")
     p.add_argument("--plain", default=None, help=argparse.SUPPRESS)  # internal: run the plain loop here
@@ -102,22 +108,11 @@ def trainer_run(config, overrides, out, warmup: int):
             [r["loss"] for r in recs])
 
 
-def _device() -> str:
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"CPU: {name}, {os.cpu_count()} logical cores"
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
+def goals(results) -> list:
+    """Issue 13: the trainer within 1.5x of the plain loop, at every size measured."""
+    ratios = [r["plain_over_trainer"] for r in results]
+    return [record.goal("plain loop tokens/s over the trainer's (worst size)", max(ratios) if ratios else None,
+                        "<=", 1.5, "x")]
 
 
 def main(argv=None) -> int:
@@ -129,6 +124,7 @@ def main(argv=None) -> int:
         print(json.dumps({"plain_tokens_per_s": plain_loop(args.config, _overrides(size, out, args.steps) + overrides,
                                                           args.warmup)}))
         return 0
+    run = record.Run("bench_trainer_cpu", argv, prog="python launchers/bench_trainer_cpu.py")
     results = []
     for size in args.sizes:
         out = os.path.abspath(os.path.join(args.out, size))
@@ -167,20 +163,10 @@ def main(argv=None) -> int:
               f"plain/trainer {plain / trainer[first]:.2f}x"
               + "".join(f" | {first}/{b} {trainer[first] / trainer[b]:.2f}x" for b in args.attention[1:]))
         results.append(row)
-    rec = {"device": _device(), "torch_threads": None, "commit": _commit(),
-           "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()],  # a busy machine makes both slow
-           "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "command": "python launchers/bench_trainer_cpu.py " + " ".join(sys.argv[1:] if argv is None else argv),
-           "results": results}
     import torch
 
-    rec["torch_threads"] = torch.get_num_threads()
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "results.json")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(rec, f, indent=2)
-    os.replace(tmp, path)
+    path = run.write(record.cpu_device(), {"results": results}, goals(results), out=args.results,
+                     environment={"torch": torch.__version__, "torch_threads": torch.get_num_threads()})
     print(f"wrote {path}")
     return 0
 

@@ -1,6 +1,6 @@
 """Tokenisation throughput benchmark (a script, not a test): hours of audio per second per device.
 
-    python -m data_tools.audio.throughput --tokenizer mimi --model-dir MIMI_DIR --out bench/tokenize_mimi.json
+    python -m data_tools.audio.throughput --tokenizer mimi --model-dir MIMI_DIR      # -> docs/bench/
     python -m data_tools.audio.throughput --tokenizer mimi --random-init --minutes 10 --out /tmp/tp.json
 
 ``--random-init`` builds the model from its DEFAULT transformers config (full-size Mimi / HuBERT base)
@@ -8,37 +8,30 @@ with random weights: the compute is that of the real checkpoint, so the speed is
 downloading anything (units are meaningless). Audio: synthetic utterances of 2-20 s (uniform, seeded) at the
 tokeniser's sample rate, already in memory, so the figure is the model's (file decoding and resampling
 run in a background thread in ``tokenize`` and are excluded here). Batches are length-sorted as in
-``tokenize``. Prints and stores JSON with device, commit, date. Speed targets are judged from these
-files, never by timed assertions in tests.
+``tokenize``. Prints the figures and stores the project's benchmark record (kernels/bench/record.py: device,
+commit, date, load, command, figures; no speed goal is set yet) in the results folder ``docs/bench/`` as
+``tokenize_throughput-<device>-<date>.json``, or at ``--out`` (a folder or a ``.json`` path). Speed targets
+are judged from these records, never by timed assertions in tests.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
 
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
+from kernels.bench.record import Run, cpu_device
 
 
 def _device_name(dev: str) -> str:
     import torch
     if dev.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(dev))
-    import platform
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} threads visible)"
+    return cpu_device()
 
 
 def main(argv=None) -> int:
@@ -53,8 +46,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None, help="JSON results file")
+    ap.add_argument("--out", default=None, help="results folder, or a .json file path (default docs/bench)")
     a = ap.parse_args(argv)
+    run = Run("tokenize_throughput", argv, prog="python -m data_tools.audio.throughput")
     import torch
 
     from data_tools.audio.tokenizers import load_tokenizer
@@ -99,17 +93,13 @@ def main(argv=None) -> int:
         frames += sum(len(u) for u in tok.encode_batch(b))
     sync()
     dt = time.perf_counter() - t0
-    res = {"benchmark": "tokenize_throughput", "tokenizer": a.tokenizer, "unit_source": tok.unit_source,
-           "random_init": a.random_init, "device": _device_name(dev), "dtype": str(tok.dtype),
-           "commit": _commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "torch": torch.__version__, "batch_size": a.batch_size, "files": len(waves),
+    res = {"tokenizer": a.tokenizer, "unit_source": tok.unit_source, "random_init": a.random_init,
+           "dtype": str(tok.dtype), "batch_size": a.batch_size, "files": len(waves),
            "audio_hours": total / 3600, "frames": frames, "wall_s": dt,
            "hours_per_second_per_device": total / 3600 / dt, "realtime_factor": total / dt}
     print(json.dumps(res, indent=1))
-    if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=1)
+    path = run.write(_device_name(dev), res, out=a.out, environment={"torch": torch.__version__})
+    print(f"wrote {path}")
     return 0
 
 

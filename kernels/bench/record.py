@@ -216,6 +216,22 @@ def default_stem(benchmark: str, device: str, date: str) -> str:
     return f"{benchmark}-{slug(device)}-{date.replace(':', '')}"
 
 
+def render(x, pad: str = "") -> str:
+    """JSON, one value per line only where the value does not fit on one (rows stay one line each: diffs of a
+    results folder read row by row)."""
+    flat = json.dumps(x, allow_nan=False)
+    if len(pad) + len(flat) <= 118 or not isinstance(x, (dict, list)) or not x:
+        return flat
+    inner = pad + " "
+    if isinstance(x, list) and all(isinstance(v, dict) and not any(isinstance(w, (dict, list)) for w in v.values())
+                                   for v in x):   # a table: one row per line, however long
+        return "[\n" + ",\n".join(inner + json.dumps(v, allow_nan=False) for v in x) + "\n" + pad + "]"
+    if isinstance(x, dict):
+        body = [f"{inner}{json.dumps(str(k))}: {render(v, inner)}" for k, v in x.items()]
+        return "{\n" + ",\n".join(body) + "\n" + pad + "}"
+    return "[\n" + ",\n".join(inner + render(v, inner) for v in x) + "\n" + pad + "]"
+
+
 def atomic_write_text(path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same folder, synced, then renamed: a reader
     (or a run killed mid-write) sees the old file or the new one, never a part."""
@@ -243,7 +259,7 @@ def write_record(rec: dict, out=None, stem: Optional[str] = None,
     else:
         folder, stem = out, stem or default_stem(rec["benchmark"], rec["device"], rec["date"])
     folder.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(rec, indent=1, allow_nan=False) + "\n"   # serialised before anything is written
+    text = render(rec) + "\n"   # serialised before anything is written
     for ext, body in (companions or {}).items():
         atomic_write_text(folder / f"{stem}{ext}", body)
     path = folder / f"{stem}.json"
