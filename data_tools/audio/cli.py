@@ -77,7 +77,7 @@ def cmd_kmeans(a) -> int:
 
 
 def cmd_bench(a) -> int:
-    from data_tools.audio.bench import convert_benchmark
+    from data_tools.audio.eval_sets import convert_benchmark
     r = convert_benchmark(a.kind, a.root, a.output, _load(a), like=a.like, languages=a.languages,
                           batch_size=a.batch_size, progress=not a.quiet)
     print(json.dumps(r))

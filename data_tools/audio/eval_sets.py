@@ -1,5 +1,8 @@
 """Spoken benchmarks from audio -> the evals JSONL format (evals/benchmarks.py, docs/evals.md).
 
+Evaluation sets, converted (``python -m data_tools tokenize-bench``); nothing here measures speed (the speed
+benchmarks and their records: docs/bench/README.md).
+
 Accepted layouts (docs/audio.md has examples):
 
 * Pair files: ``<id>_correct.<ext>`` and ``<id>_incorrect.<ext>`` (more wrong ones as

@@ -1,5 +1,5 @@
-"""Benchmark layouts -> evals JSONL read back by evals.load_benchmark: gold.csv (sWUGGY), pair files (sBLIMP),
-deduplicated training units, bad layouts."""
+"""data_tools/audio/eval_sets.py: benchmark layouts -> evals JSONL read back by evals.load_benchmark:
+gold.csv (sWUGGY), pair files (sBLIMP), deduplicated training units, bad layouts."""
 import json
 import os
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from data_tools.audio.bench import convert_benchmark
+from data_tools.audio.eval_sets import convert_benchmark
 from data_tools.audio.demo import tone
 from data_tools.audio.tokenizers import load_tokenizer
 from data_tools.errors import DataError
