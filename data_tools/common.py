@@ -9,7 +9,7 @@ import json
 import os
 import shutil
 import struct
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -133,6 +133,38 @@ def writing(path: str, what: str = "the dataset", after: str = "nothing was writ
         raise write_error(e, path, what, after) from None
 
 
+@contextlib.contextmanager
+def atomic_path(path: str, suffix: str = "", fsync: bool = False, what: Optional[str] = None,
+                after: str = "nothing was written at the output prefix"):
+    """Write ``path`` whole or not at all (data_tools' one atomic write): yields a temporary name beside it,
+    ``<path>.tmp-<pid><suffix>`` (``suffix``: for a writer that takes the format from the name's extension),
+    which is renamed over ``path`` when the block ends -- after an fsync of its data with ``fsync`` (a crash
+    then leaves the old file or the new one, never an empty one) -- and removed if the block raises. With
+    ``what``, an OSError is one line (``write_error``), named while the temporary file still holds its space."""
+    tmp = f"{path}.tmp-{os.getpid()}{suffix}"
+    try:
+        with writing(path, what, after) if what else contextlib.nullcontext():
+            yield tmp
+            if fsync:
+                fd = os.open(tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_text(path: str, text: str, fsync: bool = False, **kwargs) -> None:
+    """``text`` written to ``path`` (UTF-8) through ``atomic_path`` (its keyword arguments)."""
+    with atomic_path(path, fsync=fsync, **kwargs) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+
 def commit_files(moves: Sequence[tuple], what: str = "the dataset",
                  after: str = "nothing was written at the output prefix") -> None:
     """Move finished files into place (renames within one file system): if one fails (a directory that
@@ -186,15 +218,14 @@ def commit_dataset(staged: str, prefix: str, manifest: dict, extra: Sequence[tup
 
 class OutputFiles:
     """The files one command writes (``demo``, ``world``): each written under a temporary name and renamed
-    into place when whole (``open``), or registered once another writer has placed it (``placed``). If the
-    command fails, the temporary files, the files it placed and the directories it created (when empty)
-    are removed: a full disk leaves nothing partial. ``with OutputFiles(...) as out:``."""
+    into place when whole (``open``: ``atomic_path``), or registered once another writer has placed it
+    (``placed``). If the command fails, the temporary files, the files it placed and the directories it
+    created (when empty) are removed: a full disk leaves nothing partial. ``with OutputFiles(...) as out:``."""
 
     def __init__(self, what: str, after: str = "nothing was left under the output directory"):
         self.what, self.after = what, after
         self.files: list = []
         self.dirs: list = []
-        self.temps: list = []
 
     def makedirs(self, path: str) -> None:
         missing = []
@@ -208,16 +239,9 @@ class OutputFiles:
 
     @contextlib.contextmanager
     def open(self, path: str, mode: str = "w"):
-        tmp = f"{path}.tmp-{os.getpid()}"
-        self.temps.append(tmp)
-        with writing(path, self.what, self.after):
-            f = open(tmp, mode)
-            try:
+        with atomic_path(path, what=self.what, after=self.after) as tmp:
+            with open(tmp, mode) as f:
                 yield f
-            finally:
-                f.close()
-            os.replace(tmp, path)
-        self.temps.remove(tmp)
         self.files.append(path)
 
     def placed(self, *paths: str) -> None:
@@ -228,7 +252,7 @@ class OutputFiles:
 
     def __exit__(self, kind, exc, tb):
         if kind is not None:
-            for p in self.temps + self.files:
+            for p in self.files:
                 with contextlib.suppress(OSError):
                     os.remove(p)
             for d in self.dirs:

@@ -8,7 +8,7 @@ import numpy as np
 
 from megaslm.vocab import lang_prefix, read_manifest
 
-from data_tools.common import write_error
+from data_tools.common import atomic_path
 from data_tools.errors import DataError
 
 
@@ -80,34 +80,34 @@ def dataset_stats(prefix: str, histogram_png: Optional[str] = None, block_tokens
         h = hash_files([prefix + ".bin", lang_prefix(prefix) + ".bin"], content_hash_algorithm(man))
         out["content_hash_ok"] = h == man.get("content_hash")
     if histogram_png:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.hist(lengths, bins=min(50, max(1, len(np.unique(lengths)))))
-        ax.set_xlabel("document length (tokens)")
-        ax.set_ylabel("documents")
-        ax.set_title(os.path.basename(prefix))
-        fig.tight_layout()
-        # written under a temporary name and renamed into place: a full disk leaves no truncated image
-        fmt = os.path.splitext(histogram_png)[1][1:].lower()
-        if not fmt:                 # what savefig does with a name without an extension
-            fmt = matplotlib.rcParams["savefig.format"]
-            histogram_png = f"{histogram_png}.{fmt}"
-        tmp = f"{histogram_png}.tmp-{os.getpid()}"
-        try:
-            fig.savefig(tmp, dpi=100, format=fmt)
-            os.replace(tmp, histogram_png)
-        except OSError as e:        # named before the temporary file is removed (its space is then free)
-            raise write_error(e, histogram_png, "the histogram", "no histogram was written") from None
-        except ValueError as e:     # a format matplotlib does not write (the name's extension)
-            raise DataError(f"cannot write the histogram ({e})", path=histogram_png) from None
-        finally:
-            plt.close(fig)
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        out["histogram"] = histogram_png
+        out["histogram"] = _write_histogram(lengths, histogram_png, os.path.basename(prefix))
     return out
+
+
+def _write_histogram(lengths: np.ndarray, histogram_png: str, title: str) -> str:
+    """The document-length histogram as an image (its format from the name's extension), written whole or not
+    at all (a full disk leaves no truncated image); returns the name written."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(lengths, bins=min(50, max(1, len(np.unique(lengths)))))
+    ax.set_xlabel("document length (tokens)")
+    ax.set_ylabel("documents")
+    ax.set_title(title)
+    fig.tight_layout()
+    fmt = os.path.splitext(histogram_png)[1][1:].lower()
+    if not fmt:                 # what savefig does with a name without an extension
+        fmt = matplotlib.rcParams["savefig.format"]
+        histogram_png = f"{histogram_png}.{fmt}"
+    try:
+        with atomic_path(histogram_png, what="the histogram", after="no histogram was written") as tmp:
+            fig.savefig(tmp, dpi=100, format=fmt)
+    except ValueError as e:     # a format matplotlib does not write (the name's extension)
+        raise DataError(f"cannot write the histogram ({e})", path=histogram_png) from None
+    finally:
+        plt.close(fig)
+    return histogram_png
 
 
 def format_stats(s: Dict[str, Any]) -> str:

@@ -16,6 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
+from data_tools.common import atomic_path
 from data_tools.errors import DataError
 
 
@@ -45,8 +46,7 @@ def decode_mimi_units(units: Sequence[int], model_dir: str, out_wav: str, unit_s
     with torch.inference_mode():
         audio = tok.model.decode(torch.from_numpy(u)[None, None]).audio_values[0, 0].float().numpy()
     os.makedirs(os.path.dirname(os.path.abspath(out_wav)), exist_ok=True)
-    tmp = out_wav + f".tmp.{os.getpid()}.wav"
-    sf.write(tmp, audio, tok.sample_rate)
-    os.replace(tmp, out_wav)
+    with atomic_path(out_wav, suffix=".wav") as tmp:      # soundfile takes the format from the extension
+        sf.write(tmp, audio, tok.sample_rate)
     return {"wav": out_wav, "seconds": len(audio) / tok.sample_rate, "sample_rate": tok.sample_rate,
             "codebooks_used": 1}

@@ -5,13 +5,13 @@ assigns each frame to its nearest centroid (squared Euclidean distance), as the 
 """
 from __future__ import annotations
 
-import os
 from typing import List
 
 import numpy as np
 
 from data_tools.audio.io import load_audio
 from data_tools.audio.manifest import AudioEntry
+from data_tools.common import atomic_path
 from data_tools.errors import DataError
 
 
@@ -45,8 +45,7 @@ def train_kmeans(entries: List[AudioEntry], tok, clusters: int, out_path: str, m
                          max_no_improvement=50, compute_labels=False)
     km.fit(x)
     cents = km.cluster_centers_.astype(np.float32)
-    tmp = out_path + f".tmp.{os.getpid()}.npy"
-    np.save(tmp, cents)
-    os.replace(tmp, out_path)
+    with atomic_path(out_path, suffix=".npy") as tmp:     # np.save appends .npy to any other name
+        np.save(tmp, cents)
     return {"codebook": out_path, "clusters": clusters, "dim": int(cents.shape[1]), "files": len(feats),
             "frames": int(len(x)), "inertia": float(km.inertia_) if hasattr(km, "inertia_") else None}

@@ -28,6 +28,7 @@ import numpy as np
 from data_tools.audio.io import AudioError, audio_info, check_channels, load_audio
 from data_tools.audio.manifest import AudioEntry
 from data_tools.audio.provenance import sidecar_path
+from data_tools.common import atomic_write_text
 from data_tools.errors import DataError
 
 FORMAT = "megaslm-units"
@@ -66,15 +67,6 @@ def _dist():
     return dist.get_rank(), dist.get_world_size(), dist
 
 
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _dedup(units: np.ndarray) -> Tuple[List[int], List[int]]:
     change = np.flatnonzero(np.diff(units)) + 1
     starts = np.concatenate([[0], change])
@@ -110,17 +102,38 @@ def _read_part(path: str) -> List[dict]:
     return [json.loads(l) for l in good.decode().splitlines() if l.strip()]
 
 
+def _atomic_write(path: str, text: str) -> None:
+    """data_tools.audio's files (work folder, output, converted benchmarks): whole or absent, and on disk (fsync)
+    before they count."""
+    atomic_write_text(path, text, fsync=True)
+
+
 def tokenize(entries: List[AudioEntry], tok, opts: TokenizeOptions) -> Optional[Dict]:
+    """Tokenise ``entries`` into ``opts.output`` (see the module doc): this rank's shards, then (rank 0) the
+    merge. Returns the sidecar on rank 0, None on the others."""
     rank, world, dist = _dist()
     work = opts.output + ".work"
-    desc = tok.describe()
-    fp = hashlib.sha256(json.dumps([[e.path, e.id, e.lang, e.story, e.sentence] for e in entries]
-                                   + [source_id(tok, opts.dedup), opts.shard_size, opts.channel]).encode()).hexdigest()
     S = opts.shard_size
     shards = list(range(rank, -(-len(entries) // S), world))
     mine = [i for k in shards for i in range(k * S, min((k + 1) * S, len(entries)))]
-
     # 1) headers of this rank's files (cheap): bad files fail (or are quarantined) before any model work
+    seconds, bad = _check_headers(entries, mine, tok, opts, dist, world)
+    _check_plan(work, entries, tok, opts)
+    # 2) this rank's shards
+    todo = _unfinished_shards(work, shards, S, len(entries))
+    _ShardEncoder(entries, tok, opts, work, rank, seconds, bad).run(todo)
+    if dist is not None:
+        dist.barrier()
+    result = merge(entries, tok, opts, work) if rank == 0 else None
+    if dist is not None:
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
+
+
+def _check_headers(entries: List[AudioEntry], mine: List[int], tok, opts: TokenizeOptions, dist, world: int):
+    """(seconds of each good file, one-line error of each bad one) for this rank's files, from their headers;
+    unless ``skip_bad``, the first bad file of any rank fails every rank (the same error)."""
     seconds: Dict[int, float] = {}
     bad: Dict[int, str] = {}
     for i in mine:
@@ -138,10 +151,18 @@ def tokenize(entries: List[AudioEntry], tok, opts: TokenizeOptions) -> Optional[
     errs = sorted(e for e in errs if e is not None)
     if errs:
         raise AudioError(errs[0][1])
+    return seconds, bad
 
+
+def _check_plan(work: str, entries: List[AudioEntry], tok, opts: TokenizeOptions) -> None:
+    """The work folder's plan.json: written by the first run, and a re-run with a different file list,
+    tokeniser, --dedup, --shard-size or --channel refused (its units would mix with the old ones)."""
+    fp = hashlib.sha256(json.dumps([[e.path, e.id, e.lang, e.story, e.sentence] for e in entries]
+                                   + [source_id(tok, opts.dedup), opts.shard_size, opts.channel]).encode()).hexdigest()
     os.makedirs(work, exist_ok=True)
     plan_path = os.path.join(work, "plan.json")
-    plan = {"fingerprint": fp, "files": len(entries), "shard_size": S, "unit_source": source_id(tok, opts.dedup)}
+    plan = {"fingerprint": fp, "files": len(entries), "shard_size": opts.shard_size,
+            "unit_source": source_id(tok, opts.dedup)}
     if os.path.exists(plan_path):
         with open(plan_path) as f:
             old = json.load(f)
@@ -151,90 +172,122 @@ def tokenize(entries: List[AudioEntry], tok, opts: TokenizeOptions) -> Optional[
     else:
         _atomic_write(plan_path, json.dumps(plan, indent=1))
 
-    # 2) this rank's shards
+
+def _unfinished_shards(work: str, shards: List[int], S: int, n: int) -> List[Tuple[int, List[int], List[dict]]]:
+    """(shard, its files not done yet, the records its partial file kept) of each of ``shards`` not finished."""
     todo: List[Tuple[int, List[int], List[dict]]] = []
-    total_h = 0.0
     for k in shards:
         if os.path.exists(os.path.join(work, f"shard-{k:06d}.jsonl")):
             continue
         part = _read_part(os.path.join(work, f"shard-{k:06d}.part.jsonl"))
         done = {r["i"] for r in part}
-        rest = [i for i in range(k * S, min((k + 1) * S, len(entries))) if i not in done]
-        todo.append((k, rest, part))
+        todo.append((k, [i for i in range(k * S, min((k + 1) * S, n)) if i not in done], part))
+    return todo
+
+
+def _batches(good: List[int], seconds: Dict[int, float], opts: TokenizeOptions) -> List[List[int]]:
+    """Length-sorted batches (longest first), capped in files and padded seconds."""
+    good = sorted(good, key=lambda i: (-seconds[i], i))
+    batches, cur = [], []
+    for i in good:
+        if cur and (len(cur) >= opts.batch_size or seconds[cur[0]] * (len(cur) + 1) > opts.batch_seconds):
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def _load_batch(batch: List[int], entries: List[AudioEntry], tok, channel) -> List[tuple]:
+    """(index, waveform or None, error or None) of each file of a batch: decoded and resampled."""
+    out = []
+    for i in batch:
+        try:
+            out.append((i, load_audio(entries[i].path, tok.sample_rate, channel, tok.min_samples), None))
+        except AudioError as err:
+            out.append((i, None, str(err)))
+    return out
+
+
+def _progress_bar(opts: TokenizeOptions, rank: int, todo, seconds: Dict[int, float]):
+    if not (opts.progress and todo):
+        return None
+    total_h = 0.0
+    for _, rest, _ in todo:
         total_h += sum(seconds.get(i, 0.0) for i in rest) / 3600
-    bar = None
-    if opts.progress and todo:
-        from tqdm import tqdm
-        bar = tqdm(total=round(total_h, 6), unit="h", position=rank, dynamic_ncols=True,
-                   desc=f"rank {rank} audio hours", bar_format="{desc}: {percentage:3.0f}%|{bar}| "
-                   "{n:.3f}/{total:.3f} h [{elapsed}<{remaining}, {rate_fmt}]")
-    log_path = os.path.join(work, f"log.r{rank}.{int(time.time() * 1e6)}.{os.getpid()}.txt")
-    pool = ThreadPoolExecutor(max_workers=2)    # decode + resample the next batch while the model runs
+    from tqdm import tqdm
+    return tqdm(total=round(total_h, 6), unit="h", position=rank, dynamic_ncols=True,
+                desc=f"rank {rank} audio hours", bar_format="{desc}: {percentage:3.0f}%|{bar}| "
+                "{n:.3f}/{total:.3f} h [{elapsed}<{remaining}, {rate_fmt}]")
 
-    def load(batch):
-        out = []
-        for i in batch:
-            try:
-                out.append((i, load_audio(entries[i].path, tok.sample_rate, opts.channel, tok.min_samples), None))
-            except AudioError as err:
-                out.append((i, None, str(err)))
-        return out
 
-    try:
-        for k, rest, part in todo:
-            part_path = os.path.join(work, f"shard-{k:06d}.part.jsonl")
-            recs = list(part)
-            good = [i for i in rest if i not in bad]
-            recs += [{"i": i, "bad": bad[i]} for i in rest if i in bad]
-            # length-sorted batches (longest first), capped in files and padded seconds
-            good.sort(key=lambda i: (-seconds[i], i))
-            batches, cur = [], []
-            for i in good:
-                if cur and (len(cur) >= opts.batch_size or seconds[cur[0]] * (len(cur) + 1) > opts.batch_seconds):
-                    batches.append(cur)
-                    cur = []
-                cur.append(i)
-            if cur:
-                batches.append(cur)
-            with open(part_path, "a", encoding="utf-8") as pf, open(log_path, "a") as lf:
-                for b in [{"i": i, "bad": bad[i]} for i in rest if i in bad]:
-                    pf.write(json.dumps(b) + "\n")
-                futs = [pool.submit(load, batches[0])] if batches else []
-                for j in range(len(batches)):
-                    loaded = futs[j].result()
-                    if j + 1 < len(batches):
-                        futs.append(pool.submit(load, batches[j + 1]))
-                    errs = [(i, e) for i, _, e in loaded if e]
-                    if errs and not opts.skip_bad:
-                        raise AudioError(errs[0][1])
-                    ok = [(i, w) for i, w, e in loaded if not e]
-                    units = tok.encode_batch([w for _, w in ok]) if ok else []
-                    lines = [{"i": i, "bad": e} for i, e in errs]
-                    for (i, w), u in zip(ok, units):
-                        lines.append({"i": i, "units": u.tolist(), "samples": int(len(w))})
-                    pf.write("".join(json.dumps(l) + "\n" for l in lines))
-                    pf.flush()
-                    os.fsync(pf.fileno())
-                    lf.write("".join(f"{i}\n" for i, _ in ok))
-                    lf.flush()
-                    recs += lines
-                    if bar is not None:
-                        bar.update(sum(len(w) for _, w in ok) / tok.sample_rate / 3600)
-            recs.sort(key=lambda r: r["i"])
-            _atomic_write(os.path.join(work, f"shard-{k:06d}.jsonl"), "".join(json.dumps(r) + "\n" for r in recs))
-            os.remove(part_path)
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
-        if bar is not None:
-            bar.close()
+class _ShardEncoder:
+    """This rank's unfinished shards encoded one after the other (``run``): each shard's files batch by batch,
+    the next batch decoded in a thread while the model runs, every batch appended (fsync'ed) to the shard's
+    partial file and logged, then the shard written whole and its partial file removed."""
 
-    if dist is not None:
-        dist.barrier()
-    result = merge(entries, tok, opts, work) if rank == 0 else None
-    if dist is not None:
-        dist.barrier()
-        dist.destroy_process_group()
-    return result
+    def __init__(self, entries: List[AudioEntry], tok, opts: TokenizeOptions, work: str, rank: int,
+                 seconds: Dict[int, float], bad: Dict[int, str]):
+        self.entries, self.tok, self.opts, self.work, self.rank = entries, tok, opts, work, rank
+        self.seconds, self.bad = seconds, bad
+        self.log_path = os.path.join(work, f"log.r{rank}.{int(time.time() * 1e6)}.{os.getpid()}.txt")
+        self.pool = self.bar = None
+
+    def run(self, todo: List[Tuple[int, List[int], List[dict]]]) -> None:
+        self.bar = _progress_bar(self.opts, self.rank, todo, self.seconds)
+        self.pool = ThreadPoolExecutor(max_workers=2)    # decode + resample the next batch while the model runs
+        try:
+            for k, rest, part in todo:
+                self._shard(k, rest, part)
+        finally:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            if self.bar is not None:
+                self.bar.close()
+
+    def _load(self, batch: List[int]):
+        return self.pool.submit(_load_batch, batch, self.entries, self.tok, self.opts.channel)
+
+    def _shard(self, k: int, rest: List[int], part: List[dict]) -> None:
+        bad = self.bad
+        part_path = os.path.join(self.work, f"shard-{k:06d}.part.jsonl")
+        recs = list(part)
+        recs += [{"i": i, "bad": bad[i]} for i in rest if i in bad]
+        batches = _batches([i for i in rest if i not in bad], self.seconds, self.opts)
+        with open(part_path, "a", encoding="utf-8") as pf, open(self.log_path, "a") as lf:
+            for b in [{"i": i, "bad": bad[i]} for i in rest if i in bad]:
+                pf.write(json.dumps(b) + "\n")
+            futs = [self._load(batches[0])] if batches else []
+            for j in range(len(batches)):
+                loaded = futs[j].result()
+                if j + 1 < len(batches):
+                    futs.append(self._load(batches[j + 1]))
+                lines, ok = self._encode(loaded)
+                pf.write("".join(json.dumps(l) + "\n" for l in lines))
+                pf.flush()
+                os.fsync(pf.fileno())
+                lf.write("".join(f"{i}\n" for i, _ in ok))
+                lf.flush()
+                recs += lines
+                if self.bar is not None:
+                    self.bar.update(sum(len(w) for _, w in ok) / self.tok.sample_rate / 3600)
+        recs.sort(key=lambda r: r["i"])
+        _atomic_write(os.path.join(self.work, f"shard-{k:06d}.jsonl"),
+                           "".join(json.dumps(r) + "\n" for r in recs))
+        os.remove(part_path)
+
+    def _encode(self, loaded: List[tuple]):
+        """A loaded batch -> (its records: units, or the error of a file that did not load under --skip-bad;
+        the (index, waveform) pairs encoded)."""
+        errs = [(i, e) for i, _, e in loaded if e]
+        if errs and not self.opts.skip_bad:
+            raise AudioError(errs[0][1])
+        ok = [(i, w) for i, w, e in loaded if not e]
+        units = self.tok.encode_batch([w for _, w in ok]) if ok else []
+        lines = [{"i": i, "bad": e} for i, e in errs]
+        for (i, w), u in zip(ok, units):
+            lines.append({"i": i, "units": u.tolist(), "samples": int(len(w))})
+        return lines, ok
 
 
 def merge(entries: List[AudioEntry], tok, opts: TokenizeOptions, work: str) -> Dict:
