@@ -70,7 +70,7 @@ EMBED_LANGS = (0, 2)                   # language-table rows (0: none, as megasl
 # The first entry of each list is the default; ``deterministic=True`` uses it with ATOMIC_DQ forced off.
 # Only TUNED_DTYPES x TUNED_HEAD_DIMS (what the presets train with on a GPU) are autotuned over the whole
 # list; every other (dtype, head dim) runs the default alone, which keeps the compile check's cost down.
-# Entries chosen so that ptxas reports no or few spills (kernels/bench/results/compile_table.md).
+# Entries chosen so that ptxas reports no or few spills (docs/bench/compile_all-triton-3.9.0.md).
 TUNED_DTYPES = ("bfloat16",)
 TUNED_HEAD_DIMS = (64, 128)
 _ATTN = {

@@ -2,8 +2,9 @@
 # Every GPU figure of the project in one call on a GPU machine (issues 14 and 21): the bf16/fp16 kernel numerics,
 # the document-masked attention benchmark (Triton vs FlexAttention and FA2: the stored result the `auto` backend
 # rule reads), training throughput and peak memory of the 1B preset with each attention backend (flex, triton,
-# reference) and each recompute mode, and the data build's --workers scaling on the machine's 16 CPU cores. Results stay in the repository's result folders (kernels/bench/results/,
-# kernels/bench/results/train/, data_tools/bench_results/) and are packed into $OUT/gpu_results.tar.gz.
+# reference) and each recompute mode, and the data build's --workers scaling on the machine's 16 CPU cores. Every
+# benchmark stores its record (kernels/bench/record.py) in the one results folder, docs/bench/, packed into
+# $OUT/gpu_results.tar.gz after each step; the training runs themselves go to runs/bench_train/.
 #
 # On a machine whose image lacks deepspeed / megatron-core / orjson / xxhash (the lent H100/H200 image), build
 # the wheels first, here, from the repository root with the project's environment active:
@@ -31,7 +32,7 @@ status=0
 # cannot spend the others' share of a lease (a device call is at most 600 s), and the results so far are packed
 # after every step: a call cut short still brings back every figure taken before the cut. The figures the issue
 # asks for come first; the whole kernel suite on the GPU (fp32, the compiled kernels) last.
-pack() { tar czf "$OUT/gpu_results.tar.gz" kernels/bench/results data_tools/bench_results 2>/dev/null; }
+pack() { tar czf "$OUT/gpu_results.tar.gz" docs/bench 2>/dev/null; }
 step() {  # step NAME SECONDS COMMAND...
   local name=$1 secs=$2 rc
   shift 2
@@ -52,11 +53,10 @@ step bench_train "${T_TRAIN:-160}" python3 launchers/bench_train.py --presets ll
   --backends flex triton reference --micro-batch-size 4 --global-batch-size 8 --steps 6 --warmup 3
 # the recompute modes (peak memory vs tokens/s) on the default backend
 step bench_train_recompute "${T_RECOMPUTE:-100}" python3 launchers/bench_train.py --presets llama3.2-1b \
-  --backends flex --recompute selective full --micro-batch-size 4 --global-batch-size 8 --steps 6 --warmup 3 \
-  --out kernels/bench/results/train-recompute
+  --backends flex --recompute selective full --micro-batch-size 4 --global-batch-size 8 --steps 6 --warmup 3
 # the data build's --workers scaling where there are more than 2 cores (the machine's 16); CPU only
 step bench_build "${T_DATA:-40}" python3 -m data_tools.bench_build --formats jsonl,npz --workers 1,2,4,8 \
-  --repeats 3 --out data_tools/bench_results/build_gpu_host.json
+  --repeats 3
 step pytest_kernels "${T_SUITE:-45}" python3 -m pytest -q -x tests/kernels
-echo "gpu_session: exit $status (results in kernels/bench/results and $OUT/gpu_results.tar.gz)"
+echo "gpu_session: exit $status (results in docs/bench and $OUT/gpu_results.tar.gz)"
 exit $status

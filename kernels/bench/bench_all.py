@@ -1,4 +1,4 @@
-"""Every kernel benchmark into one results file (kernels/bench/results/<device>-<date>-all.json/.csv).
+"""Every kernel benchmark into one record (docs/bench/bench_all-<device>-<date>.json/.csv; kernels/bench/record.py).
 
     python -m kernels.bench.bench_all                # CUDA: paper shapes, S = 2048 and 8192
     python -m kernels.bench.bench_all --long         # also S = 16384 and 32768 for attention

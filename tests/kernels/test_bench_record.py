@@ -164,3 +164,25 @@ def test_data_tools_take_nothing_else_from_kernels():
 
     bad = [(f, full) for f, m, full in imports_of("data_tools") if m == "kernels" and full != "kernels.bench.record"]
     assert not bad, bad
+
+
+def _expand(path):
+    """``a{1,2}b`` -> [a1b, a2b] (the docs cite sibling files that way)."""
+    m = re.search(r"\{([^{}]*)\}", path)
+    return [q for part in m.group(1).split(",") for q in _expand(path[:m.start()] + part + path[m.end():])] if m \
+        else [path]
+
+
+def test_the_docs_cite_stored_records_that_exist():
+    """The README's performance table (and every other doc) cites records in docs/bench that are there."""
+    cited = set()
+    for doc in [ROOT / "README.md", ROOT / "kernels" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for path in re.findall(r"(docs/bench/[^`'\s()\[\]|]+)", doc.read_text()):
+            if "<" not in path and "*" not in path and path.rstrip("/") != "docs/bench":
+                cited |= {(str(doc.relative_to(ROOT)), p) for p in _expand(path.rstrip(".,:;"))}
+    missing = [(doc, p) for doc, p in sorted(cited) if not (ROOT / p).is_file()]
+    assert not missing, missing
+    readme = (ROOT / "README.md").read_text()
+    performance = readme[readme.index("## Performance"):readme.index("\n## ", readme.index("## Performance") + 1)]
+    # the table's rows with figures: compile check (3.9, 3.6), data build, CPU attention, trainer vs plain loop
+    assert len(set(re.findall(r"docs/bench/[^`\s]+\.(?:json|\{json,md\})", performance))) >= 5, performance
