@@ -15,7 +15,7 @@ import numpy as np
 from megaslm.vocab import UnitVocab, lang_prefix, manifest_path
 
 from data_tools.build import build_dataset
-from data_tools.common import OutputFiles
+from data_tools.common import OutputFiles, atomic_write_text
 from data_tools.streams import BuildOptions
 
 
@@ -74,3 +74,24 @@ def write_demo_corpus(out_dir: str, seed: int = 0, num_stories: int = 600, codeb
             files.placed(prefix + ".bin", prefix + ".idx", lang_prefix(prefix) + ".bin", lang_prefix(prefix) + ".idx",
                          manifest_path(prefix))
     return {k: v[0] for k, v in out.items()}
+
+
+def prepare_demo_corpus(out_dir: str, seed: int = 0, num_stories: int = 600, codebook_size: int = 128,
+                        log=None) -> Dict[str, str]:
+    """``write_demo_corpus`` into ``out_dir`` once, however many processes ask at the same time (every rank of a
+    launch does): the first to take ``out_dir/.lock`` builds it, the others then read ``prefixes.json``
+    (written whole or not at all). Returns the prefixes; ``log(message)`` is told when this call built them.
+    Used by the launchers for ``data.demo`` and by the tests that train on the demo corpus."""
+    import fcntl
+
+    os.makedirs(out_dir, exist_ok=True)
+    done = os.path.join(out_dir, "prefixes.json")
+    with open(os.path.join(out_dir, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(done):
+            prefixes = write_demo_corpus(out_dir, seed=seed, num_stories=num_stories, codebook_size=codebook_size)
+            atomic_write_text(done, json.dumps(prefixes))
+            if log is not None:
+                log(f"built the demo corpus in {out_dir}: {', '.join(sorted(prefixes))}")
+    with open(done) as f:
+        return json.load(f)

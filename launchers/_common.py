@@ -62,42 +62,19 @@ def demo_data_dir(cfg) -> str:
 
 
 def prepare_demo_data(cfg, log=print) -> dict:
-    """Build the synthetic EN/FR corpus with data_tools' real pipeline into <output_dir>/data, once:
-    every rank of a launch calls this; the first to take the lock builds, the others then read
-    ``prefixes.json`` (written to a temporary name and renamed, so it is complete or absent)."""
-    import fcntl
-    import json
+    """The synthetic EN/FR corpus built with data_tools' real pipeline into <output_dir>/data, once for all
+    ranks (``data_tools.synthetic.prepare_demo_corpus``)."""
+    from data_tools.synthetic import prepare_demo_corpus
 
-    from data_tools.synthetic import write_demo_corpus
-
-    d = demo_data_dir(cfg)
-    os.makedirs(d, exist_ok=True)
-    done = os.path.join(d, "prefixes.json")
-    with open(os.path.join(d, ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not os.path.exists(done):
-            prefixes = write_demo_corpus(d, seed=cfg.data.seed, num_stories=cfg.data.demo_stories,
-                                         codebook_size=cfg.vocab.codebook_size)
-            tmp = f"{done}.tmp-{os.getpid()}"
-            with open(tmp, "w") as f:
-                json.dump(prefixes, f)
-            os.replace(tmp, done)
-            log(f"built the demo corpus in {d}: {', '.join(sorted(prefixes))}")
-    with open(done) as f:
-        return json.load(f)
+    return prepare_demo_corpus(demo_data_dir(cfg), seed=cfg.data.seed, num_stories=cfg.data.demo_stories,
+                               codebook_size=cfg.vocab.codebook_size, log=log)
 
 
 def with_demo_data(cfg, prefixes: dict):
-    """A new config whose stages without data train on the demo corpus's interleaved EN/FR stream
-    (the config handed in is left as it is)."""
-    import dataclasses
+    """A new config whose stages without data train on the demo corpus's interleaved EN/FR stream."""
+    from megaslm.data import with_default_data
 
-    from megaslm.config import DataSource
-
-    stages = [st if st.data else dataclasses.replace(st, data=[DataSource(path=prefixes["enfr_interleaved"],
-                                                                        weight=1.0)])
-              for st in cfg.schedule.stages]
-    return dataclasses.replace(cfg, schedule=dataclasses.replace(cfg.schedule, stages=stages))
+    return with_default_data(cfg, prefixes["enfr_interleaved"])
 
 
 def fail(msg: str, code: int = 2) -> None:

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from megaslm.config import ConfigError, RunConfig, StageConfig
+from megaslm.config import ConfigError, DataSource, RunConfig, StageConfig
 from megaslm.vocab import (IDX_HEAD, IDX_ITEMSIZE, IDX_MAGIC, IDX_VERSION, LANG_NONE, UnitVocab, VocabError,
                            content_hash_algorithm, hash_files, manifest_path, read_manifest)
 
@@ -144,6 +144,15 @@ def check_manifest(prefix: str, vocab: UnitVocab, verify_hash: bool = False, nee
 
 
 _CACHE_LIST = "COMPLETE"
+
+
+def with_default_data(cfg: RunConfig, prefix: str) -> RunConfig:
+    """A new config whose stages without data train on the dataset at ``prefix`` (weight 1): how a run with
+    ``data.demo`` trains on the demo corpus (``data_tools.synthetic.prepare_demo_corpus``). The config handed
+    in is left as it is."""
+    stages = [st if st.data else dataclasses.replace(st, data=[DataSource(path=prefix, weight=1.0)])
+              for st in cfg.schedule.stages]
+    return dataclasses.replace(cfg, schedule=dataclasses.replace(cfg.schedule, stages=stages))
 
 
 def index_cache_dir(cfg: RunConfig) -> str:

@@ -71,31 +71,13 @@ def count_parameters(config_path: str) -> int:
 
 def with_demo_corpus(cfg):
     """``cfg`` with its data-less stages on a demo corpus built in ``<output_dir>/data`` (what
-    launchers/pretrain.py does for data.demo; tests call megaslm.train.run directly). The first rank
-    to take the lock builds it; the others find ``prefixes.json``."""
-    import dataclasses
-    import fcntl
-    import json
+    launchers/pretrain.py does for data.demo; tests call megaslm.train.run directly), once for all ranks."""
+    from data_tools.synthetic import prepare_demo_corpus
+    from megaslm.data import with_default_data
 
-    from data_tools.synthetic import write_demo_corpus
-    from megaslm.config import DataSource
-
-    d = os.path.join(cfg.output_dir, "data")
-    os.makedirs(d, exist_ok=True)
-    done = os.path.join(d, "prefixes.json")
-    with open(os.path.join(d, ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not os.path.exists(done):
-            prefixes = write_demo_corpus(d, seed=cfg.data.seed, num_stories=cfg.data.demo_stories,
-                                         codebook_size=cfg.vocab.codebook_size)
-            with open(done + ".tmp", "w") as f:
-                json.dump(prefixes, f)
-            os.replace(done + ".tmp", done)
-    with open(done) as f:
-        prefixes = json.load(f)
-    stages = [st if st.data else dataclasses.replace(st, data=[DataSource(prefixes["enfr_interleaved"], 1.0)])
-              for st in cfg.schedule.stages]
-    return dataclasses.replace(cfg, schedule=dataclasses.replace(cfg.schedule, stages=stages))
+    prefixes = prepare_demo_corpus(os.path.join(cfg.output_dir, "data"), seed=cfg.data.seed,
+                                   num_stories=cfg.data.demo_stories, codebook_size=cfg.vocab.codebook_size)
+    return with_default_data(cfg, prefixes["enfr_interleaved"])
 
 
 def train_with_eval(out_dir: str):
