@@ -27,9 +27,9 @@ from data_tools import fast
 from data_tools.common import commit_dataset, staging_dir, token_dtype, write_index_blocks, writing
 from data_tools.engine import CTX, Lengths, Quarantine, Writer, hash_file, run_chunks
 from data_tools.errors import DataError, FileError
+from data_tools.arrays import clear_caches, npy_units
 from data_tools.formats import (BINARY_CHUNK_FACTOR, BoundsCursor, InputSpec, LineText, bounds_path, check_inputs,
-                                chunk_items, clear_caches, covers_to_end, follows, iter_chunk_ranges, npy_units,
-                                parse_item)
+                                chunk_items, covers_to_end, follows, iter_chunk_ranges, parse_item)
 from data_tools.streams import RANDOM_MODES, BuildOptions, Encoder, Stats, record_documents, story_rng
 
 # One process: chunks of .npy/.npz inputs hold this many times ``chunk_size`` records. Measured on the

@@ -23,8 +23,8 @@ import orjson
 
 from megaslm.vocab import LANG_NONE
 
-from data_tools.formats import (AUDIO_REPR_FIELDS, BOUNDS_FIELDS, UTT_FIELDS, LineText, _load_npy, _load_npz,
-                                bounds_path)
+from data_tools.arrays import load_npy, load_npz
+from data_tools.formats import AUDIO_REPR_FIELDS, BOUNDS_FIELDS, UTT_FIELDS, LineText, bounds_path
 from data_tools.intparse import parse_in_batches
 from data_tools.streams import BuildOptions, Stats
 from data_tools.templates import template_lines
@@ -362,7 +362,7 @@ def npy_chunk(path: str, lines, source: str, opts: BuildOptions, dtype):
     if cols is None:
         return None
     a, b, lang_ids, keys = cols
-    arr = _load_npy(path)
+    arr = load_npy(path)
     if np.any(a < 0) or np.any(b <= a) or np.any(b > arr.shape[0]):
         return None
     # each range starts where the previous one ends (or after it, --allow-gaps); else the record path names
@@ -394,7 +394,7 @@ def _gather(arr: np.ndarray, a: np.ndarray, b: np.ndarray) -> Optional[np.ndarra
 
 def npz_chunk(path: str, first: int, count: int, source: str, opts: BuildOptions, dtype):
     """Records first..first+count-1 (1-based) of an .npz -> assemble(...) + no unknown fields, or None."""
-    d = _load_npz(path)
+    d = load_npz(path)
     off = d["offsets"][first - 1:first + count].astype(np.int64)
     a, b = off[:-1], off[1:]
     if np.any(b <= a):

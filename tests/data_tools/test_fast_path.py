@@ -298,9 +298,9 @@ def test_jsonl_lines_read_by_layout_build_the_record_paths_bytes(tmp_path, monke
 @pytest.mark.parametrize("case", ["int16", "big-endian", "uint32", "2-D", "float", "empty", "truncated", "v2 header",
                                   "not npy"])
 def test_npy_mapped_up_front_reads_what_np_load_reads(tmp_path, monkeypatch, case):
-    """formats._npy_populated (a MAP_POPULATE map of a plain .npy) gives the bytes and the errors that
+    """arrays._npy_populated (a MAP_POPULATE map of a plain .npy) gives the bytes and the errors that
     np.load's memory map gives, for other dtypes, byte orders, shapes and header versions."""
-    import data_tools.formats as formats
+    import data_tools.arrays as arrays
 
     units = np.arange(30) % 7
     arr = {"int16": units.astype(np.int16), "big-endian": units.astype(">i4"), "uint32": units.astype(np.uint32),
@@ -319,7 +319,7 @@ def test_npy_mapped_up_front_reads_what_np_load_reads(tmp_path, monkeypatch, cas
     outcomes = []
     for mapped in (True, False):
         if not mapped:
-            monkeypatch.setattr(formats, "_npy_populated", lambda p: None)
+            monkeypatch.setattr(arrays, "_npy_populated", lambda p: None)
         try:
             m = build_dataset([str(path)], str(tmp_path / f"o{mapped}"), vocab=UnitVocab(), progress=False)
             outcomes.append(("ok", m["content_hash"]))
