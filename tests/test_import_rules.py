@@ -238,15 +238,12 @@ def test_checkpoint_layout_is_torch_free():
 # ``"step{``/``step{...08d}``/``"step%``, or a literal tag such as step00000000.
 TAG_SPELLING = re.compile(r"""step\(?\\d|["']step\{|step\{[^}]*08d|["']step%|step\d{8}""")
 TAG_OWNER = "megaslm/checkpoint/layout.py"
-# The sweep still parses tags itself until it calls megaslm.checkpoint.layout.newest_meta (the lead wires
-# it after the move to megaslm/sweeps/): remove these entries then.
-TAG_ALLOWED_FOR_NOW = ("megaslm/sweep.py", "megaslm/sweep_report.py", "megaslm/sweeps/", "launchers/sweep.py")
 
 
 def test_only_checkpoint_layout_spells_a_tag():
     bad = []
     for f, text in _source_files(*PACKAGES):
-        if f == TAG_OWNER or f.startswith(TAG_ALLOWED_FOR_NOW):
+        if f == TAG_OWNER:
             continue
         bad += [f"{f}:{i}: {line.strip()}" for i, line in enumerate(text.splitlines(), 1) if TAG_SPELLING.search(line)]
     assert not bad, "a checkpoint tag spelled or parsed outside megaslm/checkpoint/layout.py:\n" + "\n".join(bad)

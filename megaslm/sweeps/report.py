@@ -19,7 +19,8 @@ import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from evals.benchmarks import CROSSLINGUAL, MONOLINGUAL, SYNTAX_LEXICON  # the paper's column order (torch-free)
-from megaslm.sweeps.state import atomic_write, newest_meta
+from megaslm.checkpoint.layout import newest_meta
+from megaslm.sweeps.state import atomic_write
 
 PAPER_COLUMNS = MONOLINGUAL + CROSSLINGUAL + SYNTAX_LEXICON
 

@@ -15,10 +15,10 @@ import dataclasses
 import fcntl
 import json
 import os
-import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from megaslm.checkpoint.layout import newest_meta  # the newest complete checkpoint's meta.json (+ its _path)
 from megaslm.config import ConfigError, load_config
 from megaslm.sweeps.expand import Dataset, Run, Sweep
 from megaslm.sweeps.spec import SweepError
@@ -101,25 +101,6 @@ def load_job(sweep_json: str, name: str) -> Job:
 # ------------------------------------------------------------------------------------------------
 # Run state
 # ------------------------------------------------------------------------------------------------
-def newest_meta(run_dir: str) -> Optional[Dict]:
-    """The newest checkpoint's meta.json (with ``_path``: its directory), or None.
-    The one place here that reads a checkpoint tag; megaslm/checkpoint/layout owns their spelling."""
-    d = os.path.join(run_dir, "checkpoints")
-    best = None
-    if os.path.isdir(d):
-        for n in os.listdir(d):
-            m = re.match(r"^step(\d{8})$", n)
-            mp = os.path.join(d, n, "meta.json")
-            if m and os.path.exists(mp) and (best is None or int(m.group(1)) > best[0]):
-                best = (int(m.group(1)), mp)
-    if best is None:
-        return None
-    with open(best[1]) as f:
-        meta = json.load(f)
-    meta["_path"] = os.path.dirname(best[1])
-    return meta
-
-
 def lock_held(run_dir: str) -> bool:
     """Whether a live process holds the run's lock (a killed holder's lock goes with it)."""
     path = os.path.join(run_dir, LOCK)

@@ -10,6 +10,7 @@ import yaml
 
 from helpers import ROOT, sweep, tiny_spec
 
+from megaslm.checkpoint.layout import tag_for
 from megaslm.sweeps.execute import execute_run, hostfile_from_job, train_command
 from megaslm.sweeps.expand import expand
 from megaslm.sweeps.spec import SweepError
@@ -88,7 +89,7 @@ def test_status_tells_a_running_run_from_a_stopped_one(tmp_path):
     sw = expand(spec)
     write_configs(sw)
     run = sw.runs[0]
-    ckpt = os.path.join(run.dir, "checkpoints", "step00000003")
+    ckpt = os.path.join(run.dir, "checkpoints", tag_for(3))
     os.makedirs(ckpt)
     with open(os.path.join(ckpt, "meta.json"), "w") as f:
         json.dump({"step": 3, "tokens_seen": 768, "stage_tokens": {}}, f)

@@ -11,8 +11,9 @@ import pytest
 
 from helpers import BUDGET, PY, ROOT, SWEEP, sweep, tiny_spec
 
+from megaslm.checkpoint.layout import newest_meta
 from megaslm.sweeps.expand import expand
-from megaslm.sweeps.state import newest_meta, run_state
+from megaslm.sweeps.state import run_state
 
 
 def _train_log(run):
