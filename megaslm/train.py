@@ -27,10 +27,12 @@ import torch
 import torch.distributed as dist
 
 from megaslm import checkpoint, ds_adapter, parallel, sharding, telemetry
+from megaslm.checkpoint.lock import RunLock
 from megaslm.config import ConfigError, DataSource, RunConfig, StageConfig, config_digest
 from megaslm.data import (Batch, build_stage_dataset, check_manifest, collate, load_step, stage_plans,
                           step_source_tokens)
 from megaslm.model import build_model, num_parameters
+from megaslm.procwatch import LauncherWatch
 
 
 class NonFiniteError(RuntimeError):
@@ -163,7 +165,8 @@ class Trainer:
         self._datasets: Dict[int, object] = {}
         self._valid = None                 # the held-out dataset (eval.valid), built at first use
         self._last_saved: Optional[int] = None
-        self.stop_requested = False        # set by the SIGTERM handler
+        self.stop_requested = False        # set by the SIGTERM handler or the launcher watch
+        self.stop_reason = "SIGTERM"
         self._stop_agreed = False          # some rank had stop_requested at the last step's all-reduce
         self.preempted = False
         self.gpu = telemetry.GpuMonitor()
@@ -394,6 +397,11 @@ class Trainer:
     def request_stop(self, signum=None, frame=None) -> None:
         self.stop_requested = True
 
+    def launcher_gone(self, pid: int, command: str) -> None:
+        """``procwatch.LauncherWatch``'s callback (its thread): stop at the next step as for SIGTERM."""
+        self.stop_reason = f"the launcher, pid {pid} ({command}), is gone"
+        self.stop_requested = True
+
     def stop_agreed(self) -> bool:
         """Every rank stops at the same step if any of them got SIGTERM (agreed by the step's
         fused all-reduce, so all ranks read the same answer after the same step)."""
@@ -604,27 +612,60 @@ def run(cfg: RunConfig, log=print, max_steps: Optional[int] = None, evaluator: O
                            need_lang=cfg.model.language_embedding)
     for path in cfg.eval.valid:
         check_manifest(path, cfg.vocab, verify_hash=cfg.data.verify_hash, need_lang=cfg.model.language_embedding)
+    # one run per output_dir: rank 0 takes the directory's lock before anything in it is read or
+    # written; every rank learns the outcome right after the process group exists
+    lock, refused = None, None
     if world["rank"] == 0:
-        os.makedirs(cfg.output_dir, exist_ok=True)
-    parallel.init_distributed()
-    dist.barrier()
-    # the checkpoint to resume (intact, same run-changing config) is chosen before the model is built
-    resume = checkpoint.select_resume(cfg, world["world_size"], allow_config_change, warn=log)
+        try:
+            lock = RunLock(cfg.output_dir).acquire()
+        except ConfigError as e:
+            refused = str(e)
+    try:
+        parallel.init_distributed()
+        box = [refused]                      # rank 0's outcome on every rank
+        dist.broadcast_object_list(box, src=0)
+        refused = box[0]
+        if refused:
+            raise ConfigError(refused)
+        return _run_locked(cfg, world, log, max_steps, evaluator, faults, allow_config_change)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(cfg: RunConfig, world: Dict[str, int], log, max_steps, evaluator, faults,
+                allow_config_change: bool) -> List[Dict]:
+    # the checkpoint to resume (intact, same run-changing config) is chosen before the model is built,
+    # by rank 0 alone (the content check reads every byte once, not once per rank), then told to all:
+    # ranks that chose apart would load different steps
+    box = [None]
+    if world["rank"] == 0:
+        try:
+            box = [("ok", checkpoint.select_resume(cfg, world["world_size"], allow_config_change, warn=log))]
+        except ConfigError as e:
+            box = [("error", str(e))]
+    dist.broadcast_object_list(box, src=0)
+    if box[0][0] == "error":
+        raise checkpoint.CheckpointError(box[0][1])
+    resume = box[0][1]
     if world["rank"] == 0:
         cfg.save(os.path.join(cfg.output_dir, "config.yaml"))
     trainer = Trainer(cfg, log=log, evaluator=evaluator, faults=faults)
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, trainer.request_stop)
+    # a launcher killed alone (the deepspeed runner's pid) stops the run as SIGTERM does
+    watch = LauncherWatch(trainer.launcher_gone)
     try:
         trainer.load(cfg.checkpoint.load, resume=resume)
         history = trainer.fit(max_steps=max_steps)
         if cfg.checkpoint.save and trainer.step > 0 and trainer._last_saved != trainer.step:
             trainer.log(f"saved {trainer.save()}")
     finally:
+        watch.close()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     if trainer.preempted:
-        trainer.log(f"pre-empted (SIGTERM): checkpoint saved at step {trainer.step}; exiting cleanly")
+        trainer.log(f"pre-empted ({trainer.stop_reason}): checkpoint saved at step {trainer.step}; exiting cleanly")
     trainer.close()
     return history

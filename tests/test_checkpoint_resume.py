@@ -1,6 +1,7 @@
-"""Resume through the launcher (launchers/pretrain.py) over damaged or planted checkpoints: corrupted newest
-falls back and ends bit-identical, a malicious pickle is refused with one line (exit 2) and never runs, a
-changed config is refused unless --allow-config-change; DeepSpeed's own load path is safe; a checkpoint's
+"""Resume through the launcher (launchers/pretrain.py) over damaged or planted checkpoints: a newest one
+corrupted in place (same size) falls back and ends bit-identical, a malicious pickle is refused with one line (exit 2) and never runs, a
+changed config is refused unless --allow-config-change; a disk full during a save is one line and the
+resume after it is exact; DeepSpeed's own load path is safe; a checkpoint's
 learning rate never overrides the current schedule's."""
 import glob
 import hashlib
@@ -12,6 +13,8 @@ import sys
 import pytest
 import torch
 import yaml
+
+from tests.plant import corrupt_mid_member
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
@@ -82,11 +85,17 @@ def _copy(base, tmp_path):
 
 
 def test_corrupted_newest_falls_back_and_ends_identical(base, tmp_path):
+    """A same-size corruption mid-shard (zip directory intact: sizes and zip checks pass it, and its garbage
+    weights would load) is found by the CRC check; the run falls back and ends bit-identical."""
+    from megaslm.checkpoint.resume import verify
+
     run, ck = _copy(base, tmp_path)
     newest, older = os.path.join(ck, "step00000006"), os.path.join(ck, "step00000004")
     f = os.path.join(newest, "mp_rank_00_model_states.pt")
-    data = open(f, "rb").read()
-    open(f, "wb").write(data[: len(data) - 1000])  # truncated
+    size = os.path.getsize(f)
+    member = corrupt_mid_member(f)
+    assert os.path.getsize(f) == size and verify(newest, 1, content=False) is None  # the planted failure is real
+    assert f"member {member} fails its CRC-32" in verify(newest, 1)
     before = _hashes(newest)
     rc, out, err = _launch(base["cfg"], run)
     log = out + err
@@ -113,6 +122,58 @@ def test_malicious_trainer_state_refused_by_the_launcher(base, tmp_path):
     assert last.startswith(f"error: {path}: refused") and "posix.system" in last, err[-2000:]
     assert not marker.exists()
     assert _hashes(ck) == before
+
+
+def _pages(root):
+    return sum(-(-os.path.getsize(os.path.join(dp, f)) // 4096) * 4096 for dp, _, fs in os.walk(root) for f in fs)
+
+
+def test_disk_full_during_a_save(base, tmp_path):
+    """The run directory on a small tmpfs that holds the run and half a checkpoint: the save of step 6 runs
+    out of space. One line names the filesystem and the bytes needed (exit 2), the partial .tmp is removed
+    (a leftover would keep the disk full), step 4 stays intact; with room again the resume ends
+    bit-identical."""
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    run = fs / "run"
+    no6 = shutil.ignore_patterns("step00000006")   # the run as killed after the save of step 4
+    shutil.copytree(base["ref"], run, ignore=no6)
+    ck = run / "checkpoints"
+    (ck / "latest").write_text("step00000004")
+    one = _pages(ck / "step00000004")
+    need = _pages(run) + one // 2
+    shutil.rmtree(run)
+    try:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={need}", "tmpfs", str(fs)], capture_output=True,
+                           text=True, timeout=30)
+    except OSError as e:
+        pytest.skip(f"cannot run mount ({e}): the disk-full test plants a small tmpfs")
+    if r.returncode != 0:
+        pytest.skip(f"mount -t tmpfs is not permitted here ({r.stderr.strip()}): the disk-full test needs root")
+    try:
+        shutil.copytree(base["ref"], run, ignore=no6)
+        (ck / "latest").write_text("step00000004")
+        before = _hashes(ck / "step00000004")
+        rc, out, err = _launch(base["cfg"], str(run))
+        assert rc == 2, (out + err)[-3000:]
+        last = err.strip().splitlines()[-1]
+        assert last.startswith(f"error: checkpoint save at step 6: no space left on {fs} (tmpfs, "), err[-3000:]
+        one_bytes = sum(os.path.getsize(ck / "step00000004" / f) for f in os.listdir(ck / "step00000004"))
+        assert f"a checkpoint takes {one_bytes:,} bytes (as step00000004 does)" in last, last
+        assert "removed the partial step00000006.tmp" in last and "step00000004, is intact" in last
+        assert "Traceback" not in err, err[-3000:]
+        assert sorted(os.listdir(ck)) == sorted(set(os.listdir(os.path.join(base["ref"], "checkpoints")))
+                                                - {"step00000006"})   # no .tmp left
+        assert _hashes(ck / "step00000004") == before and (ck / "latest").read_text() == "step00000004"
+        subprocess.run(["mount", "-o", f"remount,size={need + 4 * one}", str(fs)], check=True, timeout=30)
+        rc, out, err = _launch(base["cfg"], str(run))
+        assert rc == 0 and "resumed from" in out + err, (out + err)[-3000:]
+        new_w = _weights(str(ck / "step00000006"))
+        for k, v in base["ref_w"].items():
+            if torch.is_tensor(v) and v.is_floating_point():
+                assert torch.equal(new_w[k], v), k
+    finally:
+        subprocess.run(["umount", str(fs)], capture_output=True, timeout=30)
 
 
 def test_config_change_refused_unless_allowed(base, tmp_path):

@@ -11,6 +11,7 @@ import torch
 from megaslm import checkpoint
 from megaslm.checkpoint import CheckpointError, TrainState, select_resume
 from megaslm.config import load_config
+from tests.plant import corrupt_mid_member
 
 MARKER_NAME = "pwned-marker"
 
@@ -73,7 +74,7 @@ def test_intact_newest_is_chosen(run):
     assert select_resume(_cfg(os.path.dirname(ck) + "-fresh"), 1) is None  # nothing there: start from scratch
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "missing_shard", "meta_garbage"])
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "missing_shard", "meta_garbage", "crc", "json_crc"])
 def test_corrupted_newest_falls_back(run, damage):
     cfg, ck, (old, new) = run
     f = os.path.join(new, "zero_pp_rank_0_mp_rank_00_optim_states.pt")
@@ -83,6 +84,16 @@ def test_corrupted_newest_falls_back(run, damage):
     elif damage == "garbage":
         n = os.path.getsize(f)
         open(f, "wb").write(os.urandom(n))  # same size: the manifest alone cannot tell
+    elif damage == "crc":   # same size, zip directory intact: only the members' CRC-32 tells
+        corrupt_mid_member(f, nbytes=8)
+        assert checkpoint.verify(new, 1, content=False) is None
+    elif damage == "json_crc":   # a file without a CRC of its own: against the one meta.json recorded
+        extra = os.path.join(new, "notes.json")
+        open(extra, "w").write('{"a": 1}')
+        meta = json.load(open(os.path.join(new, "meta.json")))
+        meta["files"], meta["crc32"] = checkpoint.write_manifest(new), checkpoint.record_crc32(new)
+        checkpoint.write_json_atomic(os.path.join(new, "meta.json"), meta)
+        open(extra, "w").write('{"a": 2}')
     elif damage == "missing_shard":
         os.remove(os.path.join(new, "trainer_state_rank00000.pt"))
     else:

@@ -226,12 +226,15 @@ def _source_files(*packages):
 
 
 def test_checkpoint_layout_is_torch_free():
-    """The sweep, evals' listing and any tool may ask ``layout`` about a run directory without torch."""
-    code = "import megaslm.checkpoint.layout, sys; assert 'torch' not in sys.modules, 'torch imported'"
+    """The sweep, evals' listing and any tool may ask ``layout`` (and ``lock``) about a run directory
+    without torch."""
+    code = ("import megaslm.checkpoint.layout, megaslm.checkpoint.lock, sys; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
-    for f, m, full in imports_of("megaslm.checkpoint.layout"):
-        assert m in STDLIB or full == "megaslm.config", (f, full)
+    for module in ("megaslm.checkpoint.layout", "megaslm.checkpoint.lock"):
+        for f, m, full in imports_of(module):
+            assert m in STDLIB or full == "megaslm.config", (f, full)
 
 
 # A tag's spelling or parsing: a ``step\d``/``step(\d`` regex, an f-string or format spelling
@@ -300,9 +303,10 @@ def test_deepspeed_private_finder_finds_accesses():
 # Sweeps sit above the rest of megaslm (ARCHITECTURE.md "Where things live")
 # ------------------------------------------------------------------------------------------------
 # what megaslm.sweeps takes from below: the config, the FLOPs formula, the plan's memory column, the
-# checkpoint layout (run state) and evals' torch-free task names (the report's columns)
+# checkpoint layout and the run directory's lock (run state) and evals' torch-free task names (the
+# report's columns)
 SWEEPS_MAY_IMPORT = ("megaslm.config", "megaslm.telemetry", "megaslm.memory", "megaslm.checkpoint.layout",
-                     "evals.benchmarks")
+                     "megaslm.checkpoint.lock", "evals.benchmarks")
 
 
 def test_sweeps_sit_above_the_library():

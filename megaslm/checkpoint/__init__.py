@@ -20,12 +20,12 @@ from typing import Any
 from megaslm.checkpoint.layout import (CANON_MODEL, CANON_OPTIM, LATEST, META, MOMENTS, TAG_RE,
                                        CheckpointError, TrainState, checkpoint_step, complete_tags, is_canonical,
                                        is_tag_dir, list_checkpoints, newest_complete, newest_meta, prune,
-                                       read_meta, remove_partial, resolve_tag_dir, tag_for, write_json_atomic,
-                                       write_latest, write_manifest)
+                                       read_meta, record_crc32, remove_partial, resolve_tag_dir, tag_for,
+                                       write_json_atomic, write_latest, write_manifest)
 
 _LAZY = {
     "safe": ("safe_load", "unsafe_globals", "make_engine_loads_safe"),
-    "resume": ("Resume", "verify", "config_changes", "select_resume"),
+    "resume": ("Resume", "verify", "check_content", "config_changes", "select_resume"),
     "reader": ("Checkpoint", "read_checkpoint"),
     "canonical": ("write_canonical", "load_canonical_into"),
     "engine": ("save", "load", "rng_state", "set_rng_state", "set_optimizer_state", "set_engine_counters",
@@ -34,7 +34,7 @@ _LAZY = {
 _WHERE = {name: module for module, names in _LAZY.items() for name in names}
 __all__ = ["CANON_MODEL", "CANON_OPTIM", "LATEST", "META", "MOMENTS", "TAG_RE", "CheckpointError", "TrainState",
            "checkpoint_step", "complete_tags", "is_canonical", "is_tag_dir", "list_checkpoints", "newest_complete",
-           "newest_meta", "prune", "read_meta", "remove_partial", "resolve_tag_dir", "tag_for", "write_json_atomic",
+           "newest_meta", "prune", "read_meta", "record_crc32", "remove_partial", "resolve_tag_dir", "tag_for", "write_json_atomic",
            "write_latest", "write_manifest", *_WHERE]
 
 

@@ -17,7 +17,8 @@ import torch
 from megaslm import sharding
 from megaslm.checkpoint.engine import set_engine_counters, set_optimizer_state
 from megaslm.checkpoint.layout import (CANON_MODEL, CANON_OPTIM, META, CheckpointError, TrainState, one_line,
-                                       tag_for, tmp_dir_of, write_json_atomic, write_latest, write_manifest)
+                                       record_crc32, tag_for, tmp_dir_of, write_json_atomic, write_latest,
+                                       write_manifest)
 from megaslm.checkpoint.reader import Checkpoint
 from megaslm.config import RunConfig, config_digest
 
@@ -46,7 +47,7 @@ def write_canonical(out_dir: str, cfg: RunConfig, full: Dict[str, torch.Tensor],
     meta = {**state.to_dict(), "tag": tag, "format": "canonical", "config": cfg.to_dict(),
             "config_digest": config_digest(cfg), "adam_step": adam_step, "time": time.time(),
             **{k: v for k, v in counters.items()}}
-    meta["files"] = write_manifest(tmp)
+    meta["files"], meta["crc32"] = write_manifest(tmp), record_crc32(tmp)
     write_json_atomic(os.path.join(tmp, META), meta)
     os.rename(tmp, final)
     write_latest(ckpt_dir, tag)

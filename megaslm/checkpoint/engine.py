@@ -18,6 +18,7 @@ production; the crash tests kill the process there).
 """
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import time
@@ -26,9 +27,9 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 
 from megaslm import ds_adapter
-from megaslm.checkpoint.layout import (META, MOMENTS, CheckpointError, TrainState, prune, read_meta,
-                                       set_aside_name, state_file_name, tag_for, tmp_dir_of, write_json_atomic,
-                                       write_latest, write_manifest)
+from megaslm.checkpoint.layout import (META, MOMENTS, CheckpointError, TrainState, newest_complete, prune,
+                                       read_meta, record_crc32, set_aside_name, state_file_name, tag_for,
+                                       tmp_dir_of, write_json_atomic, write_latest, write_manifest)
 from megaslm.checkpoint.safe import make_engine_loads_safe, safe_load
 
 
@@ -50,24 +51,87 @@ def save(engine, ckpt_dir: str, state: TrainState, meta: Dict[str, Any], keep_la
         if os.path.isdir(tmp):
             shutil.rmtree(tmp)
     dist.barrier()
-    engine.save_checkpoint(ckpt_dir, tag=os.path.basename(tmp),
-                           client_state={"megaslm": {k: v for k, v in meta.items() if k != "config"}},
-                           save_latest=False)
-    os.makedirs(tmp, exist_ok=True)
-    torch.save({"train_state": state.to_dict(), "rng": rng_state()}, os.path.join(tmp, state_file_name(rank)))
-    dist.barrier()
+    try:
+        engine.save_checkpoint(ckpt_dir, tag=os.path.basename(tmp),
+                               client_state={"megaslm": {k: v for k, v in meta.items() if k != "config"}},
+                               save_latest=False)
+        os.makedirs(tmp, exist_ok=True)
+        torch.save({"train_state": state.to_dict(), "rng": rng_state()}, os.path.join(tmp, state_file_name(rank)))
+        dist.barrier()
+        if rank == 0:
+            meta["files"], meta["crc32"] = write_manifest(tmp), record_crc32(tmp)
+            write_json_atomic(os.path.join(tmp, META), meta)
+            if before_commit is not None:
+                before_commit(step)
+            if os.path.isdir(final):  # a checkpoint of this step exists (passed over as corrupted): keep it aside
+                os.rename(final, set_aside_name(final, time.time()))
+            os.rename(tmp, final)
+            write_latest(ckpt_dir, tag)
+    except (OSError, RuntimeError) as e:
+        raise _save_failed(e, ckpt_dir, tmp, step) from e
     if rank == 0:
-        meta["files"] = write_manifest(tmp)
-        write_json_atomic(os.path.join(tmp, META), meta)
-        if before_commit is not None:
-            before_commit(step)
-        if os.path.isdir(final):  # a checkpoint of this step exists (passed over as corrupted): keep it aside
-            os.rename(final, set_aside_name(final, time.time()))
-        os.rename(tmp, final)
-        write_latest(ckpt_dir, tag)
         prune(ckpt_dir, keep_last)
     dist.barrier()
     return final
+
+
+def _save_failed(e: BaseException, ckpt_dir: str, tmp: str, step: int) -> BaseException:
+    """What a failed save becomes, after removing its partial ``<tag>.tmp`` (whatever the cause: a
+    leftover would keep a full disk full and make the resume fail too). A full filesystem (ENOSPC/EDQUOT,
+    or torch's writer failing — it reports 'unexpected pos', no errno — with less free space than a
+    checkpoint takes) is one line naming the filesystem and the bytes needed; anything else is re-raised
+    as it is. Either way the previous checkpoint is untouched: nothing of it is written before the
+    rename. In a multi-rank job only the ranks whose writes failed raise; the launcher then stops the
+    others (deepspeed's per-node launcher ends the job when one rank exits non-zero)."""
+    written = dir_bytes(tmp)
+    free = free_bytes(ckpt_dir)
+    shutil.rmtree(tmp, ignore_errors=True)
+    previous = newest_complete(ckpt_dir)
+    need = dir_bytes(os.path.join(ckpt_dir, previous)) if previous else None
+    full = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or \
+        (not isinstance(e, OSError) and free < max(need or 0, written, 64 << 20))
+    if not full:
+        return e
+    mount, fstype = filesystem_of(ckpt_dir)
+    need_txt = f"a checkpoint takes {need:,} bytes (as {previous} does)" if need else \
+        f"{written:,} bytes were written before it ran out"
+    kept = f"the newest checkpoint, {previous}, is intact: free space and rerun to resume from it" if previous \
+        else "no earlier checkpoint exists"
+    return CheckpointError(f"checkpoint save at step {step}: no space left on {mount} ({fstype}, {free:,} bytes "
+                           f"free; {need_txt}); removed the partial {os.path.basename(tmp)}; {kept}")
+
+
+def dir_bytes(path: str) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(root, f))
+            except OSError:
+                pass
+    return total
+
+
+def free_bytes(path: str) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def filesystem_of(path: str) -> Tuple[str, str]:
+    """(mount point, filesystem type) holding ``path``."""
+    mount = os.path.realpath(path)
+    while not os.path.ismount(mount):
+        mount = os.path.dirname(mount)
+    fstype = "unknown filesystem"
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) > 2 and parts[1] == mount:
+                    fstype = parts[2]      # the last entry for a mount point is the one in effect
+    except OSError:
+        pass
+    return mount, fstype
 
 
 def load(engine, tag_dir: str) -> Tuple[str, TrainState, Dict[str, Any], Dict[str, Any]]:

@@ -26,6 +26,7 @@ import json
 import os
 import re
 import shutil
+import zlib
 from typing import Any, Dict, List, Optional, Tuple
 
 from megaslm.config import ConfigError
@@ -160,6 +161,20 @@ def write_manifest(tag_dir: str) -> Dict[str, int]:
     """{file name: size} of every file of ``tag_dir`` but ``meta.json`` (recorded in it; checked by ``verify``)."""
     return {n: os.path.getsize(os.path.join(tag_dir, n)) for n in sorted(os.listdir(tag_dir))
             if n != META and not n.startswith(META) and os.path.isfile(os.path.join(tag_dir, n))}
+
+
+def file_crc32(path: str) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)   # releases the GIL: verify reads files in parallel threads
+    return crc
+
+
+def record_crc32(tag_dir: str) -> Dict[str, int]:
+    """{file name: CRC-32} of the files of ``tag_dir`` that carry no checksum of their own, recorded in
+    ``meta.json`` at save (torch's ``.pt`` files are zip archives with a CRC-32 per member already)."""
+    return {n: file_crc32(os.path.join(tag_dir, n)) for n in write_manifest(tag_dir) if not n.endswith(".pt")}
 
 
 def write_json_atomic(path: str, obj: Any) -> None:

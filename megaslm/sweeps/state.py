@@ -12,13 +12,13 @@ budget, every stage's share) or evaluated (``evals/results.json`` newer than tha
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
 import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from megaslm.checkpoint.layout import newest_meta  # the newest complete checkpoint's meta.json (+ its _path)
+from megaslm.checkpoint.lock import holder, probe
 from megaslm.config import ConfigError, load_config
 from megaslm.sweeps.expand import Dataset, Run, Sweep
 from megaslm.sweeps.spec import SweepError
@@ -102,19 +102,9 @@ def load_job(sweep_json: str, name: str) -> Job:
 # Run state
 # ------------------------------------------------------------------------------------------------
 def lock_held(run_dir: str) -> bool:
-    """Whether a live process holds the run's lock (a killed holder's lock goes with it)."""
-    path = os.path.join(run_dir, LOCK)
-    try:
-        f = open(path)
-    except OSError:
-        return False
-    with f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(f, fcntl.LOCK_UN)
-        return False
+    """Whether a live process holds the run's sweep lock or its trainer's output_dir lock (a killed
+    holder's lock goes with it): a trainer started by hand in the run directory counts too."""
+    return probe(os.path.join(run_dir, LOCK)) is not None or holder(run_dir) is not None
 
 
 def last_logged(run_dir: str) -> Optional[Tuple[int, int]]:

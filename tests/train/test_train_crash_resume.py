@@ -1,7 +1,7 @@
 """The launcher as a subprocess: two uninterrupted runs are bit-identical; five kill -9 trials at random
 moments (some inside checkpoint saves) of one run, a kill -9 at a fixed point inside a save, SIGTERM
-pre-emption; each resumed run must end with the weights of an uninterrupted run, exact budgets and a
-metrics.jsonl that holds every step once."""
+pre-emption, a second run on a directory in use refused; each resumed run must end with the weights
+of an uninterrupted run, exact budgets and a metrics.jsonl that holds every step once."""
 import json
 import os
 import random
@@ -149,6 +149,11 @@ def test_kill_and_resume(tmp_path, corpus):
     pre = tmp_path / "preempted"
     p = launch(cfg, pre)
     wait_for_step(p, pre, 5)
+    # a second run on the same directory is refused in one line naming the holder; the first is untouched
+    rc, log = finish(launch(cfg, pre))
+    assert rc == 2 and f"another run is using it, pid {p.pid} on host" in log, log[-3000:]
+    assert len([line for line in log.splitlines() if line.startswith("error:")]) == 1
+    assert not any(".corrupt-" in d for d in os.listdir(pre / "checkpoints"))
     p.send_signal(signal.SIGTERM)
     rc, log = finish(p)
     assert rc == 0 and "pre-empted (SIGTERM)" in log, log[-3000:]
