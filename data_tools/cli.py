@@ -48,7 +48,20 @@ def _vocab(a):
 def make_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m data_tools", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
+    _build_parser(sub)
+    _bpe_parsers(sub)
+    _budget_parser(sub)
+    _inspect_and_demo_parsers(sub)
+    from data_tools.world import add_parser as _world_parser
+    _world_parser(sub)  # `world`: the synthetic bilingual spoken world of the demo sweep (data_tools/world.py)
+    from data_tools.audio.cli import register_audio  # audio -> units: tokenize, tokenize-kmeans-train, tokenize-bench
+    register_audio(sub)
+    return ap
 
+
+
+
+def _build_parser(sub) -> None:
     b = sub.add_parser("build", help="inputs (JSONL utterances/stories, .npy/.npz) -> .bin/.idx dataset",
                        description="Build <output>.bin/.idx, <output>.lang.bin/.idx and <output>.manifest.json.")
     b.add_argument("--input", "-i", action="append", required=True, metavar="[NAME=]PATH",
@@ -88,6 +101,8 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     _vocab_args(b)
 
+
+def _bpe_parsers(sub) -> None:
     t = sub.add_parser("bpe-train", help="train a sentencepiece BPE model over unit sequences",
                        description="Units map to characters chr(0x4E00+u); writes <model-prefix>.model/.vocab.")
     t.add_argument("--input", "-i", action="append", required=True, metavar="PATH")
@@ -104,6 +119,8 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--output-prefix", required=True)
     e.add_argument("--model", required=True)
 
+
+def _budget_parser(sub) -> None:
     g = sub.add_parser("budget", help="steps and per-source epochs of a staged token-budget recipe",
                        description="Recipe: YAML/JSON with sources, and runs of stages {name, tokens, mixture}.")
     g.add_argument("recipe", help="e.g. data_tools/recipes/paper_1b.yaml")
@@ -114,6 +131,8 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--run", action="append", default=None, help="only these runs of the recipe")
     g.add_argument("--json", action="store_true", help="print JSON")
 
+
+def _inspect_and_demo_parsers(sub) -> None:
     s = sub.add_parser("inspect", help="statistics of a built dataset (+ length histogram PNG)")
     s.add_argument("prefix")
     s.add_argument("--histogram", default=None, metavar="PNG", help="default <prefix>.lengths.png")
@@ -128,11 +147,6 @@ def make_parser() -> argparse.ArgumentParser:
     d.add_argument("--codebook-size", type=int, default=128)
     d.add_argument("--p", type=float, default=0.5)
     d.add_argument("--workers", type=int, default=1)
-    from data_tools.world import add_parser as _world_parser
-    _world_parser(sub)  # `world`: the synthetic bilingual spoken world of the demo sweep (data_tools/world.py)
-    from data_tools.audio.cli import register_audio  # audio -> units: tokenize, tokenize-kmeans-train, tokenize-bench
-    register_audio(sub)
-    return ap
 
 
 def _kv_list(items: List[str], flag: str):

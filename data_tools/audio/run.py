@@ -290,6 +290,37 @@ class _ShardEncoder:
         return lines, ok
 
 
+def _story_lines(entries: List[AudioEntry], stories: Dict[str, Dict[str, Dict[int, list]]], story_order: List[str],
+                 langs_seen: List[str], quarantined: List[dict], skip_bad: bool) -> Tuple[List[str], List[dict]]:
+    """The output lines of the stories (every language needs every sentence), and the stories dropped under
+    ``skip_bad`` (else the first incomplete one is an error)."""
+    bad_story = set(q["id"] for q in quarantined)
+    out_lines, dropped = [], []
+    for sid in story_order:
+        st = stories.get(sid, {})
+        ids_of = {lang: sorted(v) for lang, v in st.items()}
+        problem = None
+        if any(ent.story == sid and ent.id in bad_story for ent in entries):
+            problem = "a sentence's audio was quarantined"
+        elif set(ids_of) != set(langs_seen):
+            problem = f"languages {sorted(ids_of)} but the corpus has {sorted(langs_seen)}"
+        else:
+            ref = ids_of[langs_seen[0]]
+            for lang in langs_seen:
+                if ids_of[lang] != ref:
+                    problem = f"sentences {ids_of[lang]} in {lang!r} but {ref} in {langs_seen[0]!r}"
+        if problem:
+            if not skip_bad:
+                raise DataError(f"story {sid!r}: {problem} (every language needs every sentence)")
+            dropped.append({"story": sid, "error": problem})
+            continue
+        obj = {"id": sid}
+        for lang in langs_seen:
+            obj[lang] = [st[lang][s] for s in sorted(st[lang])]
+        out_lines.append(json.dumps(obj))
+    return out_lines, dropped
+
+
 def merge(entries: List[AudioEntry], tok, opts: TokenizeOptions, work: str) -> Dict:
     S = opts.shard_size
     recs: Dict[int, dict] = {}
@@ -328,30 +359,8 @@ def merge(entries: List[AudioEntry], tok, opts: TokenizeOptions, work: str) -> D
             stories[e.story].setdefault(e.lang, {})[e.sentence] = u.tolist() if not opts.dedup else _dedup(u)[0]
     kind = "stories" if entries[0].story is not None else "utterances"
     if kind == "stories":
-        bad_story = set(q["id"] for q in quarantined)
-        dropped = []
-        for sid in story_order:
-            st = stories.get(sid, {})
-            ids_of = {lang: sorted(v) for lang, v in st.items()}
-            problem = None
-            if any(ent.story == sid and ent.id in bad_story for ent in entries):
-                problem = "a sentence's audio was quarantined"
-            elif set(ids_of) != set(langs_seen):
-                problem = f"languages {sorted(ids_of)} but the corpus has {sorted(langs_seen)}"
-            else:
-                ref = ids_of[langs_seen[0]]
-                for lang in langs_seen:
-                    if ids_of[lang] != ref:
-                        problem = f"sentences {ids_of[lang]} in {lang!r} but {ref} in {langs_seen[0]!r}"
-            if problem:
-                if not opts.skip_bad:
-                    raise DataError(f"story {sid!r}: {problem} (every language needs every sentence)")
-                dropped.append({"story": sid, "error": problem})
-                continue
-            obj = {"id": sid}
-            for lang in langs_seen:
-                obj[lang] = [st[lang][s] for s in sorted(st[lang])]
-            out_lines.append(json.dumps(obj))
+        lines, dropped = _story_lines(entries, stories, story_order, langs_seen, quarantined, opts.skip_bad)
+        out_lines += lines
         quarantined += dropped
     text = "".join(l + "\n" for l in out_lines)
     qpath = sidecar_path(opts.output)[: -len(".units.json")] + ".quarantine.jsonl"
