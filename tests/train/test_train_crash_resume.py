@@ -147,14 +147,17 @@ def test_kill_and_resume(tmp_path, corpus):
 
     # 3. SIGTERM: save at the end of the current step, exit 0; the next run finishes the job
     pre = tmp_path / "preempted"
-    p = launch(cfg, pre)
+    release = tmp_path / "release"
+    p = launch(cfg, pre, script=FAULT_LAUNCH, extra=["--hold-in-step", "6", str(release)])
     wait_for_step(p, pre, 5)
-    # a second run on the same directory is refused in one line naming the holder; the first is untouched
+    # the run is held inside step 6: a second run on the same directory is refused in one line naming the
+    # holder; the first is untouched
     rc, log = finish(launch(cfg, pre))
     assert rc == 2 and f"another run is using it, pid {p.pid} on host" in log, log[-3000:]
     assert len([line for line in log.splitlines() if line.startswith("error:")]) == 1
     assert not any(".corrupt-" in d for d in os.listdir(pre / "checkpoints"))
     p.send_signal(signal.SIGTERM)
+    release.write_text("")
     rc, log = finish(p)
     assert rc == 0 and "pre-empted (SIGTERM)" in log, log[-3000:]
     stopped = int((pre / "checkpoints" / "latest").read_text()[4:])
