@@ -13,6 +13,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
+import megaslm.fsutil as fsutil
 from megaslm.vocab import IDX_DTYPE_CODES, IDX_MAGIC, IDX_VERSION, lang_prefix, manifest_path
 
 from data_tools.errors import DataError
@@ -136,25 +137,18 @@ def writing(path: str, what: str = "the dataset", after: str = "nothing was writ
 @contextlib.contextmanager
 def atomic_path(path: str, suffix: str = "", fsync: bool = False, what: Optional[str] = None,
                 after: str = "nothing was written at the output prefix"):
-    """Write ``path`` whole or not at all (data_tools' one atomic write): yields a temporary name beside it,
-    ``<path>.tmp-<pid><suffix>`` (``suffix``: for a writer that takes the format from the name's extension),
-    which is renamed over ``path`` when the block ends -- after an fsync of its data with ``fsync`` (a crash
-    then leaves the old file or the new one, never an empty one) -- and removed if the block raises. With
-    ``what``, an OSError is one line (``write_error``), named while the temporary file still holds its space."""
-    tmp = f"{path}.tmp-{os.getpid()}{suffix}"
+    """Write ``path`` whole or not at all: ``megaslm.fsutil.atomic_path`` (the project's one atomic write:
+    a temporary name beside ``path``, renamed over it when the block ends, removed if it raises; its fsync
+    rule, which data_tools applies where the caller asks, ``fsync``). With ``what``, an OSError is one line
+    (``write_error``); one raised by the caller's writes is named while the temporary file still holds
+    its space."""
     try:
-        with writing(path, what, after) if what else contextlib.nullcontext():
-            yield tmp
-            if fsync:
-                fd = os.open(tmp, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
+        with fsutil.atomic_path(path, suffix=suffix, fsync=fsync) as tmp:
+            with writing(path, what, after) if what else contextlib.nullcontext():
+                yield tmp
+    except OSError as e:   # the fsync or the rename
+        if what:
+            raise write_error(e, path, what, after) from None
         raise
 
 

@@ -25,6 +25,7 @@ import json
 import os
 from typing import Dict, List, Sequence, Tuple
 
+from megaslm.fsutil import atomic_write_json
 from megaslm.vocab import LANG_NONE, UnitVocab, VocabError
 
 from evals.errors import EvalError
@@ -106,8 +107,7 @@ def read_vocab_manifest(folder: str) -> UnitVocab:
 def write_manifest(folder: str, vocab: UnitVocab, **extra) -> str:
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, MANIFEST)
-    with open(path, "w") as f:
-        json.dump({"format": FORMAT, "version": FORMAT_VERSION, "vocab": vocab.to_dict(), **extra}, f, indent=1)
+    atomic_write_json(path, {"format": FORMAT, "version": FORMAT_VERSION, "vocab": vocab.to_dict(), **extra}, indent=1)
     return path
 
 

@@ -6,10 +6,11 @@ Tasks outside the paper's columns are appended after sWUGGY.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Dict, List, Sequence
+
+from megaslm.fsutil import atomic_path, atomic_write_json, atomic_write_text
 
 from evals.benchmarks import CROSSLINGUAL, MONOLINGUAL, SYNTAX_LEXICON
 
@@ -83,7 +84,8 @@ def write_plots(results: Sequence[Dict], out_dir: str) -> List[str]:
         ax.grid(alpha=0.3)
         fig.tight_layout()
         p = os.path.join(d, f"{_slug(name)}.png")
-        fig.savefig(p)
+        with atomic_path(p, suffix=".png") as tmp:   # savefig takes the format from the extension
+            fig.savefig(tmp)
         plt.close(fig)
         paths.append(p)
     return paths
@@ -92,9 +94,7 @@ def write_plots(results: Sequence[Dict], out_dir: str) -> List[str]:
 def write_reports(results: Sequence[Dict], out_dir: str) -> Dict[str, object]:
     os.makedirs(out_dir, exist_ok=True)
     rj = os.path.join(out_dir, "results.json")
-    with open(rj, "w") as f:
-        json.dump({"checkpoints": list(results)}, f, indent=1, ensure_ascii=False)
+    atomic_write_json(rj, {"checkpoints": list(results)}, indent=1, ensure_ascii=False)
     rm = os.path.join(out_dir, "results.md")
-    with open(rm, "w") as f:
-        f.write(markdown_table(results))
+    atomic_write_text(rm, markdown_table(results))
     return {"json": rj, "markdown": rm, "plots": write_plots(results, out_dir)}

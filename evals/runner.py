@@ -17,6 +17,7 @@ import torch.distributed as dist
 from megaslm import parallel
 from megaslm.checkpoint.layout import checkpoint_step, list_checkpoints
 from megaslm.config import RunConfig
+from megaslm.fsutil import atomic_write_text
 
 from evals.alignment import align_items
 from evals.benchmarks import ALIGN, Benchmark, check_vocab, load_benchmark
@@ -70,9 +71,7 @@ def evaluate_checkpoint(ckpt: str, bench_paths: Sequence[str], overrides: Sequen
     if out_dir and _is_writer():
         os.makedirs(out_dir, exist_ok=True)
         path = os.path.join(out_dir, f"{tag}.items.jsonl")
-        with open(path, "w") as f:
-            for rec in res["per_item"]:
-                f.write(json.dumps(rec) + "\n")
+        atomic_write_text(path, "".join(json.dumps(rec) + "\n" for rec in res["per_item"]))
         res["per_item_file"] = path
     return res
 

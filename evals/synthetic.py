@@ -18,6 +18,7 @@ import os
 import random
 from typing import Dict, Iterable, List, Optional
 
+from megaslm.fsutil import atomic_write_text
 from megaslm.vocab import UnitVocab
 
 from evals.benchmarks import write_manifest
@@ -81,9 +82,7 @@ def build_benchmark(stories: List[Dict], out_dir: str, vocab: UnitVocab, items_p
 
 def _write(d: str, name: str, rows: List[Dict]) -> str:
     p = os.path.join(d, name)
-    with open(p, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r, separators=(",", ":")) + "\n")
+    atomic_write_text(p, "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in rows))
     return p
 
 

@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from megaslm.config import ConfigError, DataSource, RunConfig, StageConfig
+from megaslm.fsutil import atomic_write_text
 from megaslm.vocab import (IDX_HEAD, IDX_ITEMSIZE, IDX_MAGIC, IDX_VERSION, LANG_NONE, UnitVocab, VocabError,
                            content_hash_algorithm, hash_files, manifest_path, read_manifest)
 
@@ -180,10 +181,8 @@ def _commit_cache(cache: str) -> None:
     if not os.path.isdir(cache):
         return
     names = sorted(n for n in os.listdir(cache) if n != _CACHE_LIST and ".tmp-" not in n)
-    tmp = os.path.join(cache, f"{_CACHE_LIST}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write("".join(n + "\n" for n in names))
-    os.replace(tmp, os.path.join(cache, _CACHE_LIST))
+    # no fsync: a lost listing costs a rebuild of the cache, never a wrong index
+    atomic_write_text(os.path.join(cache, _CACHE_LIST), "".join(n + "\n" for n in names), fsync=False)
 
 
 def _language_gpt_dataset():

@@ -18,6 +18,8 @@ import json
 import os
 from typing import Dict, Optional
 
+from megaslm.fsutil import atomic_write_text
+
 # dense tensor-core peak FLOP/s per device: (name fragment, precision) -> FLOP/s
 PEAK_FLOPS = {
     ("H200", "bf16"): 989e12, ("H200", "fp16"): 989e12, ("H200", "fp32"): 494.5e12,  # fp32: TF32 dense
@@ -122,12 +124,7 @@ def truncate_metrics(path: str, step: int) -> None:
             keep.append(line if line.endswith("\n") else line + "\n")
     if not changed:
         return
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.writelines(keep)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(keep))
 
 
 class MetricsSink:

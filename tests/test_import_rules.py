@@ -35,8 +35,8 @@ MODULES = _project_modules()
 def _imported_names(path):
     """Every module name an import statement in ``path`` names, resolved to absolute names:
     ``from a.b import c`` gives ``a.b.c`` when that is a module, else ``a.b``; relative imports are
-    resolved against the file's package; the launchers' ``from _common import`` (they put their own
-    folder on sys.path) is ``launchers._common``."""
+    resolved against the file's package; the launchers' ``from _common import`` (Python puts a
+    script's own folder first on sys.path) is ``launchers._common``."""
     me = _module_name(path)
     package = me if path.endswith("__init__.py") else me.rpartition(".")[0]
     tree = ast.parse(open(path).read(), path)
@@ -165,15 +165,16 @@ def test_kernels_import_only_torch_and_triton():
     assert not bad, bad
 
 
-def test_config_and_vocab_are_torch_free():
+def test_config_vocab_and_fsutil_are_torch_free():
     # vocab.py may also import xxhash (a small C extension, no torch): the dataset content hash that
-    # data_tools writes and training verifies
-    light = {"megaslm/config.py": {"yaml", "megaslm"}, "megaslm/vocab.py": {"yaml", "megaslm", "xxhash"}}
+    # data_tools writes and training verifies; fsutil (the one atomic write) is standard library only
+    light = {"megaslm/config.py": {"yaml", "megaslm"}, "megaslm/vocab.py": {"yaml", "megaslm", "xxhash"},
+             "megaslm/fsutil.py": set()}
     for f, m, full in imports_of("megaslm"):
         if f in light:
             assert m in STDLIB | light[f], (f, full)
             if m == "megaslm":
-                assert full in ("megaslm.vocab", "megaslm.config"), (f, full)
+                assert full in ("megaslm.vocab", "megaslm.config", "megaslm.fsutil"), (f, full)
 
 
 def test_megaslm_only_looks_down():
@@ -187,8 +188,8 @@ def test_megaslm_only_looks_down():
 def test_data_tools_never_import_model_or_training():
     for f, m, full in imports_of("data_tools"):
         if m == "megaslm":
-            # only the torch-free modules (unit vocabulary, manifest format, config)
-            assert full in ("megaslm", "megaslm.vocab", "megaslm.config"), (f, full)
+            # only the torch-free modules (unit vocabulary, manifest format, config, the atomic write)
+            assert full in ("megaslm", "megaslm.vocab", "megaslm.config", "megaslm.fsutil"), (f, full)
         assert m not in ("deepspeed", "evals", "launchers"), (f, full)
 
 
