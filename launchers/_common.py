@@ -1,11 +1,15 @@
-"""Shared by the launchers: make the repository importable, parse --config + overrides, one-line errors,
-quiet the dependency warnings a user cannot act on, and pick free rendezvous ports."""
+"""Shared by the launchers: parse --config + overrides, one-line errors, quiet the dependency warnings a
+user cannot act on, and the demo corpus.
+
+The launchers are scripts (``deepspeed launchers/pretrain.py``, ``python launchers/eval.py``), not a package:
+they import this module as ``from _common import ...``, which works because Python puts a script's own
+folder first on ``sys.path``; everything else (megaslm, evals, data_tools) comes from the installed package
+(``pip install -e .``, README)."""
 from __future__ import annotations
 
 import argparse
 import logging
 import os
-import socket
 import sys
 import warnings
 from typing import List, Optional, Tuple
@@ -26,9 +30,7 @@ warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
 # keep their warnings and errors only
 logging.getLogger("megatron").setLevel(logging.WARNING)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository (configs/ ...)
 
 
 def parse(description: str, default_config: Optional[str], argv: Optional[List[str]] = None,
@@ -43,18 +45,7 @@ def parse(description: str, default_config: Optional[str], argv: Optional[List[s
     args = p.parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    if "WORLD_SIZE" not in os.environ and "MASTER_PORT" not in os.environ:
-        # a single process started without a launcher: its rendezvous is private, so take a free
-        # port instead of torch's 29500 (which another run on a shared node may hold)
-        os.environ["MASTER_PORT"] = str(free_port())
     return args, args.overrides
-
-
-def free_port() -> int:
-    """A TCP port that is free on this host right now (for a rendezvous nobody else chose)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def demo_data_dir(cfg) -> str:

@@ -14,8 +14,7 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import fail  # noqa: E402
+from _common import fail
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -12,8 +12,7 @@ from __future__ import annotations
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import fail, parse  # noqa: E402
+from _common import fail, parse
 
 
 def _extra(p):

@@ -13,8 +13,7 @@ from __future__ import annotations
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import ROOT, fail, parse, prepare_demo_data, with_demo_data  # noqa: E402
+from _common import ROOT, fail, parse, prepare_demo_data, with_demo_data
 
 
 def _extra(p) -> None:

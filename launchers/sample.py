@@ -11,11 +11,9 @@ made the training units (first codebook only: semantic-only, poor audio; docs/au
 from __future__ import annotations
 
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import fail, parse  # noqa: E402
+from _common import fail, parse
 
 
 def _extra(p):

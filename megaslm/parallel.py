@@ -11,6 +11,7 @@ import dataclasses
 import datetime
 import os
 import random
+import socket
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -58,6 +59,13 @@ def env_world() -> Dict[str, int]:
     }
 
 
+def free_port() -> int:
+    """A TCP port that is free on this host right now (for a rendezvous nobody else chose)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def init_distributed(timeout_s: int = 600) -> Dict[str, int]:
     """Create the default process group: NCCL with CUDA, gloo without. Idempotent."""
     w = env_world()
@@ -66,6 +74,10 @@ def init_distributed(timeout_s: int = 600) -> Dict[str, int]:
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(w["local_rank"] % torch.cuda.device_count())
+    if "WORLD_SIZE" not in os.environ and "MASTER_PORT" not in os.environ:
+        # a single process started without a launcher: its rendezvous is private, so take a free
+        # port instead of torch's 29500 (which another run on a shared node may hold)
+        os.environ["MASTER_PORT"] = str(free_port())
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
     # DeepSpeed's engine insists on these even for a single process started without a launcher

@@ -13,15 +13,11 @@ import socket
 import subprocess
 import time
 
+from tests.distributed import free_port
+
 
 class Unavailable(Exception):
     pass
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(tmp, nodes=None):
@@ -43,10 +39,10 @@ def start(tmp, nodes=None):
     env = dict(os.environ)
     conf = os.path.join(d, "slurm.conf")
     if nodes:
-        node_lines = "".join(f"NodeName={n} NodeHostname={host} NodeAddr={a} Port={_free_port()} CPUs=1 "
+        node_lines = "".join(f"NodeName={n} NodeHostname={host} NodeAddr={a} Port={free_port()} CPUs=1 "
                              "State=UNKNOWN\n" for n, a in nodes.items())
     else:
-        node_lines = f"NodeName={host} CPUs={os.cpu_count() or 1} Port={_free_port()} State=UNKNOWN\n"
+        node_lines = f"NodeName={host} CPUs={os.cpu_count() or 1} Port={free_port()} State=UNKNOWN\n"
     with open(conf, "w") as f:
         f.write(f"""ClusterName=megaslmtest
 SlurmctldHost={host}
@@ -55,7 +51,7 @@ SlurmdUser=root
 AuthType=auth/munge
 AuthInfo=socket={sock}
 CredType=cred/munge
-SlurmctldPort={_free_port()}
+SlurmctldPort={free_port()}
 StateSaveLocation={d}/state
 SlurmdSpoolDir={d}/spool/%n
 SlurmctldPidFile={d}/slurmctld.pid

@@ -20,6 +20,8 @@ import subprocess
 import time
 from typing import Dict, List, Optional
 
+from tests.distributed import free_port
+
 ADDRS = ("127.0.0.1", "127.0.0.2")
 # sshd lives in sbin, which a non-login PATH may lack
 _SBIN = ("/usr/sbin", "/sbin", "/usr/local/sbin")
@@ -55,12 +57,6 @@ def missing_tools() -> Optional[str]:
         except OSError as e:
             return f"cannot bind {addr} (127.0.0.0/8 not all on loopback here): {e}"
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def descendants(pid: int) -> List[int]:
@@ -115,7 +111,7 @@ class LoopbackNodes:
         self._keys()
         err = ""
         for _ in range(attempts):  # a port taken between choosing it and sshd binding it: choose again
-            self.port = _free_port()
+            self.port = free_port()
             err = self._start_sshd()
             if not err:
                 break
