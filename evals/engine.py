@@ -7,15 +7,14 @@ same answer.
 """
 from __future__ import annotations
 
-import os
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.distributed as dist
 
 from megaslm import parallel, sharding
 from megaslm.checkpoint.reader import Checkpoint
-from megaslm.config import ConfigError, RunConfig, apply_override, config_from_dict
+from megaslm.config import ConfigError, RunConfig, derive_config
 from megaslm.model import build_model
 from megaslm.vocab import LANG_NONE
 
@@ -32,11 +31,17 @@ def eval_config(saved: RunConfig, overrides: Sequence[str] = (), world_size: Opt
     no virtual pipeline (weights are canonical, so any layout loads them), no recompute or sequence
     parallelism unless asked for."""
     world = world_size if world_size is not None else parallel.env_world()["world_size"]
-    tree = saved.to_dict()
-    for o in overrides:
-        apply_override(tree, o)
+    try:
+        cfg = derive_config(saved, overrides, edit=lambda tree, user: _eval_layout(tree, user, world))
+        cfg.validate(world_size=world)
+    except ConfigError as e:
+        raise EvalError(f"eval config: {e}") from None
+    return cfg
+
+
+def _eval_layout(tree: Dict, user: Set[str], world: int) -> None:
+    """``eval_config``'s settings, on the saved tree: only where ``user`` (the overridden keys) says nothing."""
     p = tree["parallel"]
-    user = {o.split("=", 1)[0].strip() for o in overrides}
     if world % (int(p["tensor"]) * int(p["pipeline"])) != 0 and not ({"parallel.tensor", "parallel.pipeline"} & user):
         p["tensor"], p["pipeline"] = 1, 1
     mp = int(p["tensor"]) * int(p["pipeline"])
@@ -56,12 +61,6 @@ def eval_config(saved: RunConfig, overrides: Sequence[str] = (), world_size: Opt
     tree["schedule"]["global_batch_size"] = int(p["data"])
     if not torch.cuda.is_available() and tree.get("precision") in ("bf16", "fp16"):
         tree["precision"] = "fp32"
-    try:
-        cfg = config_from_dict(tree)
-        cfg.validate(world_size=world)
-    except ConfigError as e:
-        raise EvalError(f"eval config: {e}") from None
-    return cfg
 
 
 def build_eval_model(cfg: RunConfig, full: Optional[Dict[str, torch.Tensor]] = None) -> List[torch.nn.Module]:

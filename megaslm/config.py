@@ -15,15 +15,22 @@ import math
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import yaml
 
+from megaslm.fsutil import atomic_write_text
 from megaslm.vocab import UnitVocab
 
 
 class ConfigError(ValueError):
     """A config value that is missing, unknown, of the wrong type or inconsistent with another."""
+
+
+def _need(cond, fld: str, expected: str, got) -> None:
+    """The one form of a validation error: ``<field>: expected <what>, got <value>``."""
+    if not cond:
+        raise ConfigError(f"{fld}: expected {expected}, got {got!r}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -68,6 +75,40 @@ class ModelConfig:
     # selective: core_attn and/or mlp (megatron-core 0.16's "layernorm" recompute needs TransformerEngine)
     recompute_modules: List[str] = field(default_factory=lambda: ["core_attn"])
 
+    def validate(self) -> None:
+        """The model's own rules (against the parallel layout: ``RunConfig.validate``)."""
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                     "num_query_groups", "seq_length"):
+            _need(getattr(self, name) > 0, f"model.{name}", "a positive integer", getattr(self, name))
+        if self.kv_channels is None:
+            _need(self.hidden_size % self.num_attention_heads == 0, "model.hidden_size",
+                  f"a multiple of model.num_attention_heads={self.num_attention_heads} (or set model.kv_channels)",
+                  self.hidden_size)
+        _need(self.num_attention_heads % self.num_query_groups == 0, "model.num_query_groups",
+              f"a divisor of model.num_attention_heads={self.num_attention_heads}", self.num_query_groups)
+        _need(self.attention_backend in ("auto", "flex", "sdpa", "triton", "reference"), "model.attention_backend",
+              "one of auto, flex, sdpa, triton, reference", self.attention_backend)
+        _need(self.recompute in ("none", "selective", "full"), "model.recompute", "none, selective or full",
+              self.recompute)
+        _need(self.recompute_method in ("uniform", "block"), "model.recompute_method", "uniform or block",
+              self.recompute_method)
+        if self.recompute_num_layers is not None:
+            _need(self.recompute == "full", "model.recompute_num_layers", "null unless model.recompute=full",
+                  self.recompute_num_layers)
+        _need(isinstance(self.recompute_modules, list) and len(self.recompute_modules) >= 1
+              and set(self.recompute_modules) <= {"core_attn", "mlp"}, "model.recompute_modules",
+              "a non-empty list of core_attn, mlp (megatron-core's layernorm recompute needs TransformerEngine)",
+              self.recompute_modules)
+        _need(self.embedding_backend in ("auto", "triton", "reference", "megatron"), "model.embedding_backend",
+              "one of auto, triton, reference, megatron", self.embedding_backend)
+        if self.language_embedding:
+            _need(self.embedding_backend != "megatron", "model.embedding_backend",
+                  "auto, triton or reference with model.language_embedding=true (megatron's own embedding "
+                  "has no language table)", self.embedding_backend)
+        if self.max_position_embeddings is not None:
+            _need(self.max_position_embeddings >= self.seq_length, "model.max_position_embeddings",
+                  f">= model.seq_length={self.seq_length}", self.max_position_embeddings)
+
 
 @dataclass
 class ParallelConfig:
@@ -85,6 +126,27 @@ class ParallelConfig:
     # with MKL single-threaded; identical at 1). 0: all cores / local ranks (faster, not reproducible).
     cpu_threads: int = 1
 
+    def validate(self) -> None:
+        """The layout's own rules (against the model and the world size: ``RunConfig.validate``)."""
+        _need(self.tensor >= 1, "parallel.tensor", "an integer >= 1", self.tensor)
+        _need(self.pipeline >= 1, "parallel.pipeline", "an integer >= 1", self.pipeline)
+        if self.virtual_pipeline is not None:
+            _need(self.pipeline > 1 and self.virtual_pipeline >= 1, "parallel.virtual_pipeline",
+                  "null, or >= 1 with parallel.pipeline > 1", self.virtual_pipeline)
+        _need(self.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", "0, 1, 2 or 3", self.zero_stage)
+        if self.sequence_parallel:
+            _need(self.tensor > 1, "parallel.sequence_parallel", "false with parallel.tensor=1 (it splits the "
+                  "sequence across the tensor-parallel ranks)", self.sequence_parallel)
+        _need(self.cpu_threads >= 0, "parallel.cpu_threads", "an integer >= 0 (0: all cores / local ranks)",
+              self.cpu_threads)
+        if self.pipeline > 1:
+            _need(self.zero_stage in (0, 1), "parallel.zero_stage",
+                  "0 or 1 with parallel.pipeline > 1 (megatron-core's pipeline schedules drive backward; "
+                  "ZeRO-2/3 gradient and parameter partitioning do not compose with them, see README)",
+                  self.zero_stage)
+        if self.data is not None:
+            _need(self.data >= 1, "parallel.data", "an integer >= 1", self.data)
+
 
 @dataclass
 class DataSource:
@@ -98,6 +160,19 @@ class StageConfig:
     train_steps: Optional[int] = None   # exactly one of train_steps / train_tokens
     train_tokens: Optional[int] = None
     data: List[DataSource] = field(default_factory=list)
+
+    def validate(self, where: str) -> None:
+        """``where``: the stage's place in the config (``schedule.stages[i]``)."""
+        _need((self.train_steps is None) != (self.train_tokens is None), where,
+              "exactly one of train_steps / train_tokens",
+              f"train_steps={self.train_steps}, train_tokens={self.train_tokens}")
+        if self.train_steps is not None:
+            _need(self.train_steps >= 1, f"{where}.train_steps", "an integer >= 1", self.train_steps)
+        if self.train_tokens is not None:
+            _need(self.train_tokens >= 1, f"{where}.train_tokens", "an integer >= 1", self.train_tokens)
+        for j, src in enumerate(self.data):
+            _need(bool(src.path), f"{where}.data[{j}].path", "a dataset prefix", src.path)
+            _need(src.weight > 0, f"{where}.data[{j}].weight", "a positive number", src.weight)
 
 
 @dataclass
@@ -120,6 +195,15 @@ class OptimizerConfig:
     weight_decay: float = 0.1
     clip_grad: float = 1.0
 
+    def validate(self) -> None:
+        _need(self.lr > 0, "optimizer.lr", "a positive number", self.lr)
+        _need(0 <= self.min_lr <= self.lr, "optimizer.min_lr", f"a number in [0, optimizer.lr={self.lr}]",
+              self.min_lr)
+        _need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optimizer.beta1/beta2", "numbers in [0, 1)",
+              (self.beta1, self.beta2))
+        _need(self.weight_decay >= 0, "optimizer.weight_decay", "a number >= 0", self.weight_decay)
+        _need(self.clip_grad >= 0, "optimizer.clip_grad", "a number >= 0 (0 disables clipping)", self.clip_grad)
+
 
 @dataclass
 class ScheduleConfig:
@@ -129,6 +213,20 @@ class ScheduleConfig:
     warmup_steps: Optional[int] = None   # overrides warmup_fraction
     decay: str = "linear"                # linear | cosine | constant
     stages: List[StageConfig] = field(default_factory=lambda: [StageConfig(train_steps=100)])
+
+    def validate(self) -> None:
+        """The schedule's own rules (the batch against the data-parallel size: ``RunConfig.validate``)."""
+        _need(self.micro_batch_size >= 1, "schedule.micro_batch_size", "an integer >= 1", self.micro_batch_size)
+        _need(self.decay in ("linear", "cosine", "constant"), "schedule.decay", "linear, cosine or constant",
+              self.decay)
+        _need(0.0 <= self.warmup_fraction < 1.0, "schedule.warmup_fraction", "a number in [0, 1)",
+              self.warmup_fraction)
+        _need(len(self.stages) >= 1, "schedule.stages", "at least one stage", self.stages)
+        seen = set()
+        for i, st in enumerate(self.stages):
+            _need(st.name not in seen, f"schedule.stages[{i}].name", "a unique stage name", st.name)
+            seen.add(st.name)
+            st.validate(f"schedule.stages[{i}]")
 
 
 @dataclass
@@ -141,11 +239,19 @@ class CheckpointConfig:
     # directories (~0.6 s per GB per core, files in parallel); off only for a filesystem too slow to read
     verify_content: bool = True
 
+    def validate(self) -> None:
+        _need(self.keep_last >= 1, "checkpoint.keep_last", "an integer >= 1", self.keep_last)
+        _need(self.interval >= 0, "checkpoint.interval", "an integer >= 0", self.interval)
+
 
 @dataclass
 class FaultsConfig:
     nan_policy: str = "stop"     # stop: raise, save nothing | skip: drop the step's update, carry on
     max_skipped_steps: int = 10  # with nan_policy=skip: stop after this many skipped steps in a run
+
+    def validate(self) -> None:
+        _need(self.nan_policy in ("stop", "skip"), "faults.nan_policy", "stop or skip", self.nan_policy)
+        _need(self.max_skipped_steps >= 0, "faults.max_skipped_steps", "an integer >= 0", self.max_skipped_steps)
 
 
 @dataclass
@@ -153,6 +259,9 @@ class LoggingConfig:
     interval: int = 1
     tensorboard: bool = False
     jsonl: bool = True
+
+    def validate(self) -> None:
+        _need(self.interval >= 1, "logging.interval", "an integer >= 1", self.interval)
 
 
 @dataclass
@@ -177,6 +286,20 @@ class EvalConfig:
         if self.interval < 0 or self.batch_size < 1 or self.max_items < 0:
             raise ConfigError("eval: expected interval >= 0, batch_size >= 1, max_items >= 0, got "
                               f"{self.interval}, {self.batch_size}, {self.max_items}")
+
+    def validate(self) -> None:
+        """The rules between this section's fields (``__post_init__`` checks the single values at load)."""
+        if self.interval:
+            _need(len(self.benchmarks) >= 1, "eval.benchmarks",
+                  f"at least one benchmark folder or .jsonl file with eval.interval={self.interval}",
+                  self.benchmarks)
+        _need(self.valid_interval >= 0, "eval.valid_interval", "an integer >= 0", self.valid_interval)
+        _need(bool(self.valid) == (self.valid_interval > 0),
+              "eval.valid" if self.valid_interval else "eval.valid_interval",
+              "eval.valid (held-out dataset prefixes) and eval.valid_interval >= 1 set together",
+              self.valid if self.valid_interval else self.valid_interval)
+        for j, path in enumerate(self.valid):
+            _need(bool(path), f"eval.valid[{j}]", "a dataset prefix", path)
 
 
 @dataclass
@@ -247,144 +370,64 @@ class RunConfig:
 
     # ---- validation -----------------------------------------------------------------------
     def validate(self, world_size: Optional[int] = None, cuda: Optional[bool] = None) -> "RunConfig":
-        """Cross-field rules. ``world_size`` (when known) is checked against TP x PP x DP."""
-        m, p, s, o = self.model, self.parallel, self.schedule, self.optimizer
-
-        def need(cond, fld, expected, got):
-            if not cond:
-                raise ConfigError(f"{fld}: expected {expected}, got {got!r}")
-
-        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                     "num_query_groups", "seq_length"):
-            need(getattr(m, name) > 0, f"model.{name}", "a positive integer", getattr(m, name))
-        if m.kv_channels is None:
-            need(m.hidden_size % m.num_attention_heads == 0, "model.hidden_size",
-                 f"a multiple of model.num_attention_heads={m.num_attention_heads} (or set model.kv_channels)",
-                 m.hidden_size)
-        need(m.num_attention_heads % m.num_query_groups == 0, "model.num_query_groups",
-             f"a divisor of model.num_attention_heads={m.num_attention_heads}", m.num_query_groups)
-        need(m.attention_backend in ("auto", "flex", "sdpa", "triton", "reference"), "model.attention_backend",
-             "one of auto, flex, sdpa, triton, reference", m.attention_backend)
-        need(m.recompute in ("none", "selective", "full"), "model.recompute", "none, selective or full", m.recompute)
-        need(m.recompute_method in ("uniform", "block"), "model.recompute_method", "uniform or block",
-             m.recompute_method)
-        if m.recompute_num_layers is not None:
-            need(m.recompute == "full", "model.recompute_num_layers", "null unless model.recompute=full",
-                 m.recompute_num_layers)
-        need(isinstance(m.recompute_modules, list) and len(m.recompute_modules) >= 1
-             and set(m.recompute_modules) <= {"core_attn", "mlp"}, "model.recompute_modules",
-             "a non-empty list of core_attn, mlp (megatron-core's layernorm recompute needs TransformerEngine)",
-             m.recompute_modules)
-        need(m.embedding_backend in ("auto", "triton", "reference", "megatron"), "model.embedding_backend",
-             "one of auto, triton, reference, megatron", m.embedding_backend)
-        if m.language_embedding:
-            need(m.embedding_backend != "megatron", "model.embedding_backend",
-                 "auto, triton or reference with model.language_embedding=true (megatron's own embedding "
-                 "has no language table)", m.embedding_backend)
-        if m.max_position_embeddings is not None:
-            need(m.max_position_embeddings >= m.seq_length, "model.max_position_embeddings",
-                 f">= model.seq_length={m.seq_length}", m.max_position_embeddings)
-
-        need(p.tensor >= 1, "parallel.tensor", "an integer >= 1", p.tensor)
-        need(p.pipeline >= 1, "parallel.pipeline", "an integer >= 1", p.pipeline)
-        need(m.num_attention_heads % p.tensor == 0, "parallel.tensor",
-             f"a divisor of model.num_attention_heads={m.num_attention_heads}", p.tensor)
-        need(m.num_query_groups % p.tensor == 0, "parallel.tensor",
-             f"a divisor of model.num_query_groups={m.num_query_groups}", p.tensor)
-        need(m.ffn_hidden_size % p.tensor == 0, "parallel.tensor",
-             f"a divisor of model.ffn_hidden_size={m.ffn_hidden_size}", p.tensor)
-        layers_per_chunk = p.pipeline * (p.virtual_pipeline or 1)
-        need(m.num_layers % layers_per_chunk == 0, "model.num_layers",
-             f"a multiple of parallel.pipeline x virtual_pipeline = {layers_per_chunk}", m.num_layers)
-        if p.virtual_pipeline is not None:
-            need(p.pipeline > 1 and p.virtual_pipeline >= 1, "parallel.virtual_pipeline",
-                 "null, or >= 1 with parallel.pipeline > 1", p.virtual_pipeline)
-        need(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", "0, 1, 2 or 3", p.zero_stage)
-        if p.sequence_parallel:
-            need(p.tensor > 1, "parallel.sequence_parallel", "false with parallel.tensor=1 (it splits the "
-                 "sequence across the tensor-parallel ranks)", p.sequence_parallel)
-            need(m.seq_length % p.tensor == 0, "model.seq_length",
-                 f"a multiple of parallel.tensor={p.tensor} with parallel.sequence_parallel=true", m.seq_length)
-        if m.recompute == "full" and m.recompute_num_layers is not None:
-            per_chunk = m.num_layers // layers_per_chunk
-            need(1 <= m.recompute_num_layers <= per_chunk, "model.recompute_num_layers",
-                 f"an integer in [1, {per_chunk}] (layers per pipeline chunk)", m.recompute_num_layers)
-        need(p.cpu_threads >= 0, "parallel.cpu_threads", "an integer >= 0 (0: all cores / local ranks)", p.cpu_threads)
-        if p.pipeline > 1:
-            need(p.zero_stage in (0, 1), "parallel.zero_stage",
-                 "0 or 1 with parallel.pipeline > 1 (megatron-core's pipeline schedules drive backward; "
-                 "ZeRO-2/3 gradient and parameter partitioning do not compose with them, see README)",
-                 p.zero_stage)
-        mp = p.tensor * p.pipeline
-        if p.data is not None:
-            need(p.data >= 1, "parallel.data", "an integer >= 1", p.data)
-        if world_size is not None:
-            dp = p.data if p.data is not None else world_size // mp
-            need(world_size == mp * dp and dp >= 1, "parallel",
-                 f"world size {world_size} = tensor({p.tensor}) x pipeline({p.pipeline}) x data"
-                 + (f"({p.data})" if p.data is not None else ""), world_size)
+        """Each section's own rules (its ``validate``), then the rules that join sections. ``world_size``
+        (when known) is checked against TP x PP x DP; ``cuda=False`` refuses what needs a GPU."""
+        for section in (self.model, self.parallel, self.schedule, self.optimizer, self.checkpoint, self.logging,
+                        self.eval, self.faults):
+            section.validate()
+        _need(self.precision in ("auto", "fp32", "bf16", "fp16"), "precision", "auto, fp32, bf16 or fp16",
+              self.precision)
+        self._validate_layout(world_size)
+        m, p, s = self.model, self.parallel, self.schedule
         dp = self.data_parallel_size(world_size)
-
-        need(s.micro_batch_size >= 1, "schedule.micro_batch_size", "an integer >= 1", s.micro_batch_size)
-        need(s.global_batch_size % (s.micro_batch_size * dp) == 0, "schedule.global_batch_size",
-             f"a multiple of micro_batch_size x data-parallel size = {s.micro_batch_size} x {dp}",
-             s.global_batch_size)
-        need(s.decay in ("linear", "cosine", "constant"), "schedule.decay", "linear, cosine or constant", s.decay)
-        need(0.0 <= s.warmup_fraction < 1.0, "schedule.warmup_fraction", "a number in [0, 1)", s.warmup_fraction)
-        need(len(s.stages) >= 1, "schedule.stages", "at least one stage", s.stages)
-        seen = set()
-        for i, st in enumerate(s.stages):
-            where = f"schedule.stages[{i}]"
-            need(st.name not in seen, f"{where}.name", "a unique stage name", st.name)
-            seen.add(st.name)
-            need((st.train_steps is None) != (st.train_tokens is None), where,
-                 "exactly one of train_steps / train_tokens", f"train_steps={st.train_steps}, train_tokens={st.train_tokens}")
-            if st.train_steps is not None:
-                need(st.train_steps >= 1, f"{where}.train_steps", "an integer >= 1", st.train_steps)
-            if st.train_tokens is not None:
-                need(st.train_tokens >= 1, f"{where}.train_tokens", "an integer >= 1", st.train_tokens)
-            for j, src in enumerate(st.data):
-                need(bool(src.path), f"{where}.data[{j}].path", "a dataset prefix", src.path)
-                need(src.weight > 0, f"{where}.data[{j}].weight", "a positive number", src.weight)
-            if not self.data.demo:
-                need(len(st.data) >= 1, f"{where}.data", "at least one dataset (or data.demo=true)", st.data)
-
-        need(o.lr > 0, "optimizer.lr", "a positive number", o.lr)
-        need(0 <= o.min_lr <= o.lr, "optimizer.min_lr", f"a number in [0, optimizer.lr={o.lr}]", o.min_lr)
-        need(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optimizer.beta1/beta2", "numbers in [0, 1)", (o.beta1, o.beta2))
-        need(o.weight_decay >= 0, "optimizer.weight_decay", "a number >= 0", o.weight_decay)
-        need(o.clip_grad >= 0, "optimizer.clip_grad", "a number >= 0 (0 disables clipping)", o.clip_grad)
-        need(self.precision in ("auto", "fp32", "bf16", "fp16"), "precision", "auto, fp32, bf16 or fp16", self.precision)
+        _need(s.global_batch_size % (s.micro_batch_size * dp) == 0, "schedule.global_batch_size",
+              f"a multiple of micro_batch_size x data-parallel size = {s.micro_batch_size} x {dp}",
+              s.global_batch_size)
+        if not self.data.demo:
+            for i, st in enumerate(s.stages):
+                _need(len(st.data) >= 1, f"schedule.stages[{i}].data", "at least one dataset (or data.demo=true)",
+                      st.data)
         if cuda is False:
-            need(self.precision in ("auto", "fp32"), "precision", "auto or fp32 without a GPU", self.precision)
-            need(m.attention_backend != "flex", "model.attention_backend", "auto, sdpa, triton or reference without "
-                 "a GPU (PyTorch's FlexAttention has no backward on CPU)", m.attention_backend)
+            _need(self.precision in ("auto", "fp32"), "precision", "auto or fp32 without a GPU", self.precision)
+            _need(m.attention_backend != "flex", "model.attention_backend", "auto, sdpa, triton or reference "
+                  "without a GPU (PyTorch's FlexAttention has no backward on CPU)", m.attention_backend)
         if p.pipeline > 1:
             # fp16 loss scaling lives in engine.backward, which megatron's pipeline schedules bypass
-            need(self.precision != "fp16", "precision", "auto, fp32 or bf16 with parallel.pipeline > 1", self.precision)
-        need(self.checkpoint.keep_last >= 1, "checkpoint.keep_last", "an integer >= 1", self.checkpoint.keep_last)
-        need(self.checkpoint.interval >= 0, "checkpoint.interval", "an integer >= 0", self.checkpoint.interval)
-        need(self.logging.interval >= 1, "logging.interval", "an integer >= 1", self.logging.interval)
-        if self.eval.interval:
-            need(len(self.eval.benchmarks) >= 1, "eval.benchmarks",
-                 f"at least one benchmark folder or .jsonl file with eval.interval={self.eval.interval}",
-                 self.eval.benchmarks)
+            _need(self.precision != "fp16", "precision", "auto, fp32 or bf16 with parallel.pipeline > 1",
+                  self.precision)
         e = self.eval
-        need(e.valid_interval >= 0, "eval.valid_interval", "an integer >= 0", e.valid_interval)
-        need(bool(e.valid) == (e.valid_interval > 0), "eval.valid" if e.valid_interval else "eval.valid_interval",
-             "eval.valid (held-out dataset prefixes) and eval.valid_interval >= 1 set together",
-             e.valid if e.valid_interval else e.valid_interval)
-        for j, path in enumerate(e.valid):
-            need(bool(path), f"eval.valid[{j}]", "a dataset prefix", path)
         if e.valid:
-            need(e.valid_sequences >= 1 and e.valid_sequences % (s.micro_batch_size * dp) == 0,
-                 "eval.valid_sequences",
-                 f"a positive multiple of micro_batch_size x data-parallel size = {s.micro_batch_size} x {dp}",
-                 e.valid_sequences)
-        need(self.faults.nan_policy in ("stop", "skip"), "faults.nan_policy", "stop or skip", self.faults.nan_policy)
-        need(self.faults.max_skipped_steps >= 0, "faults.max_skipped_steps", "an integer >= 0",
-             self.faults.max_skipped_steps)
+            _need(e.valid_sequences >= 1 and e.valid_sequences % (s.micro_batch_size * dp) == 0,
+                  "eval.valid_sequences",
+                  f"a positive multiple of micro_batch_size x data-parallel size = {s.micro_batch_size} x {dp}",
+                  e.valid_sequences)
         return self
+
+    def _validate_layout(self, world_size: Optional[int]) -> None:
+        """The model against the parallel layout, and the layout against the world size (when known)."""
+        m, p = self.model, self.parallel
+        _need(m.num_attention_heads % p.tensor == 0, "parallel.tensor",
+              f"a divisor of model.num_attention_heads={m.num_attention_heads}", p.tensor)
+        _need(m.num_query_groups % p.tensor == 0, "parallel.tensor",
+              f"a divisor of model.num_query_groups={m.num_query_groups}", p.tensor)
+        _need(m.ffn_hidden_size % p.tensor == 0, "parallel.tensor",
+              f"a divisor of model.ffn_hidden_size={m.ffn_hidden_size}", p.tensor)
+        layers_per_chunk = p.pipeline * (p.virtual_pipeline or 1)
+        _need(m.num_layers % layers_per_chunk == 0, "model.num_layers",
+              f"a multiple of parallel.pipeline x virtual_pipeline = {layers_per_chunk}", m.num_layers)
+        if p.sequence_parallel:
+            _need(m.seq_length % p.tensor == 0, "model.seq_length",
+                  f"a multiple of parallel.tensor={p.tensor} with parallel.sequence_parallel=true", m.seq_length)
+        if m.recompute == "full" and m.recompute_num_layers is not None:
+            per_chunk = m.num_layers // layers_per_chunk
+            _need(1 <= m.recompute_num_layers <= per_chunk, "model.recompute_num_layers",
+                  f"an integer in [1, {per_chunk}] (layers per pipeline chunk)", m.recompute_num_layers)
+        if world_size is not None:
+            mp = p.tensor * p.pipeline
+            dp = p.data if p.data is not None else world_size // mp
+            _need(world_size == mp * dp and dp >= 1, "parallel",
+                  f"world size {world_size} = tensor({p.tensor}) x pipeline({p.pipeline}) x data"
+                  + (f"({p.data})" if p.data is not None else ""), world_size)
 
     def cpu_threads_per_rank(self, local_ranks: int) -> int:
         """Intra-op threads a CPU rank uses (``parallel.cpu_threads``; 0: the cores shared among local ranks)."""
@@ -405,12 +448,9 @@ class RunConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def save(self, path: str) -> None:
-        """Write the resolved config atomically (temporary name, then rename)."""
+        """Write the resolved config whole (``megaslm.fsutil``: temporary name, fsync, rename)."""
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(self.to_yaml())
-        os.replace(tmp, path)
+        atomic_write_text(path, self.to_yaml())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -509,7 +549,7 @@ def _parse_scalar(text: str):
 def apply_override(tree: Dict[str, Any], item: str) -> None:
     """Apply one ``a.b.c=value`` override to a config tree (``RunConfig.to_dict()`` form), in place.
 
-    Used by load_config and by tools that re-derive a saved run's config (evals, reshard)."""
+    Used by load_config and derive_config (tools that re-derive a saved run's config: evals, reshard)."""
     if "=" not in item:
         raise ConfigError(f"override {item!r}: expected the form a.b.c=value")
     key, _, raw = item.partition("=")
@@ -619,6 +659,26 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Ru
 
 def config_from_dict(d: Dict[str, Any]) -> RunConfig:
     return _build(RunConfig, d, "")
+
+
+def derive_config(saved: RunConfig, overrides: Sequence[str] = (), only: Sequence[str] = (), why: str = "",
+                  edit: Optional[Callable[[Dict[str, Any], Set[str]], None]] = None) -> RunConfig:
+    """A saved run's config re-derived for a tool that reads its checkpoints (evaluation, resharding): its
+    tree with the ``a.b.c=value`` overrides applied, then ``edit(tree, keys)`` (the tool's own settings;
+    ``keys``: the overridden ones, which it leaves as given), built as a loaded config is. With ``only`` (key
+    prefixes), an override of any other key is refused, ``why`` saying what the tool may change.
+    Raises ConfigError."""
+    tree = saved.to_dict()
+    keys: Set[str] = set()
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if only and not key.startswith(tuple(only)):
+            raise ConfigError(f"override {key}: {why}")
+        apply_override(tree, item)
+        keys.add(key)
+    if edit is not None:
+        edit(tree, keys)
+    return config_from_dict(tree)
 
 
 def config_digest(cfg: RunConfig) -> str:

@@ -20,6 +20,7 @@ from typing import Sequence
 from megaslm.checkpoint import CheckpointError, TrainState, tag_for
 from megaslm.checkpoint.canonical import write_canonical
 from megaslm.checkpoint.reader import Checkpoint
+from megaslm.config import ConfigError, derive_config
 from megaslm.interop.errors import InteropError
 from megaslm.sharding import EMB
 
@@ -29,21 +30,13 @@ _LAYOUT_KEYS = ("parallel.", "schedule.micro_batch_size", "schedule.global_batch
 
 def resharded_config(src_cfg, overrides: Sequence[str]):
     """The source run's config with layout overrides (``parallel.tensor=1`` ...); the model must not change."""
-    from megaslm.config import ConfigError, apply_override, config_from_dict
+    def weights_are_in_the_checkpoint(tree, _):
+        tree["model"]["init_from"] = None
 
-    tree = copy.deepcopy(src_cfg.to_dict())
-    for item in overrides:
-        key = item.partition("=")[0].strip()
-        if not key.startswith(_LAYOUT_KEYS):
-            raise InteropError(f"override {key}: reshard changes the layout only (parallel.*, batch sizes, "
-                               f"output_dir, checkpoint.*, logging.*)")
-        try:
-            apply_override(tree, item)
-        except ConfigError as e:
-            raise InteropError(str(e)) from None
-    tree["model"]["init_from"] = None
     try:
-        return config_from_dict(tree)
+        return derive_config(src_cfg, overrides, only=_LAYOUT_KEYS, edit=weights_are_in_the_checkpoint,
+                             why="reshard changes the layout only (parallel.*, batch sizes, output_dir, "
+                                 "checkpoint.*, logging.*)")
     except ConfigError as e:
         raise InteropError(str(e)) from None
 
@@ -83,13 +76,7 @@ def import_hf(cfg, out_dir: str, log=None) -> str:
     one.parallel.tensor, one.parallel.pipeline, one.parallel.virtual_pipeline, one.parallel.data = 1, 1, None, None
     # pad the vocabulary as the target layout does (megatron pads to a multiple of divisor x TP)
     one.model.make_vocab_size_divisible_by = cfg.model.make_vocab_size_divisible_by * cfg.parallel.tensor
-    if "MASTER_PORT" not in os.environ and "WORLD_SIZE" not in os.environ:
-        import socket  # one process without a launcher: a free port, not 29500 (shared nodes)
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
-    parallel.initialize(one)
+    parallel.initialize(one)   # one process without a launcher takes a free port, not 29500 (shared nodes)
     chunks = build_model(one)
     apply_init_from(chunks, one)
     full = sharding.gather_full_state_dict(chunks, one)
