@@ -182,7 +182,11 @@ class DataConfig:
     mask_eod_loss: bool = True
     seed: int = 1234
     cache_dir: Optional[str] = None   # megatron's sample-index cache; default <output_dir>/cache/data_index
-    verify_hash: bool = False         # also check each dataset's content hash (XXH3-128) against its manifest's
+    # check each dataset's content hash (XXH3-128) against its manifest's before the model is built: on by
+    # default, ~0.2-0.3 s per GB of .bin read from the page cache (2-core machine; cold data adds the disk
+    # read); data.verify_hash=false skips it (sizes, headers and counts are still checked, and the loader
+    # still refuses a token id outside the vocabulary)
+    verify_hash: bool = True
 
 
 @dataclass
