@@ -3,7 +3,8 @@
 Public API (each op dispatches to Triton on CUDA tensors or under ``TRITON_INTERPRET=1``, else to its
 plain-torch reference; ``force="triton" | "reference"`` overrides):
 
-* :func:`fused_unit_embedding` / :func:`embedding_reference` / :class:`FusedUnitEmbedding`
+* :func:`fused_unit_embedding` / :func:`embedding_reference` (its module in a model:
+  ``megaslm.layers.UnitVocabParallelEmbedding``, megatron-core's vocab-parallel embedding over it)
 * :func:`segment_attention` / :func:`segment_attention_reference`
 * :func:`doc_positions_and_masks` / :func:`doc_positions_and_masks_reference`
 * :func:`use_triton`
@@ -21,7 +22,6 @@ _LAZY = {
     "interpreting": ".dispatch",
     "fused_unit_embedding": ".embedding",
     "embedding_reference": ".embedding",
-    "FusedUnitEmbedding": ".embedding",
     "segment_attention": ".attention",
     "segment_attention_reference": ".attention",
     "doc_positions_and_masks": ".doc_mask",

@@ -31,7 +31,7 @@ table in sync without an extra all-reduce.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import triton
@@ -42,7 +42,6 @@ from .dispatch import interpreting, resolve
 __all__ = [
     "fused_unit_embedding",
     "embedding_reference",
-    "FusedUnitEmbedding",
     "FusedUnitEmbeddingFunction",
 ]
 
@@ -357,52 +356,3 @@ def fused_unit_embedding(ids, weight, vocab_start: int = 0, lang_ids=None, lang_
     return FusedUnitEmbeddingFunction.apply(ids, weight, lang_ids, lang_weight, int(vocab_start), float(scale),
                                             bool(deterministic), bool(add_lang), bool(lang_grad_all_ranks))
 
-
-class FusedUnitEmbedding(torch.nn.Module):
-    """Thin module over :func:`fused_unit_embedding`, holding this rank's vocabulary shard.
-
-    Drop-in for the local part of megatron-core's ``VocabParallelEmbedding``: it returns this rank's
-    partial embedding (zeros for out-of-shard ids); pass ``output_reduce`` (e.g. megatron's
-    ``reduce_from_tensor_model_parallel_region``) to all-reduce it, or do so in the caller.
-    """
-
-    def __init__(self, num_embeddings: int, embedding_dim: int, vocab_start: int = 0, num_languages: int = 0,
-                 scale: float = 1.0, deterministic: bool = False, add_lang: bool = True,
-                 lang_grad_all_ranks: bool = False, output_reduce: Optional[Callable] = None,
-                 init_method: Optional[Callable] = None, device=None, dtype=None):
-        super().__init__()
-        kw = {"device": device, "dtype": dtype}
-        self.num_embeddings = num_embeddings
-        self.embedding_dim = embedding_dim
-        self.vocab_start = int(vocab_start)
-        self.vocab_end = self.vocab_start + num_embeddings
-        self.scale = float(scale)
-        self.deterministic = deterministic
-        self.add_lang = add_lang
-        self.lang_grad_all_ranks = lang_grad_all_ranks
-        self.output_reduce = output_reduce
-        self.weight = torch.nn.Parameter(torch.empty(num_embeddings, embedding_dim, **kw))
-        self.lang_weight = (torch.nn.Parameter(torch.empty(num_languages, embedding_dim, **kw))
-                            if num_languages > 0 else None)
-        self.reset_parameters(init_method)
-
-    def reset_parameters(self, init_method: Optional[Callable] = None):
-        init = init_method or (lambda w: torch.nn.init.normal_(w, std=0.02))
-        with torch.no_grad():
-            init(self.weight)
-            if self.lang_weight is not None:
-                init(self.lang_weight)
-
-    def forward(self, ids, lang_ids=None, force: Optional[str] = None):
-        lw = self.lang_weight if lang_ids is not None else None
-        out = fused_unit_embedding(ids, self.weight, self.vocab_start, lang_ids if lw is not None else None, lw,
-                                   self.scale, self.deterministic, self.add_lang, self.lang_grad_all_ranks,
-                                   force=force)
-        if self.output_reduce is not None:
-            out = self.output_reduce(out)
-        return out
-
-    def extra_repr(self) -> str:
-        return (f"{self.num_embeddings}, {self.embedding_dim}, vocab_start={self.vocab_start}, "
-                f"languages={0 if self.lang_weight is None else self.lang_weight.shape[0]}, scale={self.scale}, "
-                f"deterministic={self.deterministic}")

@@ -157,7 +157,10 @@ class SequenceParallelRMSNorm(torch.nn.RMSNorm):
 
 
 def swap_embedding(model, cfg) -> None:
-    """Put the fused unit embedding in place of megatron's lookup (keeps the parameter, so tying holds)."""
+    """Put the fused unit embedding in place of megatron's lookup (keeps the parameter, so tying holds).
+
+    Not a change of spec: megatron-core's GPTModel builds its embedding itself, taking no spec for it, so
+    the built module is re-classed here, after the build."""
     backend = cfg.model.embedding_backend
     if backend == "megatron":
         return

@@ -3,8 +3,11 @@
 One builder (``build_model``) serves training, evaluation and conversion. Layer spec: megatron-core's
 local spec (RoPE, RMSNorm, SwiGLU, grouped-query attention, optional QKV bias), with the core
 attention swapped for our document-masked attention (kernels/: FlexAttention on GPU unless a stored
-measurement promotes our Triton kernel, SDPA on CPU; ``resolve_attention``) and the word embedding for
-our fused unit embedding. With sequence parallelism the norms become ``SequenceParallelRMSNorm``.
+measurement promotes our Triton kernel, SDPA on CPU; ``resolve_attention``); with sequence parallelism
+the norms become ``SequenceParallelRMSNorm``. Those are changes of spec. The word embedding is not:
+megatron-core's GPTModel builds its embedding itself (it takes no spec for it), so after the build
+``megaslm.layers.swap_embedding`` turns that ``VocabParallelEmbedding`` into our fused unit embedding in
+place (same object and parameters, another class: only ``forward`` changes).
 
 Initialisation is layout-independent: every parameter is drawn as its full (unsharded) tensor from a
 generator seeded by (run seed, canonical parameter name) and then sliced to this rank's shard, so

@@ -18,6 +18,7 @@ import torch
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
 EMB = "embedding.word_embeddings.weight"
+OUT = "output_layer.weight"                      # untied output layer (the last stage's copy when tied)
 LANG = "embedding.word_embeddings.lang_weight"   # model.language_embedding: [1 + languages, hidden]
 
 
@@ -52,7 +53,7 @@ class ParamSpec:
 
 def split_rule(canonical: str) -> Tuple[int, bool]:
     """(split dim, glu) of a canonical parameter name."""
-    if canonical in (EMB, "output_layer.weight"):
+    if canonical in (EMB, OUT):
         return 0, False
     if canonical.endswith("linear_qkv.weight") or canonical.endswith("linear_qkv.bias"):
         return 0, False
@@ -75,7 +76,7 @@ def canonical_key(local_name: str, global_layer: Callable[[int], int], tied: boo
     m = _LAYER.match(local_name)
     if m:
         return f"decoder.layers.{global_layer(int(m.group(1)))}.{m.group(2)}"
-    if local_name == "output_layer.weight" and tied:
+    if local_name == OUT and tied:
         return EMB  # last pipeline stage's copy of the tied embedding
     return local_name
 

@@ -38,12 +38,13 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from megaslm import sharding
+from megaslm.fsutil import atomic_path, atomic_write_json
 from megaslm.interop.errors import InteropError
+from megaslm.sharding import EMB, OUT
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 INIT_MODES = ("normal", "mean", "keep")
-EMB = "embedding.word_embeddings.weight"
-OUT = "output_layer.weight"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -342,8 +343,6 @@ def canonical_from_hf(st: SafetensorsDir, hf: Dict[str, Any], cfg, canonical: st
 @torch.no_grad()
 def load_hf_into_chunks(chunks, cfg, path: str) -> None:
     """Fill this rank's shards (any TP/PP/VPP layout) from an HF Llama/Qwen2 directory."""
-    from megaslm import sharding
-
     hf, st = open_hf_dir(path, cfg)
     cache: Dict[str, torch.Tensor] = {}
     for _, param, spec in sharding.iter_params(chunks, cfg):
@@ -458,7 +457,8 @@ def hf_config_from_run(cfg, arch: str, dtype: torch.dtype = torch.float32) -> Di
 
 def save_hf(full: Dict[str, torch.Tensor], cfg, out_dir: str, arch: Optional[str] = None,
             dtype: Optional[torch.dtype] = None) -> str:
-    """Write an HF directory (model.safetensors + config.json [+ generation_config.json])."""
+    """Write an HF directory (model.safetensors + config.json + generation_config.json)."""
+    import transformers   # imported here, not at module load: it costs seconds and only export needs it
     from safetensors.torch import save_file
 
     arch = export_architecture(cfg, arch)
@@ -466,22 +466,15 @@ def save_hf(full: Dict[str, torch.Tensor], cfg, out_dir: str, arch: Optional[str
     dtype = dtype or next(iter(sd.values())).dtype
     sd = {k: v.to(dtype).contiguous() for k, v in sd.items()}
     os.makedirs(out_dir, exist_ok=True)
-    save_file(sd, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    with atomic_path(os.path.join(out_dir, "model.safetensors")) as tmp:
+        save_file(sd, tmp, metadata={"format": "pt"})
     conf = hf_config_from_run(cfg, arch, dtype)
-    try:  # let the installed transformers write its own format (e.g. rope_parameters in v5)
-        import transformers
-
-        cls = getattr(transformers, {"llama": "LlamaConfig", "qwen2": "Qwen2Config"}[conf["model_type"]])
-        kw = {k: v for k, v in conf.items() if k not in ("model_type", "torch_dtype")}
-        hc = cls(**kw)
-        hc.save_pretrained(out_dir)
-    except ImportError:
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump(conf, f, indent=2)
+    # the installed transformers writes config.json in its own format (e.g. rope_parameters in v5)
+    cls = getattr(transformers, {"llama": "LlamaConfig", "qwen2": "Qwen2Config"}[conf["model_type"]])
+    cls(**{k: v for k, v in conf.items() if k not in ("model_type", "torch_dtype")}).save_pretrained(out_dir)
     gen = {"bos_token_id": conf["bos_token_id"], "eos_token_id": conf["eos_token_id"],
            "pad_token_id": conf["pad_token_id"]}
-    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
-        json.dump(gen, f, indent=2)
+    atomic_write_json(os.path.join(out_dir, "generation_config.json"), gen, indent=2)
     return out_dir
 
 

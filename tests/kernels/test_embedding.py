@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels import FusedUnitEmbedding, embedding_reference, fused_unit_embedding, use_triton
+from kernels import embedding_reference, fused_unit_embedding, use_triton
 from kernels import embedding as emb_mod
 from _kernels_testutil import assert_close, gpu, requires_cuda
 
@@ -121,25 +121,27 @@ def test_many_languages_fallback(device):
         assert_close(x, y, 1e-5, 1e-5, what)
 
 
-def test_module_and_dispatch(device):
+def test_shard_with_language_table_and_dispatch(device):
+    """A vocabulary shard [30, 60) with a language table, as megaslm.layers.UnitVocabParallelEmbedding calls
+    the op (the model's module: megatron's vocab-parallel embedding over it, tests/test_kernel_path.py)."""
     torch.manual_seed(4)
-    mod = FusedUnitEmbedding(30, 24, vocab_start=30, num_languages=2, scale=2.0, deterministic=True,
-                             output_reduce=lambda t: t * 1.0).to(device)
+    weight = torch.nn.Parameter(torch.randn(30, 24, device=device) * 0.02)
+    lang_weight = torch.nn.Parameter(torch.randn(2, 24, device=device) * 0.02)
     ids = torch.randint(25, 65, (2, 13), device=device)
     lid = torch.randint(0, 2, (2, 13), device=device)
-    out = mod(ids, lid)
-    ref = embedding_reference(ids, mod.weight, 30, lid, mod.lang_weight, scale=2.0)
-    assert_close(out, ref, 1e-6, 1e-6, "module")
+    out = fused_unit_embedding(ids, weight, 30, lid, lang_weight, scale=2.0, deterministic=True)
+    ref = embedding_reference(ids, weight, 30, lid, lang_weight, scale=2.0)
+    assert_close(out, ref, 1e-6, 1e-6, "shard")
     out.sum().backward()
-    assert mod.weight.grad is not None and mod.lang_weight.grad is not None
-    assert mod(ids).shape == (2, 13, 24)  # language table optional at call time
+    assert weight.grad is not None and lang_weight.grad is not None
+    assert fused_unit_embedding(ids, weight, 30).shape == (2, 13, 24)  # language table optional at call time
     assert use_triton(ids)
-    assert_close(fused_unit_embedding(ids, mod.weight, 30, force="reference"),
-                 fused_unit_embedding(ids, mod.weight, 30), 1e-6, 1e-6, "force")
+    assert_close(fused_unit_embedding(ids, weight, 30, force="reference"),
+                 fused_unit_embedding(ids, weight, 30), 1e-6, 1e-6, "force")
     with pytest.raises(ValueError):
-        fused_unit_embedding(ids, mod.weight, 30, force="bogus")
+        fused_unit_embedding(ids, weight, 30, force="bogus")
     with pytest.raises(ValueError):
-        fused_unit_embedding(ids, mod.weight, 30, lang_ids=lid)
+        fused_unit_embedding(ids, weight, 30, lang_ids=lid)
 
 
 def test_empty_ids(device):
