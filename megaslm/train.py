@@ -21,7 +21,7 @@ import signal
 import threading
 import time
 from functools import partial
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -497,90 +497,102 @@ class Trainer:
         pending.clear()
 
     def fit(self, max_steps: Optional[int] = None) -> List[Dict]:
+        """Train through the remaining stages (at most ``max_steps`` steps in this call); returns every step's
+        record. Stops early, after a checkpoint, when the ranks agreed to (SIGTERM, launcher gone)."""
         cfg = self.cfg
-        plans = self.plans
-        tokens_per_step = cfg.tokens_per_step
-        world = dist.get_world_size()
-        precision = cfg.resolved_precision(self.cuda)
         # on resume, metrics.jsonl is cut back to the checkpoint's step first: re-run steps appear once
         sink = telemetry.MetricsSink(cfg.output_dir, cfg.logging.jsonl, cfg.logging.tensorboard,
                                      resume_step=self.step) if self.is_logger() else None
         self.log(f"model: {num_parameters(self.chunks):,} parameters on this rank; layout TP={self.layout.tensor} "
                  f"PP={self.layout.pipeline} DP={self.layout.data} ZeRO-{cfg.parallel.zero_stage}; "
-                 f"{self.total_steps} steps x {tokens_per_step:,} tokens; stages: "
-                 + ", ".join(f"{p.name} {p.tokens:,} tokens / {p.steps} steps" for p in plans))
+                 f"{self.total_steps} steps x {cfg.tokens_per_step:,} tokens; stages: "
+                 + ", ".join(f"{p.name} {p.tokens:,} tokens / {p.steps} steps" for p in self.plans))
         t_last = time.time()
         done = 0
         pending: List[Dict] = []   # step records not yet written (their grad norms still on the device)
         try:
-            while self.stage_index < len(plans):
-                plan = plans[self.stage_index]
+            while self.stage_index < len(self.plans):
+                plan = self.plans[self.stage_index]
                 if self.stage_step >= plan.steps:
                     self._flush(pending, sink)
-                    self.log(f"stage {plan.name} done at step {self.step}: {self.stage_tokens[plan.name]:,} tokens "
-                             f"(budget {plan.tokens:,}); per source {self.source_tokens.get(plan.name, {})}")
-                    self.stage_index += 1
-                    self.stage_step = 0
+                    self._end_stage(plan)
                     continue
                 if max_steps is not None and done >= max_steps:
                     break
-                stage = cfg.schedule.stages[self.stage_index]
-                ds = self.stage_dataset(self.stage_index)
-                step_tokens = plan.step_tokens(self.stage_step, tokens_per_step)
-                batch = load_step(ds, cfg, self.stage_step, self.dp_rank, self.dp_size, step_tokens)
-                lr = self.scheduler.get_last_lr()[0]  # the lr this step uses (the scheduler steps inside)
-                out = self.train_step(batch)
-                per_source = step_source_tokens(ds, cfg, stage, self.stage_step, step_tokens)
-                self.step += 1
-                self.stage_step += 1
+                rec, t_last = self._train_one_step(plan, t_last)
                 done += 1
-                self.tokens_seen += step_tokens
-                self.stage_tokens[plan.name] += step_tokens
-                for src, n in per_source.items():
-                    self.source_tokens[plan.name][src] = self.source_tokens[plan.name].get(src, 0) + n
-                now = time.time()
-                dt = max(now - t_last, 1e-9)
-                t_last = now
-                tps = step_tokens / dt
-                rec = {"step": self.step, "stage": plan.name, "stage_step": self.stage_step,
-                       "loss": out["loss"], "lr": lr, "grad_norm": out["grad_norm"],
-                       "skipped": out.get("skipped", False), "step_tokens": step_tokens,
-                       "tokens_seen": self.tokens_seen, "stage_tokens": self.stage_tokens[plan.name],
-                       "source_tokens": dict(self.source_tokens[plan.name]),
-                       "tokens_per_s": tps, "step_time_s": dt,
-                       "mfu": telemetry.mfu(cfg, tps, world, self.gpu.name, precision)}
-                if self.cuda:
-                    rec.update(self.gpu.read())
                 self.history.append(rec)
                 pending.append(rec)
-                saving = bool(cfg.checkpoint.save and cfg.checkpoint.interval
-                              and self.step % cfg.checkpoint.interval == 0)
-                evaluating = bool(cfg.eval.interval and self.step % cfg.eval.interval == 0)
-                if cfg.eval.valid and (self.step % cfg.eval.valid_interval == 0 or self.step == self.total_steps):
-                    rec["valid_loss"] = self.valid_loss()
-                    self.log(f"step {self.step}: valid loss {rec['valid_loss']:.4f} "
-                             f"({cfg.eval.valid_sequences} held-out sequences)")
-                stopping = self.stop_agreed()
-                announce = self.step % cfg.logging.interval == 0 or self.step == 1 or self.step == self.total_steps
-                if announce or saving or evaluating or stopping:
-                    # records reach metrics.jsonl before a checkpoint that covers them is written
-                    self._flush(pending, sink, announce)
-                if saving:
-                    self.log(f"saved {self.save()}")
-                if evaluating:
-                    scores = self.evaluate()
-                    if sink is not None:
-                        sink.write({"step": self.step, "eval": scores})
-                if stopping:
-                    self.preempted = True
-                    if cfg.checkpoint.save and self._last_saved != self.step:
-                        self.log(f"saved {self.save()}")
+                if self._after_step(rec, pending, sink):
                     break
         finally:
             self._flush(pending, sink)
             if sink is not None:
                 sink.close()
         return self.history
+
+    def _end_stage(self, plan) -> None:
+        self.log(f"stage {plan.name} done at step {self.step}: {self.stage_tokens[plan.name]:,} tokens "
+                 f"(budget {plan.tokens:,}); per source {self.source_tokens.get(plan.name, {})}")
+        self.stage_index += 1
+        self.stage_step = 0
+
+    def _train_one_step(self, plan, t_last: float) -> Tuple[Dict, float]:
+        """One step of the current stage: its batch, the update, the token counters; (its record, its end time)."""
+        cfg = self.cfg
+        ds = self.stage_dataset(self.stage_index)
+        step_tokens = plan.step_tokens(self.stage_step, cfg.tokens_per_step)
+        batch = load_step(ds, cfg, self.stage_step, self.dp_rank, self.dp_size, step_tokens)
+        lr = self.scheduler.get_last_lr()[0]  # the lr this step uses (the scheduler steps inside)
+        out = self.train_step(batch)
+        per_source = step_source_tokens(ds, cfg, cfg.schedule.stages[self.stage_index], self.stage_step, step_tokens)
+        self.step += 1
+        self.stage_step += 1
+        self.tokens_seen += step_tokens
+        self.stage_tokens[plan.name] += step_tokens
+        for src, n in per_source.items():
+            self.source_tokens[plan.name][src] = self.source_tokens[plan.name].get(src, 0) + n
+        now = time.time()
+        dt = max(now - t_last, 1e-9)
+        tps = step_tokens / dt
+        rec = {"step": self.step, "stage": plan.name, "stage_step": self.stage_step,
+               "loss": out["loss"], "lr": lr, "grad_norm": out["grad_norm"],
+               "skipped": out.get("skipped", False), "step_tokens": step_tokens,
+               "tokens_seen": self.tokens_seen, "stage_tokens": self.stage_tokens[plan.name],
+               "source_tokens": dict(self.source_tokens[plan.name]),
+               "tokens_per_s": tps, "step_time_s": dt,
+               "mfu": telemetry.mfu(cfg, tps, dist.get_world_size(), self.gpu.name,
+                                    cfg.resolved_precision(self.cuda))}
+        if self.cuda:
+            rec.update(self.gpu.read())
+        return rec, now
+
+    def _after_step(self, rec: Dict, pending: List[Dict], sink) -> bool:
+        """What follows a step: the held-out loss, the records written, a checkpoint, an evaluation. True when
+        the ranks agreed to stop (a checkpoint of this step saved)."""
+        cfg = self.cfg
+        saving = bool(cfg.checkpoint.save and cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0)
+        evaluating = bool(cfg.eval.interval and self.step % cfg.eval.interval == 0)
+        if cfg.eval.valid and (self.step % cfg.eval.valid_interval == 0 or self.step == self.total_steps):
+            rec["valid_loss"] = self.valid_loss()
+            self.log(f"step {self.step}: valid loss {rec['valid_loss']:.4f} "
+                     f"({cfg.eval.valid_sequences} held-out sequences)")
+        stopping = self.stop_agreed()
+        announce = self.step % cfg.logging.interval == 0 or self.step == 1 or self.step == self.total_steps
+        if announce or saving or evaluating or stopping:
+            # records reach metrics.jsonl before a checkpoint that covers them is written
+            self._flush(pending, sink, announce)
+        if saving:
+            self.log(f"saved {self.save()}")
+        if evaluating:
+            scores = self.evaluate()
+            if sink is not None:
+                sink.write({"step": self.step, "eval": scores})
+        if stopping:
+            self.preempted = True
+            if cfg.checkpoint.save and self._last_saved != self.step:
+                self.log(f"saved {self.save()}")
+        return stopping
 
 
 def run(cfg: RunConfig, log=print, max_steps: Optional[int] = None, evaluator: Optional[Evaluator] = None,
