@@ -1,6 +1,7 @@
 """Evaluation of speech-unit LMs through the same sharded model as training (docs/evals.md).
 
 benchmarks  on-disk format (manifest.json + JSONL items), loaders that validate it
+preflight   benchmarks checked against a checkpoint's recorded vocabulary before any model (torch-free)
 checkpoint  engine-free DeepSpeed checkpoint reader -> canonical full state dict (any layout)
 engine      eval layout, model build/load, TP/PP/DP forward, vocab-parallel token log-probs
 scoring     sSC / sTC (mono + cross-lingual), sBLIMP, sWUGGY pairwise accuracy

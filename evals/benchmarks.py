@@ -190,6 +190,8 @@ def read_items(path: str, vocab: UnitVocab) -> List[Item]:
             except json.JSONDecodeError as e:
                 raise EvalError(f"{path}:{ln}: invalid JSON ({e.msg})") from None
             items.append(parse_item(obj, vocab, f"{path}:{ln}"))
+    if not items:     # scored, it would be a table of dashes and exit 0
+        raise EvalError(f"{path}: empty benchmark file (no items); expected one JSON item per line (docs/evals.md)")
     return items
 
 

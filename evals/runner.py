@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -23,6 +23,7 @@ from evals.alignment import align_items
 from evals.benchmarks import ALIGN, Benchmark, check_vocab, load_benchmark
 from evals.engine import load_checkpoint_model
 from evals.errors import EvalError
+from evals.preflight import prepare_benchmarks
 from evals.scoring import accuracies, score_items
 
 
@@ -49,16 +50,24 @@ def _is_writer() -> bool:
 
 
 def evaluate_checkpoint(ckpt: str, bench_paths: Sequence[str], overrides: Sequence[str] = (),
-                        out_dir: Optional[str] = None) -> Dict:
+                        out_dir: Optional[str] = None,
+                        prepared: Optional[Tuple[List[str], List[Benchmark]]] = None) -> Dict:
     """Load ``ckpt`` at the eval layout (``overrides``), score the benchmarks, write per-item scores
-    to ``out_dir/<tag>.items.jsonl`` (rank 0). Tears the process groups down afterwards."""
+    to ``out_dir/<tag>.items.jsonl`` (rank 0). Tears the process groups down afterwards.
+
+    The benchmarks are loaded and checked against the vocabulary the checkpoint records before its model
+    is built (``evals.preflight``; ``prepared``: that already done, by ``evaluate_path``)."""
+    prepared = prepared or prepare_benchmarks(ckpt, bench_paths, overrides)
     cfg, chunks = load_checkpoint_model(ckpt, overrides)
     try:
         e = cfg.eval
-        paths = list(bench_paths) or list(e.benchmarks)
-        if not paths:
-            raise EvalError("no benchmarks given (pass --benchmarks or set eval.benchmarks)")
-        benches = [load_benchmark(p, e.max_items) for p in paths]
+        if prepared is not None:
+            paths, benches = prepared
+        else:     # a checkpoint whose config only its torch files hold: checked once loaded
+            paths = list(bench_paths) or list(e.benchmarks)
+            if not paths:
+                raise EvalError("no benchmarks given (pass --benchmarks or set eval.benchmarks)")
+            benches = [load_benchmark(p, e.max_items) for p in paths]
         res = evaluate(chunks, cfg, benches, e.scoring, e.add_bos, e.batch_size)
     finally:
         from megatron.core import parallel_state as ps
@@ -85,9 +94,12 @@ def evaluate_path(path: str, bench_paths: Sequence[str], overrides: Sequence[str
     from evals.report import write_reports
 
     ckpts = list_checkpoints(path)
+    cache: Dict = {}
+    # every checkpoint's benchmarks checked before the first model is built
+    prepared = [prepare_benchmarks(c, bench_paths, overrides, cache) for c in ckpts]
     results = []
-    for c in ckpts:
-        r = evaluate_checkpoint(c, bench_paths, overrides, out_dir)
+    for c, prep in zip(ckpts, prepared):
+        r = evaluate_checkpoint(c, bench_paths, overrides, out_dir, prep)
         if _is_writer():
             log(f"{r['tag']}: " + ", ".join(f"{k} {v['accuracy'] * 100:.2f}" for k, v in sorted(r["tasks"].items()))
                 + "".join(f", {k} cos {v['cosine']:.3f}" for k, v in r["alignment"].items()))

@@ -123,3 +123,92 @@ def test_evals_never_imports_train():
                 names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                     [node.module or ""] if isinstance(node, ast.ImportFrom) else []
                 assert not any(n.startswith("megaslm.train") for n in names), fn
+
+
+# ------------------------------------------------------------------------------------------------
+# Benchmarks that cannot be scored: refused in one line, before any model is built
+# ------------------------------------------------------------------------------------------------
+def test_empty_benchmark_file_is_refused(tmp_path):
+    """An empty file (or blank lines only), passed directly or as a member of a folder, is one line naming
+    it -- scored, it would be a table of dashes and exit 0."""
+    for text in ("", "\n  \n"):
+        d = tmp_path / f"d{len(text)}"
+        write_manifest(str(d), V)
+        (d / "b.jsonl").write_text(text)
+        for given in (str(d / "b.jsonl"), str(d)):
+            with pytest.raises(EvalError) as e:
+                load_benchmark(given)
+            assert str(e.value) == (f"{d / 'b.jsonl'}: empty benchmark file (no items); expected one JSON item "
+                                    f"per line (docs/evals.md)")
+    # a folder with one good member and one empty one: the empty one is named
+    d = _bench(tmp_path / "mixed", [GOOD])
+    (tmp_path / "mixed" / "z.jsonl").write_text("")
+    with pytest.raises(EvalError, match=r"mixed/z\.jsonl: empty benchmark file"):
+        load_benchmark(d)
+
+
+def _fake_run(tmp_path, vocab_overrides=("vocab.codebook_size=16",)):
+    """A run directory with one checkpoint whose meta.json records the config (a canonical checkpoint whose
+    model.safetensors is garbage: reading it would fail, so a test that passes never read it)."""
+    from megaslm.checkpoint.layout import tag_for
+    from megaslm.config import load_config
+
+    cfg = load_config(None, list(vocab_overrides))
+    tag = tmp_path / "run" / "checkpoints" / tag_for(10)
+    tag.mkdir(parents=True)
+    (tag / "model.safetensors").write_bytes(b"not a safetensors file")
+    (tag / "meta.json").write_text(json.dumps({"step": 10, "config": cfg.to_dict()}))
+    return str(tmp_path / "run"), str(tag), cfg
+
+
+@pytest.mark.parametrize("case", ["unit", "manifest", "empty"])
+def test_benchmarks_checked_against_the_checkpoint_before_the_model(tmp_path, monkeypatch, case):
+    """A unit outside the checkpoint's vocabulary, a manifest for another vocabulary, an empty file: found
+    from the config the checkpoint records, before any model is built (the builders raise if called)."""
+    import evals.engine
+    import evals.runner
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was built before the benchmarks were checked")
+
+    monkeypatch.setattr(evals.runner, "load_checkpoint_model", no_model)
+    monkeypatch.setattr(evals.engine, "build_eval_model", no_model)
+    run, tag, cfg = _fake_run(tmp_path)
+    assert cfg.vocab == V
+    if case == "unit":
+        d = _bench(tmp_path / "bench", [GOOD, {**GOOD, "id": "b", "candidates": [[3], [4, 16]]}])
+        expected = (f"{d}/b.jsonl:2: item 'b': field 'candidates[1][1]': unit 16 outside the vocabulary "
+                    f"(codebook 0..15)")
+    elif case == "manifest":
+        d = _bench(tmp_path / "bench", [{**GOOD, "candidates": [[3], [4, 2000]]}], UnitVocab(codebook_size=2048))
+        expected = (f"{d}/manifest.json: vocabulary does not match the checkpoint's (codebook_size: benchmark 2048 "
+                    f"vs checkpoint 16)")
+    else:
+        d = _bench(tmp_path / "bench", [])
+        expected = f"{d}/b.jsonl: empty benchmark file (no items); expected one JSON item per line (docs/evals.md)"
+    for where in (run, tag):
+        with pytest.raises(EvalError) as e:
+            evals.runner.evaluate_path(where, [d], out_dir=str(tmp_path / "out"))
+        assert str(e.value) == expected
+        with pytest.raises(EvalError) as e:
+            evals.runner.evaluate_checkpoint(tag, [d])
+        assert str(e.value) == expected
+    # the benchmarks named by the checkpoint's eval.benchmarks (here through an override) are checked too
+    with pytest.raises(EvalError) as e:
+        evals.runner.evaluate_path(run, [], overrides=[f"eval.benchmarks=[{d}]"])
+    assert str(e.value) == expected
+    assert not (tmp_path / "out").exists()
+
+
+def test_launcher_refuses_a_bad_benchmark_before_reading_the_weights(tmp_path):
+    """Through launchers/eval.py: exit 2, the one line naming the benchmark, not the (garbage) weights."""
+    run, tag, cfg = _fake_run(tmp_path)
+    d = _bench(tmp_path / "bench", [GOOD, {**GOOD, "id": "b", "candidates": [[3], [4, 16]]}])
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "launchers", "eval.py"), "--checkpoint", run,
+                        "--benchmarks", d, "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300)
+    err = [l for l in p.stderr.splitlines() if l.strip() and "Warning" not in l and "warnings.warn" not in l]
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert err[-1] == (f"error: {d}/b.jsonl:2: item 'b': field 'candidates[1][1]': unit 16 outside the "
+                       f"vocabulary (codebook 0..15)"), p.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
