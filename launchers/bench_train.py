@@ -43,18 +43,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import ROOT, fail, prepare_demo_data, with_demo_data  # noqa: E402
 
 from kernels.bench import record  # noqa: E402
+from megaslm.ports import free_port  # noqa: E402
 
 PRESETS = {"qwen2-360m": "configs/qwen2-360m.yaml", "llama3.2-1b": "configs/llama3.2-1b.yaml",
            "tiny": "configs/tiny.yaml"}
 GOALS = {"qwen2-360m": 0.40, "llama3.2-1b": 0.50}   # MFU on one H100 (issue 14 item 3)
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def goals(rows) -> list:
@@ -241,7 +235,7 @@ def main(argv=None) -> int:
     for preset in args.presets:
         for backend, recompute in [(b, r) for r in args.recompute for b in args.backends]:
             env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
+            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
                        LOCAL_RANK="0")
             cmd = [sys.executable, os.path.abspath(__file__), "--child", f"{preset}:{backend}:{recompute}",
                    *[a for a in (argv if argv is not None else sys.argv[1:])]]

@@ -11,7 +11,6 @@ import dataclasses
 import datetime
 import os
 import random
-import socket
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -20,6 +19,7 @@ import torch.distributed as dist
 
 from megaslm import cpu_compat
 from megaslm.config import ConfigError, RunConfig
+from megaslm.ports import free_port  # noqa: F401 - the rendezvous port; callers also take it from here
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,13 +57,6 @@ def env_world() -> Dict[str, int]:
         "world_size": int(os.environ.get("WORLD_SIZE", 1)),
         "local_rank": int(os.environ.get("LOCAL_RANK", 0)),
     }
-
-
-def free_port() -> int:
-    """A TCP port that is free on this host right now (for a rendezvous nobody else chose)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def init_distributed(timeout_s: int = 600) -> Dict[str, int]:

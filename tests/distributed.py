@@ -9,15 +9,10 @@ from __future__ import annotations
 import importlib
 import multiprocessing as mp
 import os
-import socket
 import traceback
 from typing import Any, List, Optional
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megaslm.ports import free_port  # noqa: F401 - the tests take it from here
 
 
 def _child(rank: int, world: int, port: int, target: str, args: tuple, queue, env: dict) -> None:

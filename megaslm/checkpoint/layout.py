@@ -29,6 +29,7 @@ import shutil
 import zlib
 from typing import Any, Dict, List, Optional, Tuple
 
+import megaslm.fsutil as fsutil
 from megaslm.config import ConfigError
 
 
@@ -178,21 +179,11 @@ def record_crc32(tag_dir: str) -> Dict[str, int]:
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    fsutil.atomic_write_json(path, obj, indent=1)
 
 
 def write_latest(ckpt_dir: str, tag: str) -> None:
-    tmp = os.path.join(ckpt_dir, f"{LATEST}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(tag)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(ckpt_dir, LATEST))
+    fsutil.atomic_write_text(os.path.join(ckpt_dir, LATEST), tag)
 
 
 def read_latest(ckpt_dir: str) -> Optional[str]:

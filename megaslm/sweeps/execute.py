@@ -22,6 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from megaslm.config import ConfigError
 from megaslm.sweeps.expand import Dataset, Run, Sweep, refresh_token_weights
 from megaslm.sweeps.spec import SweepError, repo_root
+from megaslm.ports import free_port
 from megaslm.sweeps.state import LOCK, Job, atomic_write, load_job, run_state, write_configs
 
 Log = Callable[[str], None]
@@ -143,14 +144,6 @@ def hostfile_from_job(path: str, gpus_per_node: int) -> Optional[str]:
         return None
     atomic_write(path, "".join(f"{h} slots={max(gpus_per_node, 1)}\n" for h in env.hostnames))
     return path
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_command(cfg_path: str, python: str, gpus: int, nodes: int, hostfile: Optional[str],

@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from evals.benchmarks import CROSSLINGUAL, MONOLINGUAL, SYNTAX_LEXICON  # the paper's column order (torch-free)
 from megaslm.checkpoint.layout import newest_meta
+import megaslm.fsutil as fsutil
 from megaslm.sweeps.state import atomic_write
 
 PAPER_COLUMNS = MONOLINGUAL + CROSSLINGUAL + SYNTAX_LEXICON
@@ -206,11 +207,10 @@ def write_plots(rows: Sequence[Dict], arm_rows: Sequence[Dict], plot_dir: str) -
 
     def save(fig, name):
         p = os.path.join(plot_dir, name)
-        tmp = p + ".tmp.png"
         fig.tight_layout()
-        fig.savefig(tmp)
+        with fsutil.atomic_path(p, suffix=".png", fsync=False) as tmp:   # a plot is rebuilt from the table
+            fig.savefig(tmp)
         plt.close(fig)
-        os.replace(tmp, p)
         paths.append(p)
 
     kind = loss_kind([r for a in arm_rows for r in a["runs"]])

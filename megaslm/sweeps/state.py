@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import megaslm.fsutil as fsutil
 from megaslm.checkpoint.layout import newest_meta  # the newest complete checkpoint's meta.json (+ its _path)
 from megaslm.checkpoint.lock import holder, probe
 from megaslm.config import ConfigError, load_config
@@ -28,11 +29,9 @@ LOCK = ".sweep.lock"   # in a run's directory: held (flock) by the process runni
 
 
 def atomic_write(path: str, text: str) -> None:
+    """``text`` written whole to ``path`` (megaslm.fsutil's rule), its folder made first."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    fsutil.atomic_write_text(path, text)
 
 
 def run_config_path(sweep_dir: str, name: str) -> str:
