@@ -146,7 +146,7 @@ def _check_deepspeed_files(tag_dir: str, names: List[str], world_size: Optional[
 # ---- the config check ----------------------------------------------------------------------------
 # Fields that do not change what a run computes; every other field is compared on resume.
 _FREE = ("name", "output_dir", "checkpoint.", "logging.", "faults.", "eval.", "schedule.micro_batch_size",
-         "data.cache_dir", "data.demo_stories", "parallel.cpu_threads", "model.init_from", "model.init_new_rows",
+         "data.cache_dir", "data.demo_stories", "data.verify_hash", "parallel.cpu_threads", "model.init_from", "model.init_new_rows",
          "model.attention_backend", "model.embedding_backend", "model.deterministic", "model.recompute",
          "model.recompute_method", "model.recompute_num_layers", "model.recompute_modules",
          "parallel.sequence_parallel")
