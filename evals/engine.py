@@ -14,7 +14,8 @@ import torch.distributed as dist
 
 from megaslm import parallel, sharding
 from megaslm.checkpoint.reader import Checkpoint
-from megaslm.config import ConfigError, RunConfig, derive_config
+from megaslm.config import ConfigError, RunConfig
+from megaslm.config_io import derive_config
 from megaslm.model import build_model
 from megaslm.vocab import LANG_NONE
 

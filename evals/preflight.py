@@ -13,7 +13,8 @@ import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from megaslm.checkpoint.layout import META, read_meta, resolve_tag_dir
-from megaslm.config import ConfigError, RunConfig, apply_override, config_digest, config_from_dict, load_config
+from megaslm.config import ConfigError, RunConfig, config_digest
+from megaslm.config_io import apply_override, config_from_dict, load_config
 
 from evals.benchmarks import Benchmark, check_vocab, load_benchmark
 from evals.errors import EvalError

@@ -67,7 +67,8 @@ def bench_config(preset: str, backend: str, args, recompute: str = "none"):
     """The preset's model at its own shape, one bench stage on the demo corpus, no checkpoints."""
     import dataclasses
 
-    from megaslm.config import StageConfig, load_config
+    from megaslm.config import StageConfig
+    from megaslm.config_io import load_config
 
     out = os.path.abspath(os.path.join(args.out, "runs", f"{preset}-{backend}-{recompute}"))
     data_dir = os.path.abspath(os.path.join(args.out, "runs", f"data-{preset}"))

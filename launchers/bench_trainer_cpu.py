@@ -64,7 +64,7 @@ def plain_loop(config, overrides, warmup: int) -> float:
     import torch
 
     from megaslm import parallel
-    from megaslm.config import load_config
+    from megaslm.config_io import load_config
     from megaslm.data import build_stage_dataset, load_step
     from megaslm.model import build_model
     from megaslm.train import param_groups
@@ -149,7 +149,7 @@ def main(argv=None) -> int:
         if p.returncode != 0:
             fail(f"plain loop failed: {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode}")
         plain = json.loads(p.stdout.strip().splitlines()[-1])["plain_tokens_per_s"]
-        from megaslm.config import load_config
+        from megaslm.config_io import load_config
 
         n = load_config(args.config, _overrides(size, out, args.steps) + overrides).num_parameters()
         row = {"size": size, "parameters": n, "steps": args.steps, "warmup_steps_left_out": args.warmup,

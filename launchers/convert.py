@@ -58,7 +58,7 @@ def main(argv=None) -> int:
             out = export_hf(args.checkpoint, args.out, arch=args.arch, dtype=dtype, config=args.config)
             print(f"wrote {out}")
         elif args.cmd == "import-hf":
-            from megaslm.config import load_config
+            from megaslm.config_io import load_config
             from megaslm.interop.hf import config_overrides_from_hf, read_hf_config
             from megaslm.interop.reshard import import_hf
 

@@ -96,7 +96,8 @@ def adopt_unit_source(cfg):
 def main(argv=None, faults=None) -> int:
     """``faults``: test-only fault injection (a ``megaslm.train.Faults``), handed in by a test driver."""
     args, overrides = parse(__doc__.splitlines()[0], os.path.join(ROOT, "configs", "tiny.yaml"), argv, extra=_extra)
-    from megaslm.config import ConfigError, load_config
+    from megaslm.config import ConfigError
+    from megaslm.config_io import load_config
     from megaslm.parallel import env_world
 
     world = args.world_size if args.world_size is not None else env_world()["world_size"]
@@ -119,7 +120,15 @@ def main(argv=None, faults=None) -> int:
         fail(str(e))
     evaluator = None
     if cfg.eval.interval:
+        from evals.benchmarks import check_vocab, load_benchmark
+        from evals.errors import EvalError
         from evals.hooks import evaluate_chunks as evaluator
+
+        try:   # every benchmark loads and maps units as this run does: refused now, not at the first evaluation
+            for path in cfg.eval.benchmarks:
+                check_vocab(load_benchmark(path, cfg.eval.max_items).vocab, cfg.vocab, path)
+        except EvalError as e:
+            fail(str(e))
     from megaslm import parallel
     from megaslm.train import NonFiniteError, run
 

@@ -80,7 +80,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from megaslm.config import ConfigError, RunConfig, apply_override, config_from_dict
+from megaslm.config import ConfigError, RunConfig
+from megaslm.config_io import apply_override, config_from_dict
 
 GIB = 2 ** 30
 OVERHEAD_BYTES = int(1.5 * GIB)          # CUDA context + workspaces + allocator slack (assumed)

@@ -47,7 +47,7 @@ def count_cases(cases: Sequence[Sequence[str]]) -> List[Dict]:
     from megatron.core import parallel_state as ps
 
     from megaslm import parallel
-    from megaslm.config import load_config
+    from megaslm.config_io import load_config
     from megaslm.model import build_model, num_parameters, resolve_attention
     from tests.workers import fixed_batch
 

@@ -200,7 +200,7 @@ def engine_load_worker(work, marker):
 
     from megaslm import checkpoint, parallel
     from megaslm.checkpoint import CheckpointError
-    from megaslm.config import load_config
+    from megaslm.config_io import load_config
     from megaslm.train import Trainer
 
     base = ["model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=64", "model.seq_length=32",
@@ -254,7 +254,7 @@ def zero0_reshard_worker(work):
 
     from megaslm import parallel, sharding
     from megaslm.checkpoint import Checkpoint
-    from megaslm.config import load_config
+    from megaslm.config_io import load_config
     from megaslm.interop.reshard import reshard
     from megaslm.train import Trainer
     from tests.workers import fixed_batch

@@ -3,7 +3,8 @@ import os
 
 import pytest
 
-from megaslm.config import ConfigError, load_config
+from megaslm.config import ConfigError
+from megaslm.config_io import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = os.path.join(ROOT, "configs")
@@ -89,7 +90,7 @@ def test_config_module_imports_no_torch():
     import subprocess
     import sys
 
-    code = "import sys; import megaslm.config; print('torch' in sys.modules)"
+    code = "import sys; import megaslm.config, megaslm.config_io; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -168,8 +168,8 @@ def test_kernels_import_only_torch_and_triton():
 def test_config_vocab_and_fsutil_are_torch_free():
     # vocab.py may also import xxhash (a small C extension, no torch): the dataset content hash that
     # data_tools writes and training verifies; fsutil (the one atomic write) is standard library only
-    light = {"megaslm/config.py": {"yaml", "megaslm"}, "megaslm/vocab.py": {"yaml", "megaslm", "xxhash"},
-             "megaslm/fsutil.py": set()}
+    light = {"megaslm/config.py": {"yaml", "megaslm"}, "megaslm/config_io.py": {"yaml", "megaslm"},
+             "megaslm/vocab.py": {"yaml", "megaslm", "xxhash"}, "megaslm/fsutil.py": set()}
     for f, m, full in imports_of("megaslm"):
         if f in light:
             assert m in STDLIB | light[f], (f, full)
@@ -306,8 +306,9 @@ def test_deepspeed_private_finder_finds_accesses():
 # what megaslm.sweeps takes from below: the config, the FLOPs formula, the plan's memory column, the
 # checkpoint layout and the run directory's lock (run state) and evals' torch-free task names (the
 # report's columns)
-SWEEPS_MAY_IMPORT = ("megaslm.config", "megaslm.telemetry", "megaslm.memory", "megaslm.checkpoint.layout",
-                     "megaslm.checkpoint.lock", "megaslm.fsutil", "megaslm.ports", "evals.benchmarks")
+SWEEPS_MAY_IMPORT = ("megaslm.config", "megaslm.config_io", "megaslm.telemetry", "megaslm.memory",
+                     "megaslm.checkpoint.layout", "megaslm.checkpoint.lock", "megaslm.fsutil", "megaslm.ports",
+                     "evals.benchmarks")
 
 
 def test_sweeps_sit_above_the_library():

@@ -60,7 +60,7 @@ def test_deterministic_flag_reaches_the_embedding_kernel(monkeypatch):
 
 
 def test_deterministic_config_sets_megatron_mode():
-    from megaslm.config import load_config
+    from megaslm.config_io import load_config
     from megaslm.model import transformer_config
 
     assert transformer_config(load_config(TINY, ["model.deterministic=true"]), cuda=False).deterministic_mode is True

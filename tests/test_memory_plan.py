@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from megaslm.config import load_config
+from megaslm.config_io import load_config
 from megaslm.memory import (GIB, chunk_activations, gpu_memory_gib, in_flight, plan, stage_parameters,
                             warmup_microbatches)
 from tests.distributed import run_ranks

@@ -35,7 +35,7 @@ def rank_slice(batch, dp_rank: int, dp_size: int):
 def losses_for_layouts(config_path: str, layouts: Sequence[Sequence[str]], steps: int = 3, out_dir: str = "") -> List[Dict]:
     """Train ``steps`` optimizer steps on a fixed batch under each layout (list of overrides), in turn."""
     from megaslm import parallel
-    from megaslm.config import load_config
+    from megaslm.config_io import load_config
     from megaslm.train import Trainer
 
     results = []
@@ -59,7 +59,7 @@ def losses_for_layouts(config_path: str, layouts: Sequence[Sequence[str]], steps
 
 def count_parameters(config_path: str) -> int:
     from megaslm import parallel
-    from megaslm.config import load_config
+    from megaslm.config_io import load_config
     from megaslm.model import build_model, num_parameters
 
     cfg = load_config(config_path)
@@ -83,7 +83,7 @@ def with_demo_corpus(cfg):
 def train_with_eval(out_dir: str):
     from data_tools.synthetic import write_demo_corpus
     from evals.synthetic import build_benchmark, read_stories
-    from megaslm.config import load_config
+    from megaslm.config_io import load_config
     from evals.hooks import evaluate_chunks
     from megaslm.train import run
 
@@ -108,7 +108,7 @@ def grads_for_layouts(config_path: str, layouts: Sequence[Sequence[str]], out_di
     from megatron.core import parallel_state as ps
 
     from megaslm import parallel, sharding
-    from megaslm.config import load_config
+    from megaslm.config_io import load_config
     from megaslm.layers import language_ids
     from megaslm.train import Trainer
 
@@ -140,7 +140,7 @@ def logits_for_layouts(config_path: str, layouts: Sequence[Sequence[str]]) -> Li
     """Forward only (no grad) of the fixed batch's first sequences through build_model per layout (TP=1, PP=1):
     the full-vocabulary logits, and the attention backend every layer resolved to."""
     from megaslm import parallel
-    from megaslm.config import load_config
+    from megaslm.config_io import load_config
     from megaslm.layers import DocumentMaskedAttention
     from megaslm.model import build_model
 

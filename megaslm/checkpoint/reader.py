@@ -24,7 +24,8 @@ from megaslm.checkpoint.layout import (CANON_MODEL, CANON_OPTIM, META, MOMENTS, 
                                        CheckpointError, TrainState, is_canonical, one_line, read_meta,
                                        resolve_tag_dir)
 from megaslm.checkpoint.safe import safe_load
-from megaslm.config import ConfigError, RunConfig, config_digest, config_from_dict, load_config
+from megaslm.config import ConfigError, RunConfig, config_digest
+from megaslm.config_io import config_from_dict, load_config
 from megaslm.sharding import EMB, ParamSpec, canonical_key, decay_groups, layer_offset, split_rule
 
 

@@ -20,7 +20,8 @@ from typing import Sequence
 from megaslm.checkpoint import CheckpointError, TrainState, tag_for
 from megaslm.checkpoint.canonical import write_canonical
 from megaslm.checkpoint.reader import Checkpoint
-from megaslm.config import ConfigError, derive_config
+from megaslm.config import ConfigError
+from megaslm.config_io import derive_config
 from megaslm.interop.errors import InteropError
 from megaslm.sharding import EMB
 

@@ -15,7 +15,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from megaslm.config import ConfigError, RunConfig, _merge, _read_tree, apply_override, config_from_dict
+from megaslm.config import ConfigError, RunConfig
+from megaslm.config_io import _merge, _read_tree, apply_override, config_from_dict
 from megaslm.telemetry import flops_per_token  # torch-free at import: the telemetry's own 6N + 12LHS formula
 from megaslm.sweeps.spec import (BUILTIN_RECIPES, DATA_TOOLS_COMMANDS, PRESETS, DatasetSpec, SweepError, SweepSpec,
                                  build_words, check_spec, fmt_num, line_of, load_spec, need, repo_root, subst)

@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Dict, List, Optional
 
 from megaslm import memory  # torch-free: the per-rank memory plan of the fits column
-from megaslm.config import RunConfig, _merge, config_from_dict
+from megaslm.config import RunConfig
+from megaslm.config_io import _merge, config_from_dict
 from megaslm.telemetry import flops_per_token
 from megaslm.sweeps.expand import Sweep, preset_model
 from megaslm.sweeps.spec import PRESETS, SweepError

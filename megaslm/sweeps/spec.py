@@ -13,7 +13,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-from megaslm.config import ConfigError, _StrictLoader, _build, apply_override
+from megaslm.config import ConfigError
+from megaslm.config_io import _StrictLoader, _build, apply_override
 
 # size presets: the model section of each run config (read from the repository's configs/)
 PRESETS = {"tiny": "configs/tiny.yaml", "qwen2-360m": "configs/qwen2-360m.yaml",

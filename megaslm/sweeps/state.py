@@ -20,7 +20,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import megaslm.fsutil as fsutil
 from megaslm.checkpoint.layout import newest_meta  # the newest complete checkpoint's meta.json (+ its _path)
 from megaslm.checkpoint.lock import holder, probe
-from megaslm.config import ConfigError, load_config
+from megaslm.config import ConfigError
+from megaslm.config_io import load_config
 from megaslm.sweeps.expand import Dataset, Run, Sweep
 from megaslm.sweeps.spec import SweepError
 

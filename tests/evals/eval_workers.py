@@ -9,7 +9,7 @@ import torch
 
 def train_tiny(out_dir: str, steps: int, interval: int) -> str:
     """Train the tiny config on a small demo corpus; checkpoints every ``interval`` steps."""
-    from megaslm.config import load_config
+    from megaslm.config_io import load_config
     from megaslm.train import run
 
     cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny.yaml"),
@@ -82,7 +82,7 @@ def layouts(ckpt: str, bench: str, layout_overrides: Sequence[Sequence[str]], tp
         out["layouts"].append(rec)
 
     # a checkpoint SAVED at TP=2 x PP=2 reads back to the weights the trainer held
-    from megaslm.config import load_config
+    from megaslm.config_io import load_config
     from megaslm.sharding import gather_full_state_dict
     from megaslm.train import Trainer
     from tests.workers import fixed_batch, rank_slice

@@ -98,7 +98,8 @@ def test_reports(tmp_path):
 
 
 def test_eval_config_section():
-    from megaslm.config import ConfigError, load_config
+    from megaslm.config import ConfigError
+    from megaslm.config_io import load_config
 
     cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), ["eval.interval=50", "eval.benchmarks=[b1]"])
     assert cfg.eval.interval == 50 and cfg.eval.scoring == "mean"
@@ -151,7 +152,7 @@ def _fake_run(tmp_path, vocab_overrides=("vocab.codebook_size=16",)):
     """A run directory with one checkpoint whose meta.json records the config (a canonical checkpoint whose
     model.safetensors is garbage: reading it would fail, so a test that passes never read it)."""
     from megaslm.checkpoint.layout import tag_for
-    from megaslm.config import load_config
+    from megaslm.config_io import load_config
 
     cfg = load_config(None, list(vocab_overrides))
     tag = tmp_path / "run" / "checkpoints" / tag_for(10)

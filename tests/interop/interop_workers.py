@@ -33,7 +33,7 @@ def import_forward(cases: List[Dict], tokens: List[List[int]]) -> List[Dict]:
     from megatron.core import parallel_state as ps
 
     from megaslm import parallel, sharding
-    from megaslm.config import load_config
+    from megaslm.config_io import load_config
     from megaslm.interop.hf import apply_init_from
     from megaslm.interop.verify import full_logits
     from megaslm.model import build_model
@@ -69,7 +69,7 @@ def _resume_and_train(overrides, out, ckpt_dir, seeds):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from megaslm.config import load_config
+    from megaslm.config_io import load_config
     from megaslm.train import Trainer
     from tests.workers import fixed_batch, rank_slice
 
@@ -93,7 +93,7 @@ def train_export_reshard(overrides: Sequence[str], work: str, tokens: List[List[
     from megatron.core import parallel_state as ps
 
     from megaslm import parallel
-    from megaslm.config import load_config
+    from megaslm.config_io import load_config
     from megaslm.interop.hf import apply_init_from
     from megaslm.interop.reshard import reshard
     from megaslm.interop.verify import full_logits
@@ -161,7 +161,7 @@ def import_then_resume(overrides: Sequence[str], hf_dir: str, work: str) -> Dict
 
     from megaslm import parallel, sharding
     from megaslm.checkpoint import select_resume
-    from megaslm.config import load_config
+    from megaslm.config_io import load_config
     from megaslm.interop.hf import apply_init_from
     from megaslm.interop.reshard import import_hf
     from megaslm.model import build_model

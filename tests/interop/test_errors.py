@@ -8,7 +8,7 @@ import torch
 
 from conftest import make_llama
 from megaslm.checkpoint import CheckpointError, read_checkpoint, safe_load
-from megaslm.config import load_config
+from megaslm.config_io import load_config
 from megaslm.interop.errors import InteropError
 from megaslm.interop.hf import config_overrides_from_hf, model_config_from_hf, open_hf_dir, read_hf_config
 

@@ -1,7 +1,8 @@
 """eval.scoring=mean_continuation: the mean log-likelihood over the ending only."""
 import pytest
 
-from megaslm.config import ConfigError, load_config
+from megaslm.config import ConfigError
+from megaslm.config_io import load_config
 
 from evals.report import markdown_table
 from evals.scoring import utterance_score

@@ -7,7 +7,7 @@ import yaml
 
 from helpers import BUDGET, ROOT, sweep, tiny_spec
 
-from megaslm.config import load_config
+from megaslm.config_io import load_config
 from megaslm.sweeps.expand import expand, split_budget
 from megaslm.sweeps.plan import format_plan, plan_rows
 from megaslm.sweeps.spec import SweepError

@@ -8,7 +8,7 @@ import torch
 
 
 def _load(path, overrides=()):
-    from megaslm.config import load_config
+    from megaslm.config_io import load_config
 
     return load_config(path, list(overrides))
 
@@ -130,7 +130,7 @@ def lang_layouts(config_path: str, layouts: Sequence[Sequence[str]], steps: int 
     from megatron.core import parallel_state as ps
 
     from megaslm import parallel
-    from megaslm.config import load_config
+    from megaslm.config_io import load_config
     from megaslm.layers import has_language_embedding
     from megaslm.train import Trainer
     from tests.workers import fixed_batch, rank_slice

@@ -6,7 +6,7 @@ from typing import Dict
 
 
 def _load(path, overrides=()):
-    from megaslm.config import load_config
+    from megaslm.config_io import load_config
 
     return load_config(path, list(overrides))
 

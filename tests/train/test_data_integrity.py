@@ -70,7 +70,8 @@ CORRUPTIONS = {
 
 @pytest.mark.parametrize("name", sorted(CORRUPTIONS))
 def test_each_corruption_is_one_line_naming_the_file(tmp_path, corpus, name):
-    from megaslm.config import ConfigError, load_config
+    from megaslm.config import ConfigError
+    from megaslm.config_io import load_config
     from megaslm.data import check_manifest
 
     vocab = load_config(None, ["vocab.codebook_size=128"]).vocab
@@ -98,7 +99,8 @@ def test_each_corruption_is_one_line_naming_the_file(tmp_path, corpus, name):
 
 
 def test_content_hash_checked_on_request(tmp_path, corpus):
-    from megaslm.config import ConfigError, load_config
+    from megaslm.config import ConfigError
+    from megaslm.config_io import load_config
     from megaslm.data import check_manifest
 
     vocab = load_config(None, ["vocab.codebook_size=128"]).vocab
@@ -111,7 +113,8 @@ def test_content_hash_checked_on_request(tmp_path, corpus):
 
 def test_legacy_sha256_manifest_still_verifies(tmp_path, corpus):
     """Manifests written before ``content_hash_algorithm`` was recorded hold a SHA-256: verified as such."""
-    from megaslm.config import ConfigError, load_config
+    from megaslm.config import ConfigError
+    from megaslm.config_io import load_config
     from megaslm.data import check_manifest
 
     vocab = load_config(None, ["vocab.codebook_size=128"]).vocab
@@ -182,7 +185,8 @@ def _documents_with_ids_outside(prefix, suffix, limit):
 def test_random_overwrite_is_refused_by_default(tmp_path, corpus):
     """``data.verify_hash`` is on by default: a same-size random overwrite mid-.bin is one line naming the
     dataset's .bin and its manifest."""
-    from megaslm.config import ConfigError, load_config
+    from megaslm.config import ConfigError
+    from megaslm.config_io import load_config
     from megaslm.data import check_manifest
 
     cfg = load_config(None, ["vocab.codebook_size=128"])
@@ -201,7 +205,8 @@ def test_out_of_vocabulary_id_named_by_the_loader(tmp_path, corpus, channel):
     loader's min/max over each sample's tokens refuses the first sample holding an id outside the vocabulary
     (or, with the language embedding, a language id without a row) in one line naming the dataset and the
     document -- never an embedding index out of range."""
-    from megaslm.config import ConfigError, StageConfig, DataSource, load_config
+    from megaslm.config import ConfigError, StageConfig, DataSource
+    from megaslm.config_io import load_config
     from megaslm.data import build_stage_dataset, check_manifest
 
     lang = channel == "lang"

@@ -36,7 +36,7 @@ def single(tmp_path_factory, corpus):
 
 
 def test_language_ids_line_up_with_the_tokens(single):
-    from megaslm.config import load_config
+    from megaslm.config_io import load_config
 
     vocab = load_config(None, ["vocab.codebook_size=128"]).vocab
     en, fr = vocab.lang_id("en"), vocab.lang_id("fr")
@@ -64,7 +64,7 @@ def test_training_updates_the_table_and_resumes_bit_identically(single):
     assert single["weights_differ"] == []   # every tensor of the step-4 checkpoints bit-identical
     assert LANG in single["weights_keys"] and single["lang_resumed"] == single["lang"]["step00000004"]
     # init: the layout-independent draw of megaslm.model.init_weights
-    from megaslm.config import load_config
+    from megaslm.config_io import load_config
     from megaslm.model import _param_seed
 
     cfg = load_config(os.path.join(single["dir"], "c.yaml"))
@@ -121,13 +121,14 @@ def test_a_dataset_without_the_side_channel_is_one_line(tmp_path, corpus):
     assert not out.exists()
     # the same data without the language embedding is fine (the channel is optional then)
     from megaslm.data import check_manifest
-    from megaslm.config import load_config
+    from megaslm.config_io import load_config
 
     check_manifest(p, load_config(None, ["vocab.codebook_size=128"]).vocab)
 
 
 def test_config_refuses_megatron_embedding_with_the_table():
-    from megaslm.config import ConfigError, load_config
+    from megaslm.config import ConfigError
+    from megaslm.config_io import load_config
 
     with pytest.raises(ConfigError, match="model.embedding_backend.*language_embedding"):
         load_config(None, ["model.language_embedding=true", "model.embedding_backend=megatron",
@@ -173,7 +174,7 @@ def test_evals_feed_language_ids(single):
 
 def test_token_languages_of_an_item():
     from evals.benchmarks import encode, token_languages
-    from megaslm.config import load_config
+    from megaslm.config_io import load_config
 
     v = load_config(None, ["vocab.codebook_size=128"]).vocab
     toks, start = encode(v, [5, 6, 7], [8, 9], add_bos=True)

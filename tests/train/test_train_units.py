@@ -25,7 +25,7 @@ TOTAL_TOKENS = {"en_only": 46.08 * B, "fr_only": 15.36 * B, "en_fr": 61.44 * B, 
 
 
 def test_every_recipe_has_the_paper_hyperparameters_and_exact_budgets():
-    from megaslm.config import load_config
+    from megaslm.config_io import load_config
     from megaslm.data import stage_plans
 
     assert len(RECIPES) == 20, RECIPES   # 5 recipes x qwen2-360m, llama3.2-1b, llama3.2-3b, llama3.1-8b
@@ -49,7 +49,8 @@ def test_every_recipe_has_the_paper_hyperparameters_and_exact_budgets():
 
 
 def test_base_include_errors_name_the_file(tmp_path):
-    from megaslm.config import ConfigError, load_config
+    from megaslm.config import ConfigError
+    from megaslm.config_io import load_config
 
     (tmp_path / "a.yaml").write_text("base: b.yaml\nname: a\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
@@ -68,7 +69,7 @@ def test_base_include_errors_name_the_file(tmp_path):
 
 
 def test_partial_last_step_rule():
-    from megaslm.config import load_config
+    from megaslm.config_io import load_config
     from megaslm.data import row_token_counts, stage_plans
 
     cfg = load_config(None, ["model.seq_length=32", "schedule.global_batch_size=8", "schedule.micro_batch_size=2",
@@ -123,7 +124,7 @@ def test_checkpoint_directory_logic(tmp_path):
 
 def test_telemetry_on_cpu(tmp_path):
     from megaslm import telemetry
-    from megaslm.config import load_config
+    from megaslm.config_io import load_config
 
     cfg = load_config(os.path.join(ROOT, "configs", "llama3.2-1b.yaml"))
     fpt = telemetry.flops_per_token(cfg)

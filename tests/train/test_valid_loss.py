@@ -31,7 +31,8 @@ def test_valid_loss_does_not_touch_training(tmp_path, corpus):
     (["eval.valid=[x]", "eval.valid_interval=5", "eval.valid_sequences=3"], "eval.valid_sequences"),
 ])
 def test_half_set_valid_is_one_line(tmp_path, corpus, over, field):
-    from megaslm.config import ConfigError, load_config
+    from megaslm.config import ConfigError
+    from megaslm.config_io import load_config
 
     cfg = tiny_config(tmp_path / "c.yaml", tmp_path / "unused", corpus)
     with pytest.raises(ConfigError) as e:

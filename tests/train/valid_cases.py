@@ -8,7 +8,7 @@ from typing import Dict
 def with_and_without_valid(config_path: str, base_dir: str, valid_prefix: str) -> Dict:
     """The same run with and without a held-out loss: histories and final weights."""
     from megaslm import checkpoint, parallel
-    from megaslm.config import load_config
+    from megaslm.config_io import load_config
     from megaslm.train import run
 
     from tests.train.rank_cases import _model_states, same_weights
