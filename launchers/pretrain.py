@@ -130,7 +130,8 @@ def main(argv=None, faults=None) -> int:
         except EvalError as e:
             fail(str(e))
     from megaslm import parallel
-    from megaslm.train import NonFiniteError, run
+    from megaslm.run import run
+    from megaslm.train import NonFiniteError
 
     try:
         run(cfg, allow_config_change=args.allow_config_change, evaluator=evaluator, faults=faults)

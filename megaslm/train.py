@@ -12,13 +12,14 @@ The loss is the mean over every loss-bearing token of the global batch, whatever
 micro-batch contributes ``sum(token losses) * dp / T`` with ``T`` the global token count, and
 DeepSpeed's data-parallel gradient averaging divides the ``dp`` back out. So TP, PP, DP and ZeRO
 layouts reproduce the single-process losses.
+
+A whole run around the trainer (the output directory's lock, the resume choice, SIGTERM):
+``megaslm.run``.
 """
 from __future__ import annotations
 
 import math
 import os
-import signal
-import threading
 import time
 from functools import partial
 from typing import Callable, Dict, List, Optional, Tuple
@@ -27,12 +28,9 @@ import torch
 import torch.distributed as dist
 
 from megaslm import checkpoint, ds_adapter, parallel, sharding, telemetry
-from megaslm.checkpoint.lock import RunLock
 from megaslm.config import ConfigError, DataSource, RunConfig, StageConfig, config_digest
-from megaslm.data import (Batch, build_stage_dataset, check_manifest, collate, load_step, stage_plans,
-                          step_source_tokens)
+from megaslm.data import Batch, build_stage_dataset, collate, load_step, stage_plans, step_source_tokens
 from megaslm.model import build_model, num_parameters
-from megaslm.procwatch import LauncherWatch
 
 
 class NonFiniteError(RuntimeError):
@@ -594,90 +592,3 @@ class Trainer:
                 self.log(f"saved {self.save()}")
         return stopping
 
-
-def run(cfg: RunConfig, log=print, max_steps: Optional[int] = None, evaluator: Optional[Evaluator] = None,
-        faults: Optional[Faults] = None, allow_config_change: bool = False) -> List[Dict]:
-    """Train ``cfg`` end to end (used by launchers/pretrain.py): resume, fit, final checkpoint.
-
-    ``cfg`` is final when it comes in (nothing here changes it): every stage names its datasets
-    (launchers/pretrain.py builds the demo corpus and fills them in for ``data.demo``), and with
-    ``eval.interval`` an ``evaluator`` is given (the launcher passes ``evals.hooks.evaluate_chunks``).
-    ``faults``: test-only fault injection (see ``Faults``).
-
-    SIGTERM (a cluster's pre-emption) makes every rank finish the current step, save a checkpoint
-    and return normally (the launcher exits 0); the next run resumes from it. The process group is
-    left up for the caller (``parallel.destroy()`` tears it down in order)."""
-    world = parallel.env_world()
-    cfg.validate(world_size=world["world_size"], cuda=torch.cuda.is_available())
-    for i, stage in enumerate(cfg.schedule.stages):
-        if not stage.data:
-            raise ConfigError(f"schedule.stages[{i}].data: no dataset; with data.demo=true the launcher "
-                              "(launchers/pretrain.py) builds the demo corpus and names it here")
-    if cfg.eval.interval and evaluator is None:
-        raise ConfigError(f"eval.interval={cfg.eval.interval}: no evaluator given to megaslm.train.run "
-                          "(pass evaluator=evals.hooks.evaluate_chunks, as launchers/pretrain.py does)")
-    # every stage's datasets exist, are intact and map units as this run's vocabulary does: checked
-    # before any process group, model or output directory exists
-    for stage in cfg.schedule.stages:
-        for src in stage.data:
-            check_manifest(src.path, cfg.vocab, verify_hash=cfg.data.verify_hash,
-                           need_lang=cfg.model.language_embedding)
-    for path in cfg.eval.valid:
-        check_manifest(path, cfg.vocab, verify_hash=cfg.data.verify_hash, need_lang=cfg.model.language_embedding)
-    # one run per output_dir: rank 0 takes the directory's lock before anything in it is read or
-    # written; every rank learns the outcome right after the process group exists
-    lock, refused = None, None
-    if world["rank"] == 0:
-        try:
-            lock = RunLock(cfg.output_dir).acquire()
-        except ConfigError as e:
-            refused = str(e)
-    try:
-        parallel.init_distributed()
-        box = [refused]                      # rank 0's outcome on every rank
-        dist.broadcast_object_list(box, src=0)
-        refused = box[0]
-        if refused:
-            raise ConfigError(refused)
-        return _run_locked(cfg, world, log, max_steps, evaluator, faults, allow_config_change)
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-def _run_locked(cfg: RunConfig, world: Dict[str, int], log, max_steps, evaluator, faults,
-                allow_config_change: bool) -> List[Dict]:
-    # the checkpoint to resume (intact, same run-changing config) is chosen before the model is built,
-    # by rank 0 alone (the content check reads every byte once, not once per rank), then told to all:
-    # ranks that chose apart would load different steps
-    box = [None]
-    if world["rank"] == 0:
-        try:
-            box = [("ok", checkpoint.select_resume(cfg, world["world_size"], allow_config_change, warn=log))]
-        except ConfigError as e:
-            box = [("error", str(e))]
-    dist.broadcast_object_list(box, src=0)
-    if box[0][0] == "error":
-        raise checkpoint.CheckpointError(box[0][1])
-    resume = box[0][1]
-    if world["rank"] == 0:
-        cfg.save(os.path.join(cfg.output_dir, "config.yaml"))
-    trainer = Trainer(cfg, log=log, evaluator=evaluator, faults=faults)
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, trainer.request_stop)
-    # a launcher killed alone (the deepspeed runner's pid) stops the run as SIGTERM does
-    watch = LauncherWatch(trainer.launcher_gone)
-    try:
-        trainer.load(cfg.checkpoint.load, resume=resume)
-        history = trainer.fit(max_steps=max_steps)
-        if cfg.checkpoint.save and trainer.step > 0 and trainer._last_saved != trainer.step:
-            trainer.log(f"saved {trainer.save()}")
-    finally:
-        watch.close()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-    if trainer.preempted:
-        trainer.log(f"pre-empted ({trainer.stop_reason}): checkpoint saved at step {trainer.step}; exiting cleanly")
-    trainer.close()
-    return history

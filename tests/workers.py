@@ -71,7 +71,7 @@ def count_parameters(config_path: str) -> int:
 
 def with_demo_corpus(cfg):
     """``cfg`` with its data-less stages on a demo corpus built in ``<output_dir>/data`` (what
-    launchers/pretrain.py does for data.demo; tests call megaslm.train.run directly), once for all ranks."""
+    launchers/pretrain.py does for data.demo; tests call megaslm.run.run directly), once for all ranks."""
     from data_tools.synthetic import prepare_demo_corpus
     from megaslm.data import with_default_data
 
@@ -85,7 +85,7 @@ def train_with_eval(out_dir: str):
     from evals.synthetic import build_benchmark, read_stories
     from megaslm.config_io import load_config
     from evals.hooks import evaluate_chunks
-    from megaslm.train import run
+    from megaslm.run import run
 
     data = os.path.join(out_dir, "data")
     prefixes = write_demo_corpus(data, seed=0, num_stories=120, codebook_size=128)

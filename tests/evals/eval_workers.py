@@ -10,7 +10,7 @@ import torch
 def train_tiny(out_dir: str, steps: int, interval: int) -> str:
     """Train the tiny config on a small demo corpus; checkpoints every ``interval`` steps."""
     from megaslm.config_io import load_config
-    from megaslm.train import run
+    from megaslm.run import run
 
     cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny.yaml"),
                       [f"output_dir={out_dir}", "data.demo_stories=200", f"schedule.stages.0.train_steps={steps}",
@@ -95,7 +95,7 @@ def layouts(ckpt: str, bench: str, layout_overrides: Sequence[Sequence[str]], tp
     tr.train_step(rank_slice(batch, tr.dp_rank, tr.dp_size))
     tr.step = 1
     if dist.get_rank() == 0:
-        cfg.save(os.path.join(tp2pp2_dir, "config.yaml"))   # megaslm.train.run writes it; Trainer alone does not
+        cfg.save(os.path.join(tp2pp2_dir, "config.yaml"))   # megaslm.run.run writes it; Trainer alone does not
     path = tr.save()
     held = gather_full_state_dict(tr.chunks, cfg)
     dist.barrier()

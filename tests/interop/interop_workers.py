@@ -104,7 +104,7 @@ def train_export_reshard(overrides: Sequence[str], work: str, tokens: List[List[
     toks = torch.tensor(tokens)
     cfg = load_config(None, list(overrides) + [f"output_dir={work}/run", "data.demo=true"])
     if int(os.environ["RANK"]) == 0:
-        cfg.save(f"{work}/run/config.yaml")  # as megaslm.train.run does
+        cfg.save(f"{work}/run/config.yaml")  # as megaslm.run.run does
     trainer = Trainer(cfg, log=lambda *_: None)
     apply_init_from(trainer.chunks, cfg, trainer.engine)  # what Trainer.load does when there is nothing to resume
     losses = []

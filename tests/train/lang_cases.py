@@ -49,7 +49,7 @@ def single(config_path: str, base_dir: str) -> Dict:
 
     from megaslm import parallel
     from megaslm.sharding import LANG
-    from megaslm.train import run
+    from megaslm.run import run
 
     res: Dict = {}
     full = os.path.join(base_dir, "full")

@@ -65,7 +65,8 @@ def cases(config_path: str, base_dir: str, valid_prefix: str = "") -> Dict:
     import torch.distributed as dist
 
     from megaslm import checkpoint, parallel
-    from megaslm.train import NonFiniteError, run
+    from megaslm.run import run
+    from megaslm.train import NonFiniteError
 
     res: Dict = {}
     rank = int(os.environ["RANK"])

@@ -9,7 +9,7 @@ def with_and_without_valid(config_path: str, base_dir: str, valid_prefix: str) -
     """The same run with and without a held-out loss: histories and final weights."""
     from megaslm import checkpoint, parallel
     from megaslm.config_io import load_config
-    from megaslm.train import run
+    from megaslm.run import run
 
     from tests.train.rank_cases import _model_states, same_weights
 
