@@ -228,7 +228,11 @@ def goals(results: List[Dict]) -> List[dict]:
                         target, unit) for fmt, key, target, unit in GOALS if fmt in by_fmt]
 
 
-def main(argv=None) -> int:
+class OutputsDiffer(RuntimeError):
+    """A build's output is not what it must equal (the anchor's, or the one-worker build's)."""
+
+
+def parse_args(argv):
     ap = argparse.ArgumentParser(prog="python -m data_tools.bench_build", description=__doc__.splitlines()[0])
     ap.add_argument("--sequences", type=int, default=20000)
     ap.add_argument("--min-len", type=int, default=50)
@@ -241,80 +245,99 @@ def main(argv=None) -> int:
     ap.add_argument("--dir", default=None, help="work directory (default: a temporary one, removed)")
     ap.add_argument("--out", default=None,
                     help="results folder, or a .json file path (default: the results folder docs/bench)")
-    a = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
+
+def make_inputs(a, work: str, workers: List[int]):
+    """The input in every format, and (when a worker count other than 1 is measured) the ``--scale`` times
+    larger one: (paths, units, big paths, big units)."""
+    paths = generate_in_subprocess(work, a.sequences, a.min_len, a.max_len)
+    units = int(np.load(paths["npy"], mmap_mode="r").shape[0])
+    big_paths, big_units = {}, 0
+    if a.scale and any(w != 1 for w in workers):
+        big_dir = os.path.join(work, "big")
+        os.makedirs(big_dir, exist_ok=True)
+        big_paths = generate_in_subprocess(big_dir, a.sequences * a.scale, a.min_len, a.max_len, seed=1)
+        big_units = int(np.load(big_paths["npy"], mmap_mode="r").shape[0])
+    return paths, units, big_paths, big_units
+
+
+def measure_format(a, fmt: str, path: str, units: int, work: str, workers: List[int]) -> Dict:
+    """One format: the anchor, the I/O floor, then ``build`` at each worker count (byte-identical to the
+    anchor, else ``OutputsDiffer``); its row of the record, without the scaling."""
+    ref = os.path.join(work, f"anchor_{fmt}")
+    t_anchor, c_anchor = anchor_in_subprocess(fmt, path, ref, a.repeats)
+    out_bytes = os.path.getsize(ref + ".bin") * 3 // 2   # uint16 tokens + one language byte per token
+    floor_inputs = [path] + ([path[:-4] + ".bounds.jsonl"] if fmt == "npy" else [])
+    t_floor = io_floor(floor_inputs, os.path.join(work, "floor"), out_bytes, a.repeats)
+    print(f"{fmt:5s} I/O floor (read the input, write {out_bytes / 1e6:.1f} MB): {t_floor * 1e3:.1f} ms = "
+          f"{units / t_floor / 1e6:.0f} M units/s")
+    row = {"format": fmt, "units": units, "sequences": a.sequences, "io_floor_s": t_floor,
+           "io_floor_units_per_s": units / t_floor, "anchor_s": t_anchor,
+           "anchor_units_per_s": units / t_anchor, "anchor_cpu_s": c_anchor,
+           "anchor_units_per_cpu_s": units / c_anchor, "workers": {}}
+    for w in workers:
+        out = os.path.join(work, f"ours_{fmt}_w{w}")
+        t, c = ours_in_subprocess(path, out, w, a.repeats)
+        ident = same(ref, out)
+        # CPU: the child that times the build never holds torch, so its worker processes are forked
+        # children (joined: getrusage counts them) and its converter threads are its own
+        row["workers"][str(w)] = {"s": t, "units_per_s": units / t, "ratio_vs_anchor": t_anchor / t,
+                                  "times_io_floor": t / t_floor,
+                                  "cpu_s": c, "units_per_cpu_s": units / c,
+                                  "cpu_ratio_vs_anchor": c_anchor / c,
+                                  "byte_identical_to_anchor": ident}
+        cpu_txt = (f"per CPU-second: anchor {units / c_anchor / 1e6:6.2f} M, ours {units / c / 1e6:7.2f} M "
+                   f"({c_anchor / c:5.1f}x)")
+        print(f"{fmt:5s} anchor {units / t_anchor / 1e6:7.2f} M units/s | data_tools workers={w} "
+              f"{units / t / 1e6:8.2f} M units/s ({t_anchor / t:5.1f}x; {t / t_floor:4.1f}x the I/O floor) | "
+              f"{cpu_txt} | byte-identical: {ident}")
+        if not ident:
+            raise OutputsDiffer(f"outputs differ: {ref} vs {out}")
+    w1 = row["workers"].get("1")
+    for w in workers:
+        if w1 and w != 1:
+            row["workers"][str(w)]["speedup_vs_1_worker"] = w1["s"] / row["workers"][str(w)]["s"]
+    return row
+
+
+def measure_scaling(a, fmt: str, bpath: str, bunits: int, work: str, workers: List[int]) -> Dict:
+    """``build`` on the larger input with 1 worker and each of ``workers`` (identical outputs, else
+    ``OutputsDiffer``): speed-up vs 1 worker and the cores it kept busy."""
+    scaling = {"units": bunits, "sequences": a.sequences * a.scale, "workers": {}}
+    for w in sorted(set([1] + workers)):
+        out = os.path.join(work, f"big_{fmt}_w{w}")
+        t, c = ours_in_subprocess(bpath, out, w, a.repeats)
+        ident = w == 1 or same(os.path.join(work, f"big_{fmt}_w1"), out)
+        scaling["workers"][str(w)] = {"s": t, "units_per_s": bunits / t, "cpu_s": c,
+                                      "units_per_cpu_s": bunits / c, "cores_busy": c / t,
+                                      "identical_to_1_worker": ident}
+        if not ident:
+            raise OutputsDiffer(f"{a.scale}x input: workers={w} differs from 1 worker")
+    for w, r in scaling["workers"].items():
+        r["speedup_vs_1_worker"] = scaling["workers"]["1"]["s"] / r["s"]
+        print(f"{fmt:5s} {a.scale}x input ({bunits:,} units) workers={w} {r['units_per_s'] / 1e6:8.2f} M "
+              f"units/s, speed-up vs 1 worker {r['speedup_vs_1_worker']:.2f}x, cores busy "
+              f"{r['cores_busy']:.2f} of {os.cpu_count()}, {r['units_per_cpu_s'] / 1e6:.0f} M units per "
+              f"CPU-second, identical: {r['identical_to_1_worker']}")
+    return scaling
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
     run = Run("bench_build", argv, prog="python -m data_tools.bench_build")
     device = cpu_device()
     workers = [int(w) for w in a.workers.split(",")]
     work = a.dir or tempfile.mkdtemp(prefix="bench_build_")
     os.makedirs(work, exist_ok=True)
     try:
-        paths = generate_in_subprocess(work, a.sequences, a.min_len, a.max_len)
-        units = int(np.load(paths["npy"], mmap_mode="r").shape[0])
-        big_paths, big_units = {}, 0
-        if a.scale and any(w != 1 for w in workers):
-            big_dir = os.path.join(work, "big")
-            os.makedirs(big_dir, exist_ok=True)
-            big_paths = generate_in_subprocess(big_dir, a.sequences * a.scale, a.min_len, a.max_len, seed=1)
-            big_units = int(np.load(big_paths["npy"], mmap_mode="r").shape[0])
+        paths, units, big_paths, big_units = make_inputs(a, work, workers)
         results: List[Dict] = []
         print(f"{a.sequences} sequences, {units:,} units; {device}, load {run.load_before}; median of {a.repeats}")
         for fmt in a.formats.split(","):
-            path = paths[fmt]
-            ref = os.path.join(work, f"anchor_{fmt}")
-            t_anchor, c_anchor = anchor_in_subprocess(fmt, path, ref, a.repeats)
-            out_bytes = os.path.getsize(ref + ".bin") * 3 // 2   # uint16 tokens + one language byte per token
-            floor_inputs = [path] + ([path[:-4] + ".bounds.jsonl"] if fmt == "npy" else [])
-            t_floor = io_floor(floor_inputs, os.path.join(work, "floor"), out_bytes, a.repeats)
-            print(f"{fmt:5s} I/O floor (read the input, write {out_bytes / 1e6:.1f} MB): {t_floor * 1e3:.1f} ms = "
-                  f"{units / t_floor / 1e6:.0f} M units/s")
-            row = {"format": fmt, "units": units, "sequences": a.sequences, "io_floor_s": t_floor,
-                   "io_floor_units_per_s": units / t_floor, "anchor_s": t_anchor,
-                   "anchor_units_per_s": units / t_anchor, "anchor_cpu_s": c_anchor,
-                   "anchor_units_per_cpu_s": units / c_anchor, "workers": {}}
-            for w in workers:
-                out = os.path.join(work, f"ours_{fmt}_w{w}")
-                t, c = ours_in_subprocess(path, out, w, a.repeats)
-                ident = same(ref, out)
-                # CPU: the child that times the build never holds torch, so its worker processes are forked
-                # children (joined: getrusage counts them) and its converter threads are its own
-                row["workers"][str(w)] = {"s": t, "units_per_s": units / t, "ratio_vs_anchor": t_anchor / t,
-                                          "times_io_floor": t / t_floor,
-                                          "cpu_s": c, "units_per_cpu_s": units / c,
-                                          "cpu_ratio_vs_anchor": c_anchor / c,
-                                          "byte_identical_to_anchor": ident}
-                cpu_txt = (f"per CPU-second: anchor {units / c_anchor / 1e6:6.2f} M, ours {units / c / 1e6:7.2f} M "
-                           f"({c_anchor / c:5.1f}x)")
-                print(f"{fmt:5s} anchor {units / t_anchor / 1e6:7.2f} M units/s | data_tools workers={w} "
-                      f"{units / t / 1e6:8.2f} M units/s ({t_anchor / t:5.1f}x; {t / t_floor:4.1f}x the I/O floor) | "
-                      f"{cpu_txt} | byte-identical: {ident}")
-                if not ident:
-                    print(f"error: outputs differ: {ref} vs {out}", file=sys.stderr)
-                    return 1
-            w1 = row["workers"].get("1")
-            for w in workers:
-                if w1 and w != 1:
-                    row["workers"][str(w)]["speedup_vs_1_worker"] = w1["s"] / row["workers"][str(w)]["s"]
+            row = measure_format(a, fmt, paths[fmt], units, work, workers)
             if big_paths:
-                bpath, bunits = big_paths[fmt], big_units
-                scaling = {"units": bunits, "sequences": a.sequences * a.scale, "workers": {}}
-                for w in sorted(set([1] + workers)):
-                    out = os.path.join(work, f"big_{fmt}_w{w}")
-                    t, c = ours_in_subprocess(bpath, out, w, a.repeats)
-                    ident = w == 1 or same(os.path.join(work, f"big_{fmt}_w1"), out)
-                    scaling["workers"][str(w)] = {"s": t, "units_per_s": bunits / t, "cpu_s": c,
-                                                  "units_per_cpu_s": bunits / c, "cores_busy": c / t,
-                                                  "identical_to_1_worker": ident}
-                    if not ident:
-                        print(f"error: {a.scale}x input: workers={w} differs from 1 worker", file=sys.stderr)
-                        return 1
-                for w, r in scaling["workers"].items():
-                    r["speedup_vs_1_worker"] = scaling["workers"]["1"]["s"] / r["s"]
-                    print(f"{fmt:5s} {a.scale}x input ({bunits:,} units) workers={w} {r['units_per_s'] / 1e6:8.2f} M "
-                          f"units/s, speed-up vs 1 worker {r['speedup_vs_1_worker']:.2f}x, cores busy "
-                          f"{r['cores_busy']:.2f} of {os.cpu_count()}, {r['units_per_cpu_s'] / 1e6:.0f} M units per "
-                          f"CPU-second, identical: {r['identical_to_1_worker']}")
-                row["scaling"] = scaling
+                row["scaling"] = measure_scaling(a, fmt, big_paths[fmt], big_units, work, workers)
             results.append(row)
         figures = {"timing": "in-process wall time of the build call (and CPU time of it and its worker "
                              "processes), median of repeats", "repeats": a.repeats, "scale": a.scale,
@@ -323,6 +346,9 @@ def main(argv=None) -> int:
                          environment={"numpy": np.__version__, "cpu_count": os.cpu_count()})
         print(f"wrote {path}")
         return 0
+    except OutputsDiffer as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     finally:
         if a.dir is None:
             shutil.rmtree(work, ignore_errors=True)
