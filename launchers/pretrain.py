@@ -93,6 +93,21 @@ def adopt_unit_source(cfg):
     return dataclasses.replace(cfg, vocab=dataclasses.replace(cfg.vocab, unit_source=sources.pop()))
 
 
+def check_benchmarks(cfg) -> None:
+    """With evaluation during training, every benchmark loads and maps units as this run does: refused in one
+    line now, before anything is written, not at the first evaluation ``eval.interval`` steps later."""
+    if not cfg.eval.interval:
+        return
+    from evals.benchmarks import check_vocab, load_benchmark
+    from evals.errors import EvalError
+
+    try:
+        for path in cfg.eval.benchmarks:
+            check_vocab(load_benchmark(path, cfg.eval.max_items).vocab, cfg.vocab, path)
+    except EvalError as e:
+        fail(str(e))
+
+
 def main(argv=None, faults=None) -> int:
     """``faults``: test-only fault injection (a ``megaslm.train.Faults``), handed in by a test driver."""
     args, overrides = parse(__doc__.splitlines()[0], os.path.join(ROOT, "configs", "tiny.yaml"), argv, extra=_extra)
@@ -112,6 +127,7 @@ def main(argv=None, faults=None) -> int:
         import torch
 
         cfg.validate(world_size=world, cuda=torch.cuda.is_available())
+        check_benchmarks(cfg)
         if cfg.data.demo and any(not st.data for st in cfg.schedule.stages):
             cfg = with_demo_data(cfg, prepare_demo_data(cfg, log=print if env_world()["rank"] == 0 else
                                                         (lambda *_: None)))
@@ -120,15 +136,7 @@ def main(argv=None, faults=None) -> int:
         fail(str(e))
     evaluator = None
     if cfg.eval.interval:
-        from evals.benchmarks import check_vocab, load_benchmark
-        from evals.errors import EvalError
         from evals.hooks import evaluate_chunks as evaluator
-
-        try:   # every benchmark loads and maps units as this run does: refused now, not at the first evaluation
-            for path in cfg.eval.benchmarks:
-                check_vocab(load_benchmark(path, cfg.eval.max_items).vocab, cfg.vocab, path)
-        except EvalError as e:
-            fail(str(e))
     from megaslm import parallel
     from megaslm.run import run
     from megaslm.train import NonFiniteError

@@ -22,8 +22,13 @@ def _run(args, env=None, cwd=ROOT):
     (["--config", "no/such/file.yaml"], {}, "no/such/file.yaml: config file not found"),
     (["data.demo=false", "schedule.stages.0.data=[{path: no/such/data, weight: 1.0}]"], {},
      "dataset no/such/data: no/such/data.bin not found"),
+    # a benchmark of the training-time evaluation is checked before anything runs, not at the first evaluation
+    (["eval.interval=2", "eval.benchmarks=[TMP/b.jsonl]"], {}, "manifest.json: field 'vocab' missing"),
 ])
 def test_bad_config_one_line(tmp_path, args, env, expected):
+    (tmp_path / "b.jsonl").write_text("\n")
+    (tmp_path / "manifest.json").write_text("{}")
+    args = [a.replace("TMP", str(tmp_path)) for a in args]
     r = _run(args + [f"output_dir={tmp_path}/run"], env)
     assert r.returncode == 2, r.stderr
     err = [l for l in r.stderr.splitlines() if l.startswith("error:")]
