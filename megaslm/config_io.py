@@ -165,18 +165,25 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-def _read_tree(path: str, chain: Tuple[str, ...]) -> Dict[str, Any]:
-    """One YAML file as a tree; a top-level ``base: other.yaml`` (relative to this file) is loaded
-    first and this file's keys merged over it (mappings merge, lists and scalars replace)."""
+def read_yaml_strict(path: str, not_found: str, error=ConfigError) -> Any:
+    """``path`` through the strict loader (a repeated key is an error naming both lines); ``error(msg)`` is
+    raised with ``not_found`` when the file does not exist, with ``path:line: invalid YAML (...)`` when it
+    does not parse. The run config and the sweep spec read YAML through this one function."""
     try:
         with open(path) as f:
-            loaded = yaml.load(f, Loader=_StrictLoader)
+            return yaml.load(f, Loader=_StrictLoader)
     except FileNotFoundError:
-        raise ConfigError(f"{chain[-1] + ': base ' if chain else ''}{path}: config file not found") from None
+        raise error(not_found) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        raise error(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+
+
+def _read_tree(path: str, chain: Tuple[str, ...]) -> Dict[str, Any]:
+    """One YAML file as a tree; a top-level ``base: other.yaml`` (relative to this file) is loaded
+    first and this file's keys merged over it (mappings merge, lists and scalars replace)."""
+    loaded = read_yaml_strict(path, f"{chain[-1] + ': base ' if chain else ''}{path}: config file not found")
     if loaded is None:
         loaded = {}
     if not isinstance(loaded, dict):

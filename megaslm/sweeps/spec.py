@@ -11,10 +11,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import yaml
-
 from megaslm.config import ConfigError
-from megaslm.config_io import _StrictLoader, _build, apply_override
+from megaslm.config_io import _build, apply_override, read_yaml_strict
 
 # size presets: the model section of each run config (read from the repository's configs/)
 PRESETS = {"tiny": "configs/tiny.yaml", "qwen2-360m": "configs/qwen2-360m.yaml",
@@ -174,14 +172,7 @@ def subst(text: str, where: str, **kw) -> str:
 
 def read_spec_yaml(path: str) -> Dict:
     """The spec file as a tree, through the run config's strict loader (a repeated key is an error)."""
-    try:
-        with open(path) as f:
-            tree = yaml.load(f, Loader=_StrictLoader)
-    except FileNotFoundError:
-        raise SweepError(f"{path}: sweep spec not found") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise SweepError(f"{path}{f':{mark.line + 1}' if mark else ''}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    tree = read_yaml_strict(path, f"{path}: sweep spec not found", SweepError)
     if tree is None:
         tree = {}
     if not isinstance(tree, dict):
