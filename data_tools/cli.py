@@ -16,6 +16,16 @@ from data_tools.errors import DataError
 EXIT_BAD_INPUT = 2
 
 
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors in the one-line form of every other bad input: ``error: PROG: what (see PROG
+    --help)`` and exit 2, not the usage block first (a typo in one flag of ``build`` printed 14 lines). Its
+    subcommands' parsers are of this class too (argparse makes them of the parent's). The launchers take it
+    from here (``launchers/_common.py``): the one copy."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def _vocab_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("vocabulary (recorded in the manifest)")
     g.add_argument("--codebook-size", type=int, default=2048,
@@ -46,7 +56,7 @@ def _vocab(a):
 
 
 def make_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m data_tools", description=__doc__.splitlines()[0])
+    ap = OneLineArgumentParser(prog="python -m data_tools", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     _build_parser(sub)
     _bpe_parsers(sub)

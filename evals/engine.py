@@ -7,18 +7,18 @@ same answer.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
 from megaslm import parallel, sharding
 from megaslm.checkpoint.reader import Checkpoint
-from megaslm.config import ConfigError, RunConfig
-from megaslm.config_io import derive_config
+from megaslm.config import RunConfig
 from megaslm.model import build_model
 from megaslm.vocab import LANG_NONE
 
+from evals import preflight
 from evals.errors import EvalError
 
 
@@ -26,42 +26,9 @@ from evals.errors import EvalError
 # Config and weights
 # ------------------------------------------------------------------------------------------------
 def eval_config(saved: RunConfig, overrides: Sequence[str] = (), world_size: Optional[int] = None) -> RunConfig:
-    """The saved run config with the eval layout: ``overrides`` (``parallel.tensor=2`` ...) applied;
-    TP/PP default to the training layout when the world size allows it, else TP=1, PP=1; DP = the
-    rest of the world. No optimizer (ZeRO-0), one sample per micro-batch, fp32 without CUDA,
-    no virtual pipeline (weights are canonical, so any layout loads them), no recompute or sequence
-    parallelism unless asked for."""
-    world = world_size if world_size is not None else parallel.env_world()["world_size"]
-    try:
-        cfg = derive_config(saved, overrides, edit=lambda tree, user: _eval_layout(tree, user, world))
-        cfg.validate(world_size=world)
-    except ConfigError as e:
-        raise EvalError(f"eval config: {e}") from None
-    return cfg
-
-
-def _eval_layout(tree: Dict, user: Set[str], world: int) -> None:
-    """``eval_config``'s settings, on the saved tree: only where ``user`` (the overridden keys) says nothing."""
-    p = tree["parallel"]
-    if world % (int(p["tensor"]) * int(p["pipeline"])) != 0 and not ({"parallel.tensor", "parallel.pipeline"} & user):
-        p["tensor"], p["pipeline"] = 1, 1
-    mp = int(p["tensor"]) * int(p["pipeline"])
-    if world % mp != 0:
-        raise EvalError(f"eval layout: world size {world} is not a multiple of tensor x pipeline = {mp}")
-    if "parallel.data" not in user:
-        p["data"] = world // mp
-    p["virtual_pipeline"] = None
-    p["zero_stage"] = 0
-    # memory levers of training only: a forward without backward saves nothing to recompute, and sequence
-    # parallelism would split the hidden states the alignment benchmark reads across the TP ranks
-    if "parallel.sequence_parallel" not in user:
-        p["sequence_parallel"] = False
-    if not any(k.startswith("model.recompute") for k in user):
-        tree["model"].update(recompute="none", recompute_num_layers=None)
-    tree["schedule"]["micro_batch_size"] = 1
-    tree["schedule"]["global_batch_size"] = int(p["data"])
-    if not torch.cuda.is_available() and tree.get("precision") in ("bf16", "fp16"):
-        tree["precision"] = "fp32"
+    """The saved run config with the eval layout (``evals.preflight.eval_config``, which the launcher runs
+    before torch is imported), here for this machine: fp32 without CUDA."""
+    return preflight.eval_config(saved, overrides, world_size, cuda=torch.cuda.is_available())
 
 
 def build_eval_model(cfg: RunConfig, full: Optional[Dict[str, torch.Tensor]] = None) -> List[torch.nn.Module]:

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from megaslm import parallel
-from megaslm.checkpoint.layout import checkpoint_step, list_checkpoints
+from megaslm.checkpoint.layout import checkpoint_step
 from megaslm.config import RunConfig
 from megaslm.fsutil import atomic_write_text
 
@@ -23,7 +23,7 @@ from evals.alignment import align_items
 from evals.benchmarks import ALIGN, Benchmark, check_vocab, load_benchmark
 from evals.engine import load_checkpoint_model
 from evals.errors import EvalError
-from evals.preflight import prepare_benchmarks
+from evals.preflight import preflight, prepare_benchmarks
 from evals.scoring import accuracies, score_items
 
 
@@ -86,19 +86,18 @@ def evaluate_checkpoint(ckpt: str, bench_paths: Sequence[str], overrides: Sequen
 
 
 def evaluate_path(path: str, bench_paths: Sequence[str], overrides: Sequence[str] = (),
-                  out_dir: Optional[str] = None, log=print) -> List[Dict]:
+                  out_dir: Optional[str] = None, log=print, checked=None) -> List[Dict]:
     """Every checkpoint of ``path`` (one checkpoint, a run directory or its checkpoints/ folder), in step order.
 
-    Writes results.json, results.md and plots/*.png to ``out_dir`` (rank 0).
+    Writes results.json, results.md and plots/*.png to ``out_dir`` (rank 0). ``checked``: ``evals.preflight.
+    preflight(path, bench_paths, overrides)`` already run (by the launcher, before torch was imported).
     """
     from evals.report import write_reports
 
-    ckpts = list_checkpoints(path)
-    cache: Dict = {}
-    # every checkpoint's benchmarks checked before the first model is built
-    prepared = [prepare_benchmarks(c, bench_paths, overrides, cache) for c in ckpts]
+    # every checkpoint's eval config and benchmarks checked before the first model is built
+    checked = checked if checked is not None else preflight(path, bench_paths, overrides)
     results = []
-    for c, prep in zip(ckpts, prepared):
+    for c, prep in checked:
         r = evaluate_checkpoint(c, bench_paths, overrides, out_dir, prep)
         if _is_writer():
             log(f"{r['tag']}: " + ", ".join(f"{k} {v['accuracy'] * 100:.2f}" for k, v in sorted(r["tasks"].items()))

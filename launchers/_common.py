@@ -14,6 +14,10 @@ import sys
 import warnings
 from typing import List, Optional, Tuple
 
+# a bad flag is one line too (``error: PROG: what (see PROG --help)``, exit 2), as in data_tools. Nothing
+# here imports torch: the launchers validate their config before it is imported (tests/test_launcher.py)
+from data_tools.cli import OneLineArgumentParser as ArgumentParser
+
 # Bit-reproducible CPU runs: OpenMP and MKL must not change their thread counts with the system load
 # (with dynamic adjustment on, a busy machine can change the GEMM reduction order between two runs).
 # Set before torch is imported (the launchers import this module first).
@@ -35,7 +39,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repos
 
 def parse(description: str, default_config: Optional[str], argv: Optional[List[str]] = None,
           extra=None) -> Tuple[argparse.Namespace, List[str]]:
-    p = argparse.ArgumentParser(description=description)
+    p = ArgumentParser(description=description)
     p.add_argument("--config", default=default_config,
                    help=f"YAML config (default: {os.path.relpath(default_config, os.getcwd()) if default_config else 'none'})")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher

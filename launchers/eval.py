@@ -27,13 +27,18 @@ def main(argv=None) -> int:
     from megaslm.vocab import VocabError
 
     from evals.errors import EvalError
-    from evals.runner import evaluate_path
+    from evals.preflight import preflight
 
     out = args.out or os.path.join(args.checkpoint, "evals")
     try:
         if args.config:
             raise EvalError("--config is not used: the config comes from the checkpoint (use a.b.c=value overrides)")
-        evaluate_path(args.checkpoint, args.benchmarks, overrides, out)
+        # torch-free: the checkpoints, the overrides against their recorded configs and the benchmarks, all
+        # refused in a fraction of a second, before torch's import (seconds) and the model
+        checked = preflight(args.checkpoint, args.benchmarks, overrides)
+        from evals.runner import evaluate_path
+
+        evaluate_path(args.checkpoint, args.benchmarks, overrides, out, checked=checked)
     except (EvalError, ConfigError, VocabError) as e:
         fail(str(e))
     from megaslm import parallel

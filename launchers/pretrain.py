@@ -111,23 +111,26 @@ def check_benchmarks(cfg) -> None:
 def main(argv=None, faults=None) -> int:
     """``faults``: test-only fault injection (a ``megaslm.train.Faults``), handed in by a test driver."""
     args, overrides = parse(__doc__.splitlines()[0], os.path.join(ROOT, "configs", "tiny.yaml"), argv, extra=_extra)
+    # the config, its overrides and every rule that needs no GPU are checked torch-free (megaslm.config,
+    # config_io, ports, evals.benchmarks): a typo is refused in a fraction of a second, not after torch's
+    # import (seconds); torch comes in only for the CUDA rules
     from megaslm.config import ConfigError
     from megaslm.config_io import load_config
-    from megaslm.parallel import env_world
+    from megaslm.ports import env_world
 
     world = args.world_size if args.world_size is not None else env_world()["world_size"]
     if world < 1:
         fail(f"--world-size: expected an integer >= 1, got {world}")
     try:
         cfg = adopt_unit_source(load_config(args.config, overrides))
+        cfg.validate(world_size=world)
         if args.dry_run:
-            cfg.validate(world_size=world)
             dry_run(cfg, world, gpu_memory_gib=args.gpu_memory)
             return 0
+        check_benchmarks(cfg)
         import torch
 
         cfg.validate(world_size=world, cuda=torch.cuda.is_available())
-        check_benchmarks(cfg)
         if cfg.data.demo and any(not st.data for st in cfg.schedule.stages):
             cfg = with_demo_data(cfg, prepare_demo_data(cfg, log=print if env_world()["rank"] == 0 else
                                                         (lambda *_: None)))

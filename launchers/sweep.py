@@ -17,7 +17,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import ROOT, fail  # noqa: E402
+from _common import ROOT, ArgumentParser, fail  # noqa: E402
 
 DEFAULT_SPEC = os.path.join(ROOT, "configs", "sweeps", "demo.yaml")
 # the sweep runs this checkout's launchers and presets, whichever megaslm was imported (a non-editable install)
@@ -25,8 +25,8 @@ os.environ.setdefault("MEGASLM_ROOT", ROOT)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="launchers/sweep.py", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n".join(__doc__.splitlines()[3:]))
+    p = ArgumentParser(prog="launchers/sweep.py", description=__doc__.splitlines()[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n".join(__doc__.splitlines()[3:]))
     p.add_argument("command", nargs="?", default=None, choices=["plan", "run", "status", "report", "data"])
     p.add_argument("--spec", default=DEFAULT_SPEC, help="sweep spec YAML (default configs/sweeps/demo.yaml)")
     p.add_argument("--out", default=None, help="sweep directory (default: the spec's output_dir)")

@@ -386,6 +386,14 @@ class RunConfig:
         _need(s.global_batch_size % (s.micro_batch_size * dp) == 0, "schedule.global_batch_size",
               f"a multiple of micro_batch_size x data-parallel size = {s.micro_batch_size} x {dp}",
               s.global_batch_size)
+        # a token budget of less than one step would train one partial step (megaslm.data.stage_plans): refused,
+        # by the rule the sweeps apply to the stages of a budget (megaslm/sweeps/expand.py: _stage_split)
+        tps = self.tokens_per_step
+        for i, st in enumerate(s.stages):
+            if st.train_tokens is not None:
+                _need(st.train_tokens >= tps, f"schedule.stages[{i}].train_tokens",
+                      f"at least one step ({tps:,} tokens = schedule.global_batch_size x model.seq_length = "
+                      f"{s.global_batch_size} x {m.seq_length})", st.train_tokens)
         if not self.data.demo:
             for i, st in enumerate(s.stages):
                 _need(len(st.data) >= 1, f"schedule.stages[{i}].data", "at least one dataset (or data.demo=true)",

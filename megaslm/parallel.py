@@ -19,7 +19,8 @@ import torch.distributed as dist
 
 from megaslm import cpu_compat
 from megaslm.config import ConfigError, RunConfig
-from megaslm.ports import free_port  # noqa: F401 - the rendezvous port; callers also take it from here
+# the rendezvous port and the environment's rank / world size (torch-free there); callers also take them from here
+from megaslm.ports import env_world, free_port  # noqa: F401
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,15 +49,6 @@ class ParallelLayout:
             pp = rank // (self.tensor * self.data)
             out.append({"rank": rank, "tp": tp, "pp": pp, "dp": dp})
         return out
-
-
-def env_world() -> Dict[str, int]:
-    """Rank/world size from the launcher's environment (deepspeed, torchrun or our test spawner)."""
-    return {
-        "rank": int(os.environ.get("RANK", 0)),
-        "world_size": int(os.environ.get("WORLD_SIZE", 1)),
-        "local_rank": int(os.environ.get("LOCAL_RANK", 0)),
-    }
 
 
 def init_distributed(timeout_s: int = 600) -> Dict[str, int]:

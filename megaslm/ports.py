@@ -1,7 +1,11 @@
-"""A free TCP port (torch-free: the sweeps, the launchers and the tests take it from here; the one copy)."""
+"""The launcher's rendezvous, torch-free: a free TCP port, and this process's rank and world size from the
+environment (the sweeps, the launchers -- before torch is imported -- and the tests take them from here;
+the one copy)."""
 from __future__ import annotations
 
+import os
 import socket
+from typing import Dict
 
 
 def free_port() -> int:
@@ -9,3 +13,12 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def env_world() -> Dict[str, int]:
+    """Rank/world size from the launcher's environment (deepspeed, torchrun or our test spawner)."""
+    return {
+        "rank": int(os.environ.get("RANK", 0)),
+        "world_size": int(os.environ.get("WORLD_SIZE", 1)),
+        "local_rank": int(os.environ.get("LOCAL_RANK", 0)),
+    }

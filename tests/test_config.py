@@ -122,3 +122,22 @@ def test_non_finite_float_in_a_file_is_refused(tmp_path):
     p.write_text("optimizer:\n  lr: .inf\n")
     with pytest.raises(ConfigError, match=r"inf.yaml: optimizer.lr: expected a finite number, got inf"):
         load_config(str(p))
+
+
+def test_train_tokens_under_one_step_are_refused():
+    """A stage budget of less than one step (global_batch_size x seq_length tokens) is refused, naming the field,
+    the value and one step's tokens (it trained one partial step; the sweeps refuse it, tests/sweep/test_spec.py);
+    one step, and a budget that ends with a partial step, are fine."""
+    base = [f"{CFG}/tiny.yaml", ["model.seq_length=32", "schedule.global_batch_size=8", "schedule.micro_batch_size=2"]]
+
+    def stages(tokens):
+        return load_config(base[0], base[1] + [f"schedule.stages=[{{name: a, train_steps: 2}}, "
+                                                f"{{name: b, train_tokens: {tokens}}}]"])
+
+    for ok in (256, 257, 868):
+        stages(ok).validate(world_size=1)
+    for bad in (1, 100, 255):
+        with pytest.raises(ConfigError) as e:
+            stages(bad).validate(world_size=1)
+        assert str(e.value) == ("schedule.stages[1].train_tokens: expected at least one step (256 tokens = "
+                                f"schedule.global_batch_size x model.seq_length = 8 x 32), got {bad}")

@@ -76,3 +76,59 @@ def test_lone_process_takes_a_free_port_not_29500(tmp_path):
             s.close()
     assert r.returncode == 0, r.stderr[-2000:]
     assert "Transformer Engine and Apex" not in r.stderr and "path_to_cache is None" not in r.stderr + r.stdout
+
+
+def _fake_checkpoint(tmp_path):
+    """A run directory with one checkpoint whose meta.json records a valid config, and garbage weights (never
+    read by a test that passes)."""
+    import json
+
+    from megaslm.checkpoint.layout import tag_for
+    from megaslm.config_io import load_config
+
+    tag = tmp_path / "run" / "checkpoints" / tag_for(10)
+    tag.mkdir(parents=True)
+    (tag / "model.safetensors").write_bytes(b"not a safetensors file")
+    (tag / "meta.json").write_text(json.dumps({"step": 10, "config": load_config(None, ["data.demo=true"]).to_dict()}))
+    return str(tmp_path / "run")
+
+
+PRETRAIN, EVAL, SWEEP = (os.path.join("launchers", f) for f in ("pretrain.py", "eval.py", "sweep.py"))
+
+
+@pytest.mark.parametrize("cmd,expected", [
+    ([PRETRAIN, "model.bogus=1"], "error: " + os.path.join(ROOT, "configs", "tiny.yaml") + ": model.bogus: unknown key"),
+    ([PRETRAIN, "parallel.tensor=3"], "error: parallel.tensor: expected a divisor of model.num_attention_heads=4"),
+    ([PRETRAIN, "schedule.stages.0.train_steps=null", "schedule.stages.0.train_tokens=100"],
+     "error: schedule.stages[0].train_tokens: expected at least one step (2,048 tokens = schedule.global_batch_size "
+     "x model.seq_length = 16 x 128), got 100"),
+    ([PRETRAIN, "--dry-run", "model.bogus=1"], "error: " + os.path.join(ROOT, "configs", "tiny.yaml") + ": model.bogus"),
+    ([PRETRAIN, "--bogus"], "error: pretrain.py: unrecognized arguments: --bogus (see pretrain.py --help)"),
+    ([EVAL, "--checkpoint", "RUN", "model.bogus=1"], "error: eval config: model.bogus: unknown key"),
+    ([EVAL, "--checkpoint", "RUN", "eval.scoring=best"], "error: eval config: eval.scoring: expected mean, "),
+    ([EVAL, "--checkpoint", "RUN", "parallel.tensor=2"], "error: eval layout: world size 1 is not a multiple of "),
+    ([EVAL, "--checkpoint", "TMP/none"], "error: TMP/none: checkpoint or run directory not found"),
+    ([SWEEP, "plan", "bogus.x=1"], "error: " + os.path.join(ROOT, "configs", "sweeps", "demo.yaml") + ": bogus: unknown"),
+    ([SWEEP, "plan", "--bogus"], "error: launchers/sweep.py: unrecognized arguments: --bogus"),
+    (["-m", "data_tools", "build", "-i", "x.jsonl", "-o", "TMP/o", "--bogus"],
+     "error: python -m data_tools: unrecognized arguments: --bogus (see python -m data_tools --help)"),
+    (["-m", "data_tools", "build", "-i", "x.jsonl", "-o", "TMP/o", "--p", "half"],
+     "error: python -m data_tools build: argument --p: invalid float value: 'half' (see python -m data_tools build --help)"),
+    (["-m", "data_tools", "budget"], "error: python -m data_tools budget: the following arguments are required: "),
+])
+def test_config_and_argument_errors_come_before_torch(tmp_path, cmd, expected):
+    """Issue 25 item 7: a bad override or flag is refused by every launcher and by data_tools in one line, exit 2,
+    before torch is imported (seconds: the config and its rules are torch-free, the CUDA ones come after).
+    ``-X importtime`` lists every module the process imported; the check is on that list, not on a time."""
+    run = _fake_checkpoint(tmp_path) if "RUN" in cmd else ""
+    cmd = [a.replace("RUN", run).replace("TMP", str(tmp_path)) for a in cmd]
+    expected = expected.replace("TMP", str(tmp_path))
+    r = subprocess.run([sys.executable, "-X", "importtime", *cmd], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "PYTHONPATH": ROOT})
+    imported = {l.rsplit("|", 1)[-1].strip() for l in r.stderr.splitlines() if l.startswith("import time:")}
+    said = [l for l in r.stderr.splitlines() if l.strip() and not l.startswith("import time:")]
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert len(said) == 1 and said[0].startswith(expected), said
+    assert not {m for m in imported if m.split(".")[0] in ("torch", "megatron", "deepspeed")}, said
+    assert r.stdout == ""
+    assert not (tmp_path / "o.bin").exists()

@@ -154,7 +154,7 @@ def _fake_run(tmp_path, vocab_overrides=("vocab.codebook_size=16",)):
     from megaslm.checkpoint.layout import tag_for
     from megaslm.config_io import load_config
 
-    cfg = load_config(None, list(vocab_overrides))
+    cfg = load_config(None, [*vocab_overrides, "data.demo=true"])   # valid as a run records it (eval checks it)
     tag = tmp_path / "run" / "checkpoints" / tag_for(10)
     tag.mkdir(parents=True)
     (tag / "model.safetensors").write_bytes(b"not a safetensors file")

@@ -57,6 +57,30 @@ def test_bad_spec_fails_fast_with_one_line(tmp_path, what, edit, needle):
     assert not os.path.exists(os.path.join(str(tmp_path), "sweep"))
 
 
+def test_budget_under_one_step_is_refused_by_the_sweep_and_the_run_config_alike(tmp_path):
+    """One rule for a stage of less than one step (4 x 64 = 256 tokens here): the sweep refuses the budget, a run
+    config refuses the stage (megaslm.config: RunConfig.validate); one step is accepted by both."""
+    from megaslm.config import ConfigError
+
+    one_step = ["model.seq_length=64", "schedule.micro_batch_size=4", "schedule.global_batch_size=4", "data.demo=true"]
+    for budget in (256, 255):
+        spec = tiny_spec(tmp_path, sizes=[{"name": "xs", "num_layers": 1, "hidden_size": 32}], recipes=["en_fr"],
+                         budgets=[budget])
+        cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"),
+                          one_step + [f"schedule.stages=[{{name: main, train_tokens: {budget}}}]"])
+        if budget == 256:
+            assert [r.config.schedule.stages[0].train_tokens for r in expand(spec).runs] == [256]
+            cfg.validate(world_size=1)
+            continue
+        with pytest.raises(SweepError, match=r"stage en_fr would get 255 tokens, less than one step \(256 tokens = "
+                                             r"schedule.global_batch_size x model.seq_length\)"):
+            expand(spec)
+        with pytest.raises(ConfigError, match=r"^schedule.stages\[0\].train_tokens: expected at least one step "
+                                              r"\(256 tokens = schedule.global_batch_size x model.seq_length = 4 x 64\), "
+                                              r"got 255$"):
+            cfg.validate(world_size=1)
+
+
 def test_expansion_matches_tokens_exactly(tmp_path):
     sw = expand(tiny_spec(tmp_path))
     assert len(sw.runs) == 4
