@@ -42,14 +42,14 @@ def run(cfg: RunConfig, log=print, max_steps: Optional[int] = None, evaluator: O
     if cfg.eval.interval and evaluator is None:
         raise ConfigError(f"eval.interval={cfg.eval.interval}: no evaluator given to megaslm.run.run "
                           "(pass evaluator=evals.hooks.evaluate_chunks, as launchers/pretrain.py does)")
-    # every stage's datasets exist, are intact and map units as this run's vocabulary does: checked
-    # before any process group, model or output directory exists
-    for stage in cfg.schedule.stages:
-        for src in stage.data:
-            check_manifest(src.path, cfg.vocab, verify_hash=cfg.data.verify_hash,
-                           need_lang=cfg.model.language_embedding)
-    for path in cfg.eval.valid:
-        check_manifest(path, cfg.vocab, verify_hash=cfg.data.verify_hash, need_lang=cfg.model.language_embedding)
+    # every dataset (once, however many stages name it) exists, is intact and maps units as this run's
+    # vocabulary does: checked before any process group, model or output directory exists. The content
+    # hash reads every byte, so only each node's local rank 0 computes it (the node's other ranks read
+    # the same files; a refusal there ends the job through the launcher)
+    hash_here = cfg.data.verify_hash and world["local_rank"] == 0
+    paths = [src.path for stage in cfg.schedule.stages for src in stage.data] + list(cfg.eval.valid)
+    for path in dict.fromkeys(paths):
+        check_manifest(path, cfg.vocab, verify_hash=hash_here, need_lang=cfg.model.language_embedding)
     # one run per output_dir: rank 0 takes the directory's lock before anything in it is read or
     # written; every rank learns the outcome right after the process group exists
     lock, refused = None, None
