@@ -34,7 +34,9 @@ setup(
         # the manifest content hash (XXH3-128: megaslm/vocab.py says why not SHA-256)
         "xxhash>=3.0",
         # audio -> units: Mimi / HuBERT through transformers, audio I/O, k-means codebooks
-        "transformers>=4.45",
+        # <5.25: transformers 5.25 requires Hugging Face's hub-kernels distribution, whose top-level package
+        # `kernels` collides with ours (megaslm/deps.py says why, and stops with one line if it is installed)
+        "transformers>=4.45,<5.25",
         "soundfile>=0.12",
         "scikit-learn>=1.3",
         "scipy>=1.10",  # polyphase resampling of audio (data_tools/audio/io.py)

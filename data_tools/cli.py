@@ -223,6 +223,11 @@ def run(argv: Optional[List[str]] = None) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from megaslm.deps import kernels_name_clash
+    clash = kernels_name_clash()   # before the audio tokenisers import transformers (megaslm/deps.py)
+    if clash:
+        print(f"error: {clash}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     try:
         return run(argv)
     except (DataError, VocabError) as e:

@@ -17,6 +17,7 @@ from typing import List, Optional, Tuple
 # a bad flag is one line too (``error: PROG: what (see PROG --help)``, exit 2), as in data_tools. Nothing
 # here imports torch: the launchers validate their config before it is imported (tests/test_launcher.py)
 from data_tools.cli import OneLineArgumentParser as ArgumentParser
+from megaslm.deps import kernels_name_clash
 
 # Bit-reproducible CPU runs: OpenMP and MKL must not change their thread counts with the system load
 # (with dynamic adjustment on, a busy machine can change the GEMM reduction order between two runs).
@@ -75,3 +76,10 @@ def with_demo_data(cfg, prefixes: dict):
 def fail(msg: str, code: int = 2) -> None:
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(code)
+
+
+# an installed Hugging Face 'kernels' shadows (or is shadowed by) our kernels package: say so in one line before
+# any import fails with a message that names neither (megaslm/deps.py)
+_CLASH = kernels_name_clash()
+if _CLASH:
+    fail(_CLASH)

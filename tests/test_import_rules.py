@@ -188,8 +188,9 @@ def test_megaslm_only_looks_down():
 def test_data_tools_never_import_model_or_training():
     for f, m, full in imports_of("data_tools"):
         if m == "megaslm":
-            # only the torch-free modules (unit vocabulary, manifest format, config, the atomic write)
-            assert full in ("megaslm", "megaslm.vocab", "megaslm.config", "megaslm.fsutil"), (f, full)
+            # only the torch-free modules (unit vocabulary, manifest format, config, the atomic write, the
+            # environment check)
+            assert full in ("megaslm", "megaslm.vocab", "megaslm.config", "megaslm.fsutil", "megaslm.deps"), (f, full)
         assert m not in ("deepspeed", "evals", "launchers"), (f, full)
 
 
@@ -229,11 +230,11 @@ def _source_files(*packages):
 def test_checkpoint_layout_is_torch_free():
     """The sweep, evals' listing and any tool may ask ``layout`` (and ``lock``) about a run directory
     without torch."""
-    code = ("import megaslm.checkpoint.layout, megaslm.checkpoint.lock, sys; "
+    code = ("import megaslm.checkpoint.layout, megaslm.checkpoint.lock, megaslm.deps, sys; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
-    for module in ("megaslm.checkpoint.layout", "megaslm.checkpoint.lock", "megaslm.ports"):
+    for module in ("megaslm.checkpoint.layout", "megaslm.checkpoint.lock", "megaslm.ports", "megaslm.deps"):
         for f, m, full in imports_of(module):
             assert m in STDLIB or full in ("megaslm.config", "megaslm.fsutil"), (f, full)
 

@@ -39,6 +39,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from megaslm import sharding
+from megaslm.deps import kernels_name_clash
 from megaslm.fsutil import atomic_path, atomic_write_json
 from megaslm.interop.errors import InteropError
 from megaslm.sharding import EMB, OUT
@@ -458,6 +459,9 @@ def hf_config_from_run(cfg, arch: str, dtype: torch.dtype = torch.float32) -> Di
 def save_hf(full: Dict[str, torch.Tensor], cfg, out_dir: str, arch: Optional[str] = None,
             dtype: Optional[torch.dtype] = None) -> str:
     """Write an HF directory (model.safetensors + config.json + generation_config.json)."""
+    clash = kernels_name_clash()
+    if clash:   # transformers' own import would fail naming neither package (megaslm/deps.py)
+        raise InteropError(clash)
     import transformers   # imported here, not at module load: it costs seconds and only export needs it
     from safetensors.torch import save_file
 
