@@ -39,7 +39,6 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import ROOT, fail, prepare_demo_data, with_demo_data  # noqa: E402
 
 from kernels.bench import record  # noqa: E402

@@ -16,7 +16,6 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import ROOT, ArgumentParser, fail  # noqa: E402
 
 DEFAULT_SPEC = os.path.join(ROOT, "configs", "sweeps", "demo.yaml")

@@ -12,12 +12,8 @@ reference); a case that disagrees is reported as ``mismatch`` and not timed.
     python -m kernels.bench.bench_attention --seqs 2048 8192 16384 32768
     python -m kernels.bench.bench_attention --dry-run       # CPU plumbing check
 """
-import sys
-from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from kernels.bench import _bootstrap  # noqa: E402,F401  (must precede any triton import)
+from kernels.bench import _bootstrap  # noqa: F401  (must precede any triton import)
 
 
 import torch  # noqa: E402

@@ -3,12 +3,8 @@
     python -m kernels.bench.bench_doc_mask            # CUDA
     python -m kernels.bench.bench_doc_mask --dry-run  # CPU plumbing check
 """
-import sys
-from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from kernels.bench import _bootstrap  # noqa: E402,F401  (must precede any triton import)
+from kernels.bench import _bootstrap  # noqa: F401  (must precede any triton import)
 
 import torch  # noqa: E402
 

@@ -6,12 +6,8 @@ Targets (H100): forward >= 80% of measured copy bandwidth; backward >= 2x torch'
     python -m kernels.bench.bench_embedding            # CUDA
     python -m kernels.bench.bench_embedding --dry-run  # CPU plumbing check
 """
-import sys
-from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from kernels.bench import _bootstrap  # noqa: E402,F401  (must precede any triton import)
+from kernels.bench import _bootstrap  # noqa: F401  (must precede any triton import)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

@@ -35,10 +35,6 @@ if "--cache-dir" not in sys.argv:
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton-compile-check-")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # today's default, stated (silences 3.9's warning)
 
-if __package__ in (None, ""):
-    from pathlib import Path as _P
-    sys.path.insert(0, str(_P(__file__).resolve().parents[2]))
-
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import csv  # noqa: E402
