@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from megaslm.config_io import load_config
-from megaslm.memory import (GIB, chunk_activations, gpu_memory_gib, in_flight, plan, stage_parameters,
-                            warmup_microbatches)
+from megaslm.memory import GIB, chunk_activations, gpu_memory_gib, plan, stage_parameters
+from megaslm.pp_schedule import in_flight, warmup_microbatches
 from tests.distributed import run_ranks
 from tests.memory_workers import BASE, TINY
 
@@ -106,7 +106,7 @@ def test_schedule_matches_megatron(pp, vpp, M):
     """The warm-up counts and the interleaved order are megatron-core's own."""
     from megatron.core.pipeline_parallel.schedules import get_pp_rank_microbatches, get_schedule_table
 
-    from megaslm.memory import _schedule_table
+    from megaslm.pp_schedule import _schedule_table
 
     class Group:
         def __init__(self, rank):
