@@ -65,8 +65,8 @@ added as a transient, as is the loss's logits copy on the last stage (the larger
 Micro-batches in flight: PP = 1: one (the trainer runs forward and backward per micro-batch). 1F1B:
 stage i holds min(pp - i, M). Interleaved (``parallel.virtual_pipeline``): megatron-core's own order is
 replayed (``megaslm.pp_schedule``: ``_schedule_table`` = its ``get_schedule_table``; warm-up
-(pp - i - 1) * 2 + (vpp - 1) * pp model-chunk micro-batches, capped by M * vpp, then one forward and one backward at a time), which gives
-the peak and which chunks (embedding, loss) are in flight at it.
+(pp - i - 1) * 2 + (vpp - 1) * pp model-chunk micro-batches, capped by M * vpp, then one forward and one
+backward at a time), which gives the peak and which chunks (embedding, loss) are in flight at it.
 
 Measured against the real model on CPU (tests/test_memory_plan.py: bytes saved for backward by one
 micro-batch forward, every recompute mode, TP 1 and 2, sequence parallelism on and off, sdpa and
