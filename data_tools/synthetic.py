@@ -2,13 +2,14 @@
 
 EN sentences follow a sparse Markov chain over the units (each unit has 3 likely successors);
 FR sentence i is EN sentence i through a fixed unit permutation (so FR is a different sparse chain,
-and an interleaved stream rewards knowing the mapping). A small LM's loss falls well below log(C).
+and an interleaved stream rewards knowing the mapping); ``make_stories(languages=...)`` adds further aligned
+languages the same way, each through its own permutation. A small LM's loss falls well below log(C).
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 
@@ -20,17 +21,24 @@ from data_tools.streams import BuildOptions
 
 
 def make_stories(num_stories: int, codebook_size: int, seed: int = 0, min_sentences: int = 3,
-                 max_sentences: int = 8, min_len: int = 6, max_len: int = 24):
-    """Yield story dicts ``{"id", "en": [[units]...], "fr": [[units]...]}``."""
+                 max_sentences: int = 8, min_len: int = 6, max_len: int = 24,
+                 languages: Sequence[str] = ("en", "fr")):
+    """Yield story dicts ``{"id", "en": [[units]...], "fr": [[units]...]}``: one key per name of
+    ``languages`` (at least two), every one sentence-aligned with the first (the same stories as the default
+    ("en", "fr") for the first two; the others' permutations come from a generator of their own)."""
+    if len(languages) < 2 or len(set(languages)) != len(languages):
+        raise ValueError(f"make_stories: expected at least two distinct languages, got {list(languages)}")
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0xC0FFEE]))
     C = codebook_size
     succ = rng.integers(0, C, size=(C, 3))                   # EN chain: 3 successors per unit
     probs = np.array([0.6, 0.3, 0.1])
     perm = rng.permutation(C)                                  # EN unit -> FR unit
     starts = rng.integers(0, C, size=max(4, C // 8))           # sentences start from a few units
+    extra = np.random.default_rng(np.random.SeedSequence([seed, 0xC0FFEE, 1]))
+    perms = [perm] + [extra.permutation(C) for _ in languages[2:]]   # unit maps of the 2nd, 3rd, ... language
     for s in range(num_stories):
         n = int(rng.integers(min_sentences, max_sentences + 1))
-        en, fr = [], []
+        en, others = [], [[] for _ in perms]
         for _ in range(n):
             L = int(rng.integers(min_len, max_len + 1))
             choice = rng.choice(3, size=L, p=probs)
@@ -39,8 +47,9 @@ def make_stories(num_stories: int, codebook_size: int, seed: int = 0, min_senten
             for i in range(1, L):
                 u[i] = succ[u[i - 1], choice[i]]
             en.append(u.tolist())
-            fr.append(perm[u].tolist())
-        yield {"id": f"story-{s:06d}", "en": en, "fr": fr}
+            for out, pm in zip(others, perms):
+                out.append(pm[u].tolist())
+        yield {"id": f"story-{s:06d}", languages[0]: en, **dict(zip(languages[1:], others))}
 
 
 def write_demo_corpus(out_dir: str, seed: int = 0, num_stories: int = 600, codebook_size: int = 128,
