@@ -30,6 +30,7 @@ from data_tools.errors import DataError, FileError
 from data_tools.arrays import clear_caches, npy_units
 from data_tools.formats import (BINARY_CHUNK_FACTOR, BoundsCursor, InputSpec, LineText, bounds_path, check_inputs,
                                 chunk_items, covers_to_end, follows, iter_chunk_ranges, parse_item)
+from data_tools.interleave import check_held, design_of, manifest_entry
 from data_tools.streams import RANDOM_MODES, BuildOptions, Encoder, Stats, record_documents, story_rng
 
 # One process: chunks of .npy/.npz inputs hold this many times ``chunk_size`` records. Measured on the
@@ -118,12 +119,13 @@ def _record_chunk(spec: InputSpec, chunk, opts: BuildOptions, dtype) -> Dict[str
     stats, bad = Stats(), []
     docs_out = []
     unknown: Set[str] = set()
+    partial = design_of(opts) != "pair"     # --langs / --pairs: a story may hold a subset of the languages
     cursor = BoundsCursor(spec.path, opts.allow_gaps) if spec.kind == "npy" else None
     fi = chunk[0]
     for fi, line, text in chunk_items(chunk):
         try:
             rec = parse_item(spec, line, text, vocab.codebook_size, vocab.languages, opts.story_langs, opts.lang,
-                             bounds=cursor)
+                             bounds=cursor, partial=partial)
             st = Stats()
             docs = record_documents(rec, spec.source, opts, CTX["encoder"],
                                     story_rng(opts.seed, fi, line) if rec.kind == "story" else None, st)
@@ -387,6 +389,7 @@ def _finish(specs: Sequence[InputSpec], opts: BuildOptions, out: _Output, indexe
     if out.total.documents == 0:
         raise DataError("no valid records: refusing to write an empty dataset"
                         + (f" ({out.bad.count} quarantined)" if out.bad.count else ""), path=specs[0].path)
+    check_held(opts, out.total.tally)
     if out.placed and os.path.getsize(out.paths[0]) != out.placed * np.dtype(out.dtype).itemsize:
         raise DataError(f"the workers wrote {os.path.getsize(out.paths[0])} bytes, expected {out.placed} tokens",
                         path=out.paths[0])
@@ -429,7 +432,7 @@ def make_manifest(opts: BuildOptions, specs: Sequence[InputSpec], total: Stats, 
         "token_vocab_size": tok_size,
         "dtype": np.dtype(dtype).name,
         "mode": opts.mode,
-        "p": opts.p if opts.mode in RANDOM_MODES else None,
+        "p": opts.p if opts.mode in RANDOM_MODES and not opts.langs else None,   # --langs: "interleave" probs
         "seed": opts.seed,
         "story_languages": list(opts.story_langs),
         "mono_language": opts.lang if opts.mode == "mono" else None,
@@ -442,6 +445,7 @@ def make_manifest(opts: BuildOptions, specs: Sequence[InputSpec], total: Stats, 
         "sentences": total.sentences,
         "sentence_boundaries": total.boundaries,
         "language_switches": total.switches,
+        "interleave": manifest_entry(opts, total),
         "hours": {l: total.frames.get(l, 0) / fr / 3600.0 for l in vocab.languages},
         "content_hash": content_hash,
         "content_hash_algorithm": CONTENT_HASH,

@@ -30,7 +30,8 @@ def _vocab_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("vocabulary (recorded in the manifest)")
     g.add_argument("--codebook-size", type=int, default=2048,
                    help="units per source codebook: 2048 Mimi (default), 500/1000 HuBERT k-means")
-    g.add_argument("--languages", default="en,fr", help="comma-separated language names (default en,fr)")
+    g.add_argument("--languages", default=None,
+                   help="comma-separated language names (default en,fr; build: the --langs / --pairs languages)")
     g.add_argument("--lang-tags", action="store_true", help="insert a language tag before each language change")
     g.add_argument("--sentence-sep", action="store_true", help="insert a separator token between sentences")
     g.add_argument("--dedup", action="store_true", help="collapse repeated consecutive units (HuBERT practice)")
@@ -46,10 +47,20 @@ def _byte_count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a byte count like 268435456 or 256M, got {text!r}") from None
 
 
+def _languages(a) -> tuple:
+    """``--languages``, else the languages ``build --langs`` / ``--pairs`` name, else en,fr."""
+    if a.languages:
+        return tuple(a.languages.split(","))
+    from data_tools.interleave import design_languages, parse_pairs
+    langs = getattr(a, "langs", None)
+    return design_languages(langs.split(",") if langs else None, parse_pairs(getattr(a, "pairs", None))) \
+        or ("en", "fr")
+
+
 def _vocab(a):
     from megaslm.vocab import UnitVocab, VocabError
     try:
-        return UnitVocab(codebook_size=a.codebook_size, languages=tuple(a.languages.split(",")),
+        return UnitVocab(codebook_size=a.codebook_size, languages=_languages(a),
                          lang_tags=a.lang_tags, sentence_sep=a.sentence_sep, dedup=a.dedup)
     except VocabError as e:
         raise DataError(str(e)) from None
@@ -86,8 +97,18 @@ def _build_parser(sub) -> None:
     b.add_argument("--lang", default=None, help="mono: the language (taken from stories; default for utterances)")
     b.add_argument("--pair", default=None, help="the aligned language pair of stories, e.g. en,fr "
                                                 "(default: the first two --languages)")
-    b.add_argument("--p", type=float, default=0.5, help="random / story-random: probability of the pair's second language "
-                        "(per sentence / per story)")
+    b.add_argument("--p", type=float, default=None, help="random / story-random: probability of the pair's second "
+                   "language (per sentence / per story; with --pairs: of the drawn pair's second); default 0.5")
+    b.add_argument("--langs", default=None, metavar="L1,L2,...",
+                   help="random / story-random over N languages: each sentence's (story's) language drawn among "
+                        "those the story holds (stories may hold a subset), with --probs renormalised over them")
+    b.add_argument("--probs", default=None, metavar="P1,P2,...",
+                   help="--langs: one probability per language, summing to 1 (default: equal)")
+    b.add_argument("--pairs", default=None, metavar="A-B,A-C,...",
+                   help="random / story-random, pivot design: each story draws one pair whose two languages it "
+                        "holds, then interleaves that pair as --pair does (with --p)")
+    b.add_argument("--pair-weights", default=None, metavar="W1,W2,...",
+                   help="--pairs: relative weight of each pair (normalised; default: equal)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--target-length", type=int, default=2048,
                    help="split stories at sentence boundaries into documents of at most this many tokens (0: never)")
@@ -169,6 +190,16 @@ def _kv_list(items: List[str], flag: str):
     return out
 
 
+def _design(a) -> dict:
+    """``build``'s interleaving design options for BuildOptions (validated there: data_tools.interleave)."""
+    from data_tools.interleave import parse_floats, parse_pairs
+    if a.langs and a.p is not None:
+        raise DataError("--p: not used with --langs (give each language's probability with --probs)")
+    return {"story_langs": tuple(a.pair.split(",")) if a.pair else None,
+            "langs": tuple(a.langs.split(",")) if a.langs else None, "probs": parse_floats(a.probs, "--probs"),
+            "pairs": parse_pairs(a.pairs), "pair_weights": parse_floats(a.pair_weights, "--pair-weights")}
+
+
 def run(argv: Optional[List[str]] = None) -> int:
     a = make_parser().parse_args(argv)
     if getattr(a, "audio_cmd", None):
@@ -180,8 +211,8 @@ def run(argv: Optional[List[str]] = None) -> int:
         from data_tools.common import keep_freed_memory
         keep_freed_memory()     # this process is ours: no page faults on every chunk's temporaries
         vocab = apply_unit_source(a, _vocab(a))
-        opts = BuildOptions(vocab=vocab, mode=a.mode, p=a.p, seed=a.seed, target_length=a.target_length,
-                            lang=a.lang, story_langs=tuple(a.pair.split(",")) if a.pair else None,
+        opts = BuildOptions(vocab=vocab, mode=a.mode, p=0.5 if a.p is None else a.p, seed=a.seed,
+                            target_length=a.target_length, lang=a.lang, **_design(a),
                             add_bos=a.bos, source_type=a.source_type, frame_rate=a.frame_rate,
                             bpe_model=a.bpe_model, skip_bad=a.skip_bad, allow_gaps=a.allow_gaps, workers=a.workers,
                             chunk_size=a.chunk_size, progress=not a.quiet,

@@ -421,11 +421,14 @@ def _check_lang(lang, languages, path, line, field="lang") -> str:
 
 
 def parse_item(spec: InputSpec, line: int, text: Optional[str], codebook_size: int,
-               languages: Sequence[str], story_langs: Sequence[str], default_lang: str, bounds=None) -> Record:
+               languages: Sequence[str], story_langs: Sequence[str], default_lang: str, bounds=None,
+               partial: bool = False) -> Record:
     """One item -> a validated Record, or DataError naming file, line and field. ``bounds`` (a
-    ``BoundsCursor``, .npy inputs): checks that the record's range follows the previous one's."""
+    ``BoundsCursor``, .npy inputs): checks that the record's range follows the previous one's. ``partial``: a
+    story may hold any non-empty subset of ``story_langs`` (``--langs`` / ``--pairs``), not all of them."""
     try:
-        return _parse_item(spec, line, text, codebook_size, languages, story_langs, default_lang, bounds)
+        return _parse_item(spec, line, text, codebook_size, languages, story_langs, default_lang, bounds,
+                           partial=partial)
     except _BeyondInt64 as e:
         # orjson made an integer of more than 64 bits a float: the exact integers decide the message
         import json
@@ -433,11 +436,12 @@ def parse_item(spec: InputSpec, line: int, text: Optional[str], codebook_size: i
             obj = json.loads(text)
         except ValueError:
             raise DataError(e.reason, path=e.path, line=e.line, field=e.field) from None
-        return _parse_item(spec, line, text, codebook_size, languages, story_langs, default_lang, bounds, obj=obj)
+        return _parse_item(spec, line, text, codebook_size, languages, story_langs, default_lang, bounds, obj=obj,
+                           partial=partial)
 
 
 def _parse_item(spec: InputSpec, line: int, text: Optional[str], codebook_size: int, languages: Sequence[str],
-                story_langs: Sequence[str], default_lang: str, bounds=None, obj=None) -> Record:
+                story_langs: Sequence[str], default_lang: str, bounds=None, obj=None, partial: bool = False) -> Record:
     if spec.kind == "npz":
         d = load_npz(spec.path)
         a, b = int(d["offsets"][line - 1]), int(d["offsets"][line])
@@ -493,10 +497,22 @@ def _parse_item(spec: InputSpec, line: int, text: Optional[str], codebook_size: 
         return Record("utt", str(rid), lang=lang, units=units, frames=frames,
                       unknown=frozenset(obj.keys() - UTT_FIELDS))
 
-    # a story
+    return _parse_story(obj, path, line, codebook_size, languages, story_langs, partial)
+
+
+def _parse_story(obj, path: str, line: int, codebook_size: int, languages: Sequence[str],
+                 story_langs: Sequence[str], partial: bool) -> Record:
+    """A sentence-aligned story: every language it holds (all of ``story_langs``, or with ``partial`` a
+    non-empty subset) with the same number of sentences."""
     if "id" not in obj:
         raise DataError("missing (a story needs an id; an utterance needs 'units')", path=path, line=line,
                         field="id")
+    if partial:
+        held = [l for l in story_langs if l in obj]
+        if not held:
+            raise DataError(f"a story holding none of the languages {list(story_langs)} of --langs / --pairs; "
+                            f"expected at least one", path=path, line=line)
+        story_langs = held
     sentences: Dict[str, List[np.ndarray]] = {}
     for lang in story_langs:
         if lang not in obj:

@@ -18,9 +18,10 @@ from megaslm.vocab import FRAME_RATES, LANG_NONE, UnitVocab
 from data_tools.common import dedup_units
 from data_tools.errors import DataError
 from data_tools.formats import MAX_LINE_BYTES, Record
+from data_tools.interleave import Tally, check_design, story_languages
 
 MODES = ("mono", "random", "story-random", "alternate")
-RANDOM_MODES = ("random", "story-random")   # modes that use --p
+RANDOM_MODES = ("random", "story-random")   # modes that use --p (and --langs / --pairs: data_tools.interleave)
 
 
 @dataclasses.dataclass
@@ -31,7 +32,12 @@ class BuildOptions:
     seed: int = 0
     target_length: int = 2048          # max tokens per story document (0 = never split)
     lang: Optional[str] = None         # mono: language taken from stories; default for utterances
-    story_langs: Optional[Tuple[str, str]] = None   # the aligned pair (default: vocab.languages[:2])
+    story_langs: Optional[Tuple[str, ...]] = None   # the aligned pair (default: vocab.languages[:2]); with
+    #                                                   langs / pairs: set to the design's languages
+    langs: Optional[Tuple[str, ...]] = None         # --langs: per-sentence / per-story draws among N languages
+    probs: Optional[Tuple[float, ...]] = None       # --probs: one per langs (default equal), summing to 1
+    pairs: Optional[Tuple[Tuple[str, str], ...]] = None   # --pairs: one pair drawn per story (pivot design)
+    pair_weights: Optional[Tuple[float, ...]] = None      # --pair-weights: one per pair (default equal)
     add_bos: bool = False
     source_type: str = "mimi"          # a key of megaslm.vocab.FRAME_RATES (hours accounting)
     frame_rate: Optional[float] = None
@@ -48,6 +54,7 @@ class BuildOptions:
             raise DataError(f"--mode: expected one of {MODES}, got {self.mode!r}")
         if not 0.0 <= float(self.p) <= 1.0:
             raise DataError(f"--p: expected a probability in [0, 1], got {self.p}")
+        check_design(self)              # --langs / --pairs: sets story_langs
         if self.story_langs is None:
             if len(self.vocab.languages) < 2 and self.mode != "mono":
                 raise DataError("interleaving needs two languages in the vocabulary")
@@ -105,6 +112,7 @@ class Stats:
     frames: Dict[str, int] = dataclasses.field(default_factory=dict)
     units_in: int = 0                   # units before dedup / BPE
     bad: int = 0
+    tally: Tally = dataclasses.field(default_factory=Tally)   # stories: what the interleaving draws realised
 
     def add(self, other: "Stats") -> None:
         for f in ("tokens", "documents", "sentences", "switches", "boundaries", "units_in", "bad"):
@@ -113,6 +121,7 @@ class Stats:
             d = getattr(self, f)
             for k, v in getattr(other, f).items():
                 d[k] = d.get(k, 0) + v
+        self.tally.add(other.tally)
 
 
 def story_rng(seed: int, input_index: int, line: int) -> np.random.Generator:
@@ -120,17 +129,35 @@ def story_rng(seed: int, input_index: int, line: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed), int(input_index), int(line)]))
 
 
-def choose_languages(n: int, opts: BuildOptions, rng: np.random.Generator) -> List[str]:
+def choose_languages(n: int, opts: BuildOptions, rng: np.random.Generator, held: List[str],
+                     tally: Tally) -> List[str]:
+    """The language of each of a story's ``n`` sentences; ``held``: the story's languages (in ``story_langs``
+    order). Random modes: ``data_tools.interleave`` (story-random: one draw per story, from the same per-story
+    generator)."""
     a, b = opts.story_langs[0], opts.story_langs[-1]
     if opts.mode == "mono":
         return [opts.lang] * n
-    if opts.mode == "random":
-        pick = rng.random(n) < opts.p
-        return [b if x else a for x in pick]
-    if opts.mode == "story-random":      # one draw per story, from the same per-story generator
-        return [b if rng.random() < opts.p else a] * n
+    if opts.mode in RANDOM_MODES:
+        return story_languages(held, n, opts, rng, tally)
     start = int(rng.integers(2))
     return [(a, b)[(start + i) % 2] for i in range(n)]
+
+
+def _story_sentences(rec: Record, opts: BuildOptions, enc: "Encoder", rng: np.random.Generator, stats: Stats):
+    """A story's sentences in the languages drawn for them: [(language, token ids, units in, frames)]."""
+    held = list(rec.sentences)
+    n = len(rec.sentences[held[0]])
+    langs = choose_languages(n, opts, rng, held, stats.tally)
+    sents = []
+    for i, l in enumerate(langs):
+        u = rec.sentences[l][i]
+        sents.append((l, enc(u), int(u.size), int(u.size)))
+    for l in held:
+        stats.tally.count("stories_holding", l)
+    for l, ids, _, _ in sents:
+        stats.tally.count("sentences_per_language", l)
+        stats.tally.count("tokens_per_language", l, int(ids.size))
+    return sents
 
 
 Document = Tuple[np.ndarray, np.ndarray]   # (token ids, language ids)
@@ -144,12 +171,7 @@ def record_documents(rec: Record, source: str, opts: BuildOptions, enc: Encoder,
         # utterance files with parallel stories (issue 13 item 7)
         sents = [(rec.lang, enc(rec.units), int(rec.units.size), rec.frames)]
     else:
-        n = len(rec.sentences[opts.story_langs[0]])
-        langs = choose_languages(n, opts, rng)
-        sents = []
-        for i, l in enumerate(langs):
-            u = rec.sentences[l][i]
-            sents.append((l, enc(u), int(u.size), int(u.size)))
+        sents = _story_sentences(rec, opts, enc, rng, stats)
 
     docs: List[Document] = []
     parts: List[Tuple[np.ndarray, int]] = []   # (ids, lang id)
@@ -181,7 +203,10 @@ def record_documents(rec: Record, source: str, opts: BuildOptions, enc: Encoder,
             parts.append((np.array([vocab.sep_id]), LANG_NONE))
         if state["n"]:
             stats.boundaries += 1
-            stats.switches += int(lang != state["prev"])
+            if lang != state["prev"]:
+                stats.switches += 1
+                a, b = sorted((lang, state["prev"]), key=vocab.languages.index)
+                stats.tally.count("switches_per_pair", f"{a}-{b}")
         if vocab.lang_tags and lang != state["prev"]:
             parts.append((np.array([vocab.lang_tag_id(lang)]), LANG_NONE))
         parts.append((ids, vocab.lang_id(lang)))
