@@ -146,6 +146,9 @@ def choose_languages(n: int, opts: BuildOptions, rng: np.random.Generator, held:
 def _story_sentences(rec: Record, opts: BuildOptions, enc: "Encoder", rng: np.random.Generator, stats: Stats):
     """A story's sentences in the languages drawn for them: [(language, token ids, units in, frames)]."""
     held = list(rec.sentences)
+    if opts.mode == "mono" and opts.lang not in held:     # was a KeyError (a traceback)
+        raise DataError(f"--mode mono --lang {opts.lang}: stories are read in the languages {held} (--pair); "
+                        f"expected --pair naming {opts.lang!r}")
     n = len(rec.sentences[held[0]])
     langs = choose_languages(n, opts, rng, held, stats.tally)
     sents = []

@@ -186,6 +186,8 @@ BAD = {
                             ["--langs", "no story", "'de'"]),
     "pair_unknown_language": (None, ["--languages", "en,fr,de", "--pairs", "en-fr,en-xx"],
                               ["--pairs", "en-xx", "unknown language 'xx'"]),
+    "mono_lang_outside_pair": (None, ["--languages", "en,fr,de", "--mode", "mono", "--lang", "de"],
+                               ["in.jsonl:1:", "--lang de", "--pair"]),
 }
 
 
