@@ -40,7 +40,7 @@ import torch
 
 from megaslm import sharding
 from megaslm.deps import kernels_name_clash
-from megaslm.fsutil import atomic_path, atomic_write_json
+from megaslm.fsutil import atomic_path, atomic_write_text
 from megaslm.interop.errors import InteropError
 from megaslm.sharding import EMB, OUT
 
@@ -457,15 +457,20 @@ def hf_config_from_run(cfg, arch: str, dtype: torch.dtype = torch.float32) -> Di
 
 
 def save_hf(full: Dict[str, torch.Tensor], cfg, out_dir: str, arch: Optional[str] = None,
-            dtype: Optional[torch.dtype] = None) -> str:
-    """Write an HF directory (model.safetensors + config.json + generation_config.json)."""
+            dtype: Optional[torch.dtype] = None, facts: Optional[Dict[str, Any]] = None) -> str:
+    """Write an HF directory: model.safetensors, config.json, generation_config.json, the unit tokenizer
+    (hf_extras) and README.md, the model card (hf_card; ``facts`` from ``hf_card.run_facts``, else every
+    run fact is stated unknown). Each file is written atomically."""
     clash = kernels_name_clash()
     if clash:   # transformers' own import would fail naming neither package (megaslm/deps.py)
         raise InteropError(clash)
     import transformers   # imported here, not at module load: it costs seconds and only export needs it
     from safetensors.torch import save_file
 
+    from megaslm.interop import hf_card, hf_extras
+
     arch = export_architecture(cfg, arch)
+    facts = facts if facts is not None else hf_card.run_facts(None, {}, cfg)
     sd = hf_state_dict_from_canonical(full, cfg)
     dtype = dtype or next(iter(sd.values())).dtype
     sd = {k: v.to(dtype).contiguous() for k, v in sd.items()}
@@ -475,18 +480,28 @@ def save_hf(full: Dict[str, torch.Tensor], cfg, out_dir: str, arch: Optional[str
     conf = hf_config_from_run(cfg, arch, dtype)
     # the installed transformers writes config.json in its own format (e.g. rope_parameters in v5)
     cls = getattr(transformers, {"llama": "LlamaConfig", "qwen2": "Qwen2Config"}[conf["model_type"]])
-    cls(**{k: v for k, v in conf.items() if k not in ("model_type", "torch_dtype")}).save_pretrained(out_dir)
-    gen = {"bos_token_id": conf["bos_token_id"], "eos_token_id": conf["eos_token_id"],
-           "pad_token_id": conf["pad_token_id"]}
-    atomic_write_json(os.path.join(out_dir, "generation_config.json"), gen, indent=2)
+    with hf_extras.staged(out_dir) as tmp:
+        cls(**{k: v for k, v in conf.items() if k not in ("model_type", "torch_dtype")}).save_pretrained(tmp)
+        hf_extras.commit_staged(tmp, out_dir)
+    padded, max_len = cfg.padded_vocab_size(), conf["max_position_embeddings"]
+    hf_extras.save_generation_config(cfg.vocab, padded, out_dir)
+    if facts.get("bpe"):   # BPE piece ids have no one-unit spelling: the card says so instead
+        hf_extras.remove_tokenizer(out_dir)
+    else:
+        hf_extras.save_tokenizer(cfg.vocab, padded, max_len, out_dir)
+    card = hf_card.model_card(cfg, arch, str(dtype).replace("torch.", ""), facts)
+    atomic_write_text(os.path.join(out_dir, "README.md"), card)
     return out_dir
 
 
 def export_hf(checkpoint: str, out_dir: str, arch: Optional[str] = None,
               dtype: Optional[torch.dtype] = None, config=None) -> str:
     """Checkpoint (any layout, read by ``megaslm.checkpoint.reader``) -> HF directory loadable by
-    AutoModelForCausalLM.from_pretrained offline."""
+    AutoModelForCausalLM / AutoTokenizer.from_pretrained offline, with a model card from the run's records."""
+    from megaslm.checkpoint.layout import resolve_tag_dir
     from megaslm.checkpoint.reader import read_checkpoint
+    from megaslm.interop.hf_card import run_facts
 
-    cfg, full, _ = read_checkpoint(checkpoint, config)
-    return save_hf(full, cfg, out_dir, arch=arch, dtype=dtype)
+    cfg, full, meta = read_checkpoint(checkpoint, config)
+    facts = run_facts(resolve_tag_dir(checkpoint), meta, cfg)
+    return save_hf(full, cfg, out_dir, arch=arch, dtype=dtype, facts=facts)
