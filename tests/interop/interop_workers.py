@@ -192,3 +192,23 @@ def import_then_resume(overrides: Sequence[str], hf_dir: str, work: str) -> Dict
     ps.destroy_model_parallel()
     parallel.destroy()
     return _plain(res)
+
+
+def import_and_sample(overrides: Sequence[str], work: str, prompt: List[int], max_new: int) -> Dict:
+    """import-hf -> a step-0 checkpoint in ``work`` (no training), then the units launchers/sample.py's
+    library function continues ``prompt`` with, greedily."""
+    from megatron.core import parallel_state as ps
+
+    from megaslm import parallel
+    from megaslm.config_io import load_config
+    from megaslm.interop.reshard import import_hf
+    from evals.engine import load_checkpoint_model
+    from evals.generate import sample
+
+    _quiet()
+    ckpt = import_hf(load_config(None, list(overrides) + ["data.demo=true", f"output_dir={work}"]), work)
+    cfg, chunks = load_checkpoint_model(ckpt)
+    units = sample(chunks, cfg, prompt, max_new_units=max_new, temperature=0.0)
+    ps.destroy_model_parallel()
+    parallel.destroy()
+    return {"checkpoint": ckpt, "units": units}
