@@ -61,13 +61,13 @@ def eval_results(run_dir: str, step: Optional[int]) -> List[Dict[str, Any]]:
         except (OSError, ValueError, AttributeError):
             recs = []
         found += [dict(r, source=rj) for r in recs if isinstance(r, dict) and r.get("step") == step]
-    for name in ("evals/results.jsonl", "metrics.jsonl"):
-        path = os.path.join(run_dir, name)
-        if os.path.isfile(path):
-            for r in _read_jsonl(path):
-                if r.get("step") == step and (name != "metrics.jsonl" or "valid_loss" in r):
-                    found.append(dict(r, source=path) if name != "metrics.jsonl" else
-                                 {"step": step, "valid_loss": r["valid_loss"], "source": path})
+    path = os.path.join(run_dir, "evals", "results.jsonl")      # evaluation during training (evals/hooks.py)
+    if os.path.isfile(path):
+        found += [dict(r, source=path) for r in _read_jsonl(path) if r.get("step") == step]
+    path = os.path.join(run_dir, "metrics.jsonl")                # the held-out loss (eval.valid)
+    if os.path.isfile(path):
+        found += [{"step": step, "valid_loss": r["valid_loss"], "source": path} for r in _read_jsonl(path)
+                  if r.get("step") == step and "valid_loss" in r]
     return found
 
 
@@ -90,8 +90,9 @@ def run_facts(tag_dir: Optional[str], meta: Dict[str, Any], cfg) -> Dict[str, An
         data = [{"path": src.path, "weight": src.weight, "manifest": _manifest(src.path),
                  "tokens": (source_tokens.get(st.name) or {}).get(src.path, 0 if step == 0 else None)}
                 for src in st.data]
+        planned = budgets.get(st.name, st.train_tokens or steps * cfg.tokens_per_step)   # data.stage_plans' rule
         stages.append({"name": st.name, "train_steps": st.train_steps, "train_tokens": st.train_tokens,
-                       "budget": budgets.get(st.name, st.train_tokens or steps * cfg.tokens_per_step), "tokens": trained, "data": data})
+                       "budget": planned, "tokens": trained, "data": data})
     bpe = [d["manifest"]["bpe"] for s in stages for d in s["data"] if d["manifest"].get("bpe")]
     return {"tag_dir": tag_dir, "run_dir": run_dir, "step": step, "tokens_seen": meta.get("tokens_seen"),
             "config_digest": meta.get("config_digest"), "stages": stages, "bpe": bpe[0] if bpe else None,
@@ -150,7 +151,8 @@ def architecture_section(cfg, arch: str, dtype: str) -> List[str]:
     rope = f"theta {m.rotary_base}" + (f", Llama-3 scaling x{m.rope_scaling_factor}" if m.rope_scaling else "")
     rows = [("architecture", arch), ("parameters", f"{cfg.num_parameters():,}"), ("layers", m.num_layers),
             ("hidden size", m.hidden_size), ("FFN size (SwiGLU)", m.ffn_hidden_size),
-            ("attention heads / KV heads / head dim", f"{m.num_attention_heads} / {m.num_query_groups} / {cfg.head_dim}"),
+            ("attention heads / KV heads / head dim",
+             f"{m.num_attention_heads} / {m.num_query_groups} / {cfg.head_dim}"),
             ("RoPE", rope), ("RMSNorm epsilon", m.norm_epsilon), ("QKV bias", m.add_qkv_bias),
             ("tied embeddings", m.tie_embeddings), ("training context", m.seq_length),
             ("max positions", m.max_position_embeddings or m.seq_length), ("weights dtype", dtype)]

@@ -96,6 +96,10 @@ def _run_dir(tmp_path, with_records: bool):
     json.dump({"checkpoints": [{"step": 3, "scoring": "mean", "tasks": {"sSC-EN": {"accuracy": 0.625}},
                                 "alignment": {}}, {"step": 1, "tasks": {"sSC-EN": {"accuracy": 0.1}}}]},
               open(tmp_path / "run" / "evals" / "results.json", "w"))
+    (tmp_path / "run" / "evals" / "results.jsonl").write_text(   # evaluation during training
+        json.dumps({"step": 3, "scoring": "mean", "tasks": {"sWUGGY": {"accuracy": 0.75}}, "alignment": {}}) + "\n")
+    (tmp_path / "run" / "metrics.jsonl").write_text(
+        json.dumps({"step": 2, "loss": 3.0}) + "\n" + json.dumps({"step": 3, "loss": 2.5, "valid_loss": 2.25}) + "\n")
     return cfg, str(tag)
 
 
@@ -106,7 +110,7 @@ def test_card_states_records_and_unknowns(tmp_path):
     card = hf_card.model_card(cfg, "LlamaForCausalLM", "float32", hf_card.run_facts(tag, meta, cfg))
     for want in ("| codebook size | 2048 |", "| unit tokeniser | mimi |", "| tokeniser checkpoint hash | 1a2b3c4d |",
                  "12.5 units/s (recorded by the tokeniser)", "| pretrain | 4,096 |", "9,000 tokens in the dataset",
-                 "sSC-EN 62.50%", "offset 3"):
+                 "sSC-EN 62.50%", "sWUGGY 75.00%", "valid_loss) 2.2500", "offset 3"):
         assert want in card, want
     assert "10.00%" not in card                               # another checkpoint's results are not this one's
     man_path = cfg.schedule.stages[0].data[0].path + ".manifest.json"
@@ -116,7 +120,8 @@ def test_card_states_records_and_unknowns(tmp_path):
     assert "No tokenizer is exported" in card and "BPE pieces (4000)" in card
     cfg, tag = _run_dir(tmp_path / "b", with_records=False)
     card = hf_card.model_card(cfg, "LlamaForCausalLM", "float32", hf_card.run_facts(tag, {"step": 3}, cfg))
-    assert "| pretrain | unknown |" in card and "manifest: unknown" in card and "Results for this checkpoint: unknown" in card
+    for want in ("| pretrain | unknown |", "manifest: unknown", "Results for this checkpoint: unknown"):
+        assert want in card, want
 
 
 def test_interrupted_export_leaves_no_partial_file(exported, tmp_path, monkeypatch):
