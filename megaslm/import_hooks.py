@@ -1,0 +1,91 @@
+"""megatron-core's ``jit_fuser`` without its import-time cost (standard library only until megatron-core loads).
+
+``megatron/core/jit.py`` binds ``jit_fuser = torch.compile`` and the fusion modules that ``import megatron.core``
+loads decorate a dozen functions with it. ``torch.compile(fn)`` compiles nothing until ``fn`` is first called,
+but merely calling it imports torch._dynamo and torch._inductor: measured on the 2-core CI machine, importing
+megatron-core and deepspeed with megaslm's trainer took 7.5-8.6 CPU-seconds, 4.1-4.2 with the decorator deferred.
+Every rank of every launch pays it (a CPU test run launches hundreds of ranks), and so does every
+``launchers/eval.py`` call, for functions the local layer spec never calls on CPU.
+
+:func:`install` (called by ``megaslm/__init__.py``) adds a ``sys.meta_path`` finder that, while the
+``megatron.core`` package itself executes, replaces ``torch.compile`` by :func:`deferred_compile` and restores it
+when the package is loaded. So ``jit_fuser`` becomes a decorator that calls the real ``torch.compile`` with the
+same arguments on the function's first call: what compiles, when, and with which options is unchanged; only the
+imports move to where they are needed. Nothing else is touched: ``torch.compile`` is the real one before and
+after (tests/test_import_hooks.py), and a megatron-core already imported (before megaslm) is left as it is.
+megatron-core offers ``disable_jit_fuser()``, but it can only be called after ``megatron.core`` has been
+imported, when the decorators have already run.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.abc
+import importlib.machinery
+import inspect
+import sys
+
+PACKAGE = "megatron.core"
+
+
+def deferred_compile(real):
+    """``torch.compile`` with the same signature whose decorated functions call ``real(fn, **options)`` on their
+    first call (and the compiled function from then on). Modules and other callables go to ``real`` at once."""
+
+    def compile_(model=None, **options):
+        if model is None:                       # used as @torch.compile(mode=...)
+            return lambda fn: compile_(fn, **options)
+        if not inspect.isfunction(model):
+            return real(model, **options)
+        compiled = []
+
+        @functools.wraps(model)
+        def first_call_compiles(*args, **kwargs):
+            if not compiled:
+                compiled.append(real(model, **options))
+            return compiled[0](*args, **kwargs)
+
+        first_call_compiles.__megaslm_deferred_compile__ = options
+        return first_call_compiles
+
+    return compile_
+
+
+class _Loader(importlib.abc.Loader):
+    """Wraps megatron.core's own loader: its ``exec_module`` runs with ``torch.compile`` deferred."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):   # get_data, is_package, get_resource_reader, ...: the real loader's
+        return getattr(self.inner, name)
+
+    def create_module(self, spec):
+        return self.inner.create_module(spec)
+
+    def exec_module(self, module):
+        import torch
+
+        real = torch.compile
+        torch.compile = deferred_compile(real)
+        try:
+            self.inner.exec_module(module)
+        finally:
+            torch.compile = real
+
+
+class _Finder(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path, target=None):
+        if fullname != PACKAGE:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        spec.loader = _Loader(spec.loader)
+        return spec
+
+
+def install() -> None:
+    """Once per process, and only while megatron-core is not imported yet."""
+    if PACKAGE in sys.modules or any(isinstance(f, _Finder) for f in sys.meta_path):
+        return
+    sys.meta_path.insert(0, _Finder())
