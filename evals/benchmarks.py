@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import itertools
 import json
 import os
 from typing import Dict, List, Sequence, Tuple
@@ -68,6 +69,14 @@ def task_key(benchmark: str, languages: Sequence[str]) -> str:
     if len(langs) == 2 and langs[0] == langs[1]:
         return f"{benchmark}-{langs[0]}"
     return f"{benchmark} {langs[0]}→{langs[1]}"
+
+
+def pair_tasks(languages: Sequence[str]) -> Tuple[List[str], List[str]]:
+    """(monolingual, cross-lingual) sSC / sTC task keys of every ordered pair of ``languages`` (the sets of an
+    N-language ``data_tools world``), in the paper's column order: for en, fr exactly MONOLINGUAL, CROSSLINGUAL."""
+    mono = [task_key(k, [l, l]) for k in ("sSC", "sTC") for l in languages]
+    cross = [task_key(k, [a, b]) for k in ("sSC", "sTC") for a, b in itertools.permutations(languages, 2)]
+    return mono, cross
 
 
 @dataclasses.dataclass
