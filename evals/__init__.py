@@ -9,6 +9,6 @@ alignment   per-layer cosine / top-1 retrieval of mean-pooled hidden states of p
 generate    sampling (temperature, top-k, top-p, seed) through the sharded model
 runner      evaluate(chunks, ...), evaluate_checkpoint, evaluate_path (launchers/eval.py)
 hooks       evaluate_chunks(chunks, cfg, step) for periodic evaluation during training
-report      results.json, results.md (the paper's table layout), plots/*.png
+report      results.json, results.md (the paper's table layout), evals.png
 synthetic   a tiny benchmark folder from a stories JSONL (tests, README example)
 """

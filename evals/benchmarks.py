@@ -44,6 +44,12 @@ CROSSLINGUAL = ["sSC EN→FR", "sSC FR→EN", "sTC EN→FR", "sTC FR→EN"]
 SYNTAX_LEXICON = ["sBLIMP", "sWUGGY"]
 
 
+def chance_percent(task_result: Dict) -> float:
+    """A scored task's chance level in %: its recorded ``chance`` (mean of 1/candidates over the items);
+    results written before that field existed are taken as pairs (the paper's benchmarks), 50 %."""
+    return 100.0 * task_result.get("chance", 0.5)
+
+
 @dataclasses.dataclass
 class Item:
     id: str

@@ -89,10 +89,11 @@ def evaluate_path(path: str, bench_paths: Sequence[str], overrides: Sequence[str
                   out_dir: Optional[str] = None, log=print, checked=None) -> List[Dict]:
     """Every checkpoint of ``path`` (one checkpoint, a run directory or its checkpoints/ folder), in step order.
 
-    Writes results.json, results.md and plots/*.png to ``out_dir`` (rank 0). ``checked``: ``evals.preflight.
+    Writes results.json, results.md and evals.png (with the run's evaluations during training) to ``out_dir``
+    (rank 0). ``checked``: ``evals.preflight.
     preflight(path, bench_paths, overrides)`` already run (by the launcher, before torch was imported).
     """
-    from evals.report import write_reports
+    from evals.report import read_training_results, training_results_path, write_reports
 
     # every checkpoint's eval config and benchmarks checked before the first model is built
     checked = checked if checked is not None else preflight(path, bench_paths, overrides)
@@ -104,6 +105,7 @@ def evaluate_path(path: str, bench_paths: Sequence[str], overrides: Sequence[str
                 + "".join(f", {k} cos {v['cosine']:.3f}" for k, v in r["alignment"].items()))
         results.append({k: v for k, v in r.items() if k != "per_item"})
     if out_dir and _is_writer():
-        write_reports(results, out_dir)
+        training = read_training_results(training_results_path(checked[0][0])) if checked else []
+        write_reports(results, out_dir, training)
     parallel.destroy()
     return results

@@ -86,10 +86,13 @@ def score_items(chunks: List[torch.nn.Module], cfg: RunConfig, items: Sequence[I
 
 
 def accuracies(per_item: Sequence[Dict]) -> Dict[str, Dict]:
-    """Per task: accuracy (mean credit, in [0, 1]) and item count."""
+    """Per task: accuracy (mean credit, in [0, 1]), item count and chance (the expected accuracy of a random
+    pick: the mean of 1/candidates over the items; 0.5 for pairs)."""
     out: Dict[str, Dict] = {}
     for rec in per_item:
-        t = out.setdefault(rec["task"], {"credit": 0.0, "items": 0})
+        t = out.setdefault(rec["task"], {"credit": 0.0, "items": 0, "chance": 0.0})
         t["credit"] += rec["credit"]
         t["items"] += 1
-    return {k: {"accuracy": v["credit"] / v["items"], "items": v["items"]} for k, v in out.items()}
+        t["chance"] += 1.0 / len(rec["scores"])
+    return {k: {"accuracy": v["credit"] / v["items"], "items": v["items"], "chance": v["chance"] / v["items"]}
+            for k, v in out.items()}

@@ -101,7 +101,7 @@ def test_launcher_end_to_end(trained):
     assert res[-1]["tasks"]["sSC-EN"]["items"] == 10
     md = open(os.path.join(out, "results.md")).read()
     assert "| checkpoint | sSC-EN | sSC-FR | sTC-EN | sTC-FR | sSC EN→FR |" in md and "step00000040" in md
-    assert os.path.exists(os.path.join(out, "plots", "sSC_EN.png"))
+    assert os.path.exists(os.path.join(out, "evals.png"))
     assert os.path.exists(os.path.join(out, "step00000040.items.jsonl"))
     # a benchmark made for another vocabulary: one line, exit 2
     from megaslm.vocab import UnitVocab
