@@ -33,6 +33,9 @@ setup(
         "orjson>=3.9",
         # the manifest content hash (XXH3-128: megaslm/vocab.py says why not SHA-256)
         "xxhash>=3.0",
+        # Hugging Face dataset inputs of `data_tools build` (parquet, Arrow IPC, save_to_disk folders:
+        # data_tools/arrow_inputs.py); >=16: the first built against NumPy 2, which numpy<2.5 above admits
+        "pyarrow>=16",
         # audio -> units: Mimi / HuBERT through transformers, audio I/O, k-means codebooks
         # <5.25: transformers 5.25 requires Hugging Face's hub-kernels distribution, whose top-level package
         # `kernels` collides with ours (megaslm/deps.py says why, and stops with one line if it is installed)

@@ -23,7 +23,7 @@ import numpy as np
 
 from megaslm.vocab import CONTENT_HASH, LANG_SUFFIX, MANIFEST_VERSION, content_hasher, lang_prefix
 
-from data_tools import fast
+from data_tools import arrow_inputs, fast
 from data_tools.common import commit_dataset, staging_dir, token_dtype, write_index_blocks, writing
 from data_tools.engine import CTX, Lengths, Quarantine, Writer, hash_file, run_chunks
 from data_tools.errors import DataError, FileError
@@ -56,6 +56,8 @@ def _fast_chunk(spec: InputSpec, chunk, opts: BuildOptions, dtype):
             return fast.npz_chunk(spec.path, first, payload, spec.source, opts, dtype)
         if spec.kind == "npy":
             return fast.npy_chunk(spec.path, payload, spec.source, opts, dtype)
+        if spec.kind == "table":
+            return fast.arrow_chunk(spec, first, payload, opts, dtype)
         return fast.jsonl_chunk(payload, spec.source, opts, dtype)
     except (DataError, ValueError, TypeError, KeyError, IndexError):
         return None             # e.g. an unreadable .npy: the record path reports it where it belongs
@@ -237,7 +239,7 @@ def uses_processes(specs: Sequence[InputSpec], opts: BuildOptions) -> bool:
     processes were slower than one process on these inputs (0.72-0.78x). Any line input (JSONL utterances
     or stories) or a BPE model means processes: those are parsed with Python-level steps per line or
     record, which hold the GIL (2 threads measured 1.0x on the benchmark's JSONL)."""
-    return opts.workers > 1 and (bool(opts.bpe_model) or any(s.kind not in ("npy", "npz") for s in specs))
+    return opts.workers > 1 and (bool(opts.bpe_model) or any(s.kind not in ("npy", "npz", "table") for s in specs))
 
 
 
@@ -332,6 +334,7 @@ def build_dataset(inputs: Sequence[Union[str, InputSpec]], output_prefix: str,
         return manifest
     finally:
         clear_caches()
+        arrow_inputs.clear_cache()
         if out is not None:
             out.lengths.close()
         shutil.rmtree(tmpdir, ignore_errors=True)

@@ -83,11 +83,13 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def _build_parser(sub) -> None:
-    b = sub.add_parser("build", help="inputs (JSONL utterances/stories, .npy/.npz) -> .bin/.idx dataset",
+    b = sub.add_parser("build", help="inputs (JSONL utterances/stories, .npy/.npz, parquet/Arrow/HF save_to_disk) -> "
+                                     ".bin/.idx dataset",
                        description="Build <output>.bin/.idx, <output>.lang.bin/.idx and <output>.manifest.json.")
     b.add_argument("--input", "-i", action="append", required=True, metavar="[NAME=]PATH",
                    help="input file (repeatable): .jsonl (utterances with units, slamkit audio_repr lines, or stories), "
-                        ".npy (+ .bounds.jsonl) or .npz; "
+                        ".npy (+ .bounds.jsonl), .npz, or Hugging Face datasets: .parquet, .arrow (IPC stream or "
+                        "file), a save_to_disk folder (one utterance per row); "
                         "NAME is the source name for per-source counts (default: file stem)")
     b.add_argument("--output", "-o", required=True, metavar="PREFIX", help="output prefix")
     b.add_argument("--mode", choices=["mono", "random", "story-random", "alternate"], default="mono",
@@ -130,7 +132,28 @@ def _build_parser(sub) -> None:
                         "array from 0 to its end, each starting where the previous one ends; overlaps are "
                         "always refused)")
     b.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    _table_args(b)
     _vocab_args(b)
+
+
+def _table_args(b) -> None:
+    from data_tools.arrow_inputs import UNIT_COLUMNS
+    g = b.add_argument_group("parquet / Arrow / save_to_disk inputs (data_tools/arrow_inputs.py)")
+    g.add_argument("--unit-column", default=None, metavar="NAME", help="list of integer units, or a string of "
+                   f"<UnN> tokens (default: the first of {', '.join(UNIT_COLUMNS)})")
+    g.add_argument("--id-column", default=None, metavar="NAME", help="default: file_name or id, if present")
+    g.add_argument("--lang-column", default=None, metavar="NAME", help="default: lang, if present (null: --lang)")
+    g.add_argument("--duration-column", default=None, metavar="NAME",
+                   help="frames per unit, for hours (default: duration, if present)")
+    g.add_argument("--split", default=None, help="the split of a DatasetDict folder (default: train, or its only one)")
+
+
+def _input_specs(a) -> list:
+    from data_tools.arrow_inputs import TableOptions
+    from data_tools.formats import InputSpec
+    table = TableOptions(unit=a.unit_column, id=a.id_column, lang=a.lang_column, duration=a.duration_column,
+                         split=a.split)
+    return [InputSpec.parse(s, table=table) for s in a.input]
 
 
 def _bpe_parsers(sub) -> None:
@@ -217,7 +240,7 @@ def run(argv: Optional[List[str]] = None) -> int:
                             bpe_model=a.bpe_model, skip_bad=a.skip_bad, allow_gaps=a.allow_gaps, workers=a.workers,
                             chunk_size=a.chunk_size, progress=not a.quiet,
                             **({"max_line_bytes": a.max_line_bytes} if a.max_line_bytes is not None else {}))
-        m = build_dataset(a.input, a.output, opts)
+        m = build_dataset(_input_specs(a), a.output, opts)
         t = m["tokens"]
         print(f"wrote {a.output}.bin/.idx (+ .lang, manifest): {m['documents']:,} documents, {t['total']:,} tokens "
               f"({', '.join(f'{k} {v:,}' for k, v in t['per_language'].items())})"

@@ -23,6 +23,7 @@ import orjson
 
 from megaslm.vocab import LANG_NONE
 
+from data_tools import arrow_inputs
 from data_tools.arrays import load_npy, load_npz
 from data_tools.formats import AUDIO_REPR_FIELDS, BOUNDS_FIELDS, UTT_FIELDS, LineText, bounds_path
 from data_tools.intparse import parse_in_batches
@@ -417,4 +418,19 @@ def npz_chunk(path: str, first: int, count: int, source: str, opts: BuildOptions
     return assemble(units, counts, lang_ids, counts, source, opts, dtype, opts.vocab.languages) + (set(),)
 
 
-__all__ = ["assemble", "token_body", "jsonl_chunk", "npy_chunk", "npz_chunk", "bounds_path"]
+def arrow_chunk(spec, first: int, count: int, opts: BuildOptions, dtype):
+    """Rows first..first+count-1 (1-based) of a parquet / Arrow / save_to_disk input (``arrow_inputs``: the
+    unit column's offsets and flattened values as NumPy arrays) -> assemble(...) + ignored columns, or None."""
+    table = _lang_table(opts)
+    cols = arrow_inputs.chunk_columns(spec.path, spec.table, first, count, table, opts.lang)
+    if cols is None:
+        return None
+    units, counts, lang_ids, frames, unknown = cols
+    units = token_body(units, opts, dtype)
+    if units is None:
+        return None
+    return assemble(units, counts, lang_ids, frames, source=spec.source, opts=opts, dtype=dtype,
+                    lang_names=opts.vocab.languages) + (unknown,)
+
+
+__all__ = ["assemble", "token_body", "jsonl_chunk", "npy_chunk", "npz_chunk", "arrow_chunk", "bounds_path"]

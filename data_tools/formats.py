@@ -17,6 +17,7 @@ Formats (docs/data_tools.md has an example of each):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import itertools
 import mmap
@@ -27,6 +28,7 @@ from typing import Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple, U
 import numpy as np
 import orjson
 
+from data_tools import arrow_inputs
 from data_tools.arrays import load_npy, load_npz, npy_header, unit_dtype_error
 from data_tools.errors import DataError, FileError
 
@@ -35,28 +37,32 @@ from data_tools.errors import DataError, FileError
 class InputSpec:
     path: str
     source: str          # name used for per-source token counts
+    table: Optional[arrow_inputs.TableOptions] = None   # parquet / Arrow / save_to_disk: columns and split
 
     @classmethod
-    def parse(cls, spec: str) -> "InputSpec":
+    def parse(cls, spec: str, table: Optional[arrow_inputs.TableOptions] = None) -> "InputSpec":
         """``PATH`` or ``NAME=PATH`` (the source name defaults to the file's stem)."""
         name, sep, path = spec.partition("=")
         if not sep or os.path.exists(spec):
             path, name = spec, ""
         if not name:
-            base = os.path.basename(path)
-            for ext in (".jsonl", ".json", ".npy", ".npz"):
+            base = os.path.basename(path.rstrip("/"))
+            for ext in (".jsonl", ".json", ".npy", ".npz") + arrow_inputs.TABLE_SUFFIXES:
                 if base.endswith(ext):
                     base = base[: -len(ext)]
             name = base
-        return cls(path=path, source=name)
+        return cls(path=path, source=name, table=table)
 
     @property
     def kind(self) -> str:
-        if self.path.endswith(".npz"):
-            return "npz"
-        if self.path.endswith(".npy"):
-            return "npy"
-        return "jsonl"
+        """"jsonl", "npy", "npz" or "table" (parquet, Arrow IPC, save_to_disk): by name, else by content
+        (``arrow_inputs.sniff``: an unrecognised format is one error naming those recognised)."""
+        return _kind(self.path)
+
+
+@functools.lru_cache(maxsize=256)
+def _kind(path: str) -> str:
+    return arrow_inputs.sniff(path)
 
 
 def bounds_path(npy_path: str) -> str:
@@ -70,6 +76,11 @@ def check_inputs(inputs: Sequence[InputSpec]) -> None:
     if not inputs:
         raise DataError("no input given (use --input PATH)")
     for spec in inputs:
+        if not os.path.exists(spec.path):
+            raise DataError("input file not found", path=spec.path)
+        if spec.kind == "table":
+            arrow_inputs.load(spec.path, spec.table)   # readable, with a unit column: before any output
+            continue
         if not os.path.isfile(spec.path):
             raise DataError("input file not found", path=spec.path)
         if spec.kind == "npy" and not os.path.isfile(bounds_path(spec.path)):
@@ -197,6 +208,9 @@ def iter_chunks(inputs: Sequence[InputSpec], chunk_size: int,
         if spec.kind == "npz":
             yield from _npz_chunks(fi, spec, chunk_size)
             continue
+        if spec.kind == "table":
+            yield from arrow_inputs.chunks(fi, spec.path, spec.table, chunk_size)
+            continue
         with _open_lines(spec) as f:
             first = 1
             readline = f.readline
@@ -238,9 +252,12 @@ def iter_chunk_ranges(inputs: Sequence[InputSpec], chunk_size: int, binary_facto
     page = mmap.PAGESIZE
     drop = getattr(mmap, "MADV_DONTNEED", 0) if hasattr(mmap.mmap, "madvise") else 0
     for fi, spec in enumerate(inputs):
-        size_of_chunk = chunk_size * (binary_factor if spec.kind in ("npy", "npz") else 1)
+        size_of_chunk = chunk_size * (binary_factor if spec.kind in ("npy", "npz", "table") else 1)
         if spec.kind == "npz":
             yield from _npz_chunks(fi, spec, size_of_chunk)
+            continue
+        if spec.kind == "table":
+            yield from arrow_inputs.chunks(fi, spec.path, spec.table, size_of_chunk)
             continue
         with _open_lines(spec) as f:
             size = os.fstat(f.fileno()).st_size
@@ -474,6 +491,17 @@ def _parse_item(spec: InputSpec, line: int, text: Optional[str], codebook_size: 
                       unknown=frozenset(obj.keys() - BOUNDS_FIELDS))
 
     path = spec.path
+    if spec.kind == "table" and obj is None:
+        obj, column = arrow_inputs.row_object(path, spec.table, line)
+        try:
+            rec = _parse_item(spec, line, None, codebook_size, languages, story_langs, default_lang, obj=obj)
+        except DataError as e:    # the table's own column name in the message, not the JSONL field's
+            key, field = ("audio_repr" if "audio_repr" in obj else "units"), e.field
+            if field is not None and field.startswith(key):
+                field = column + field[len(key):]
+            raise (DataError if isinstance(e, _BeyondInt64) else type(e))(e.reason, path=e.path, line=e.line,
+                                                                           field=field) from None
+        return dataclasses.replace(rec, unknown=arrow_inputs.load(path, spec.table).unknown)
     if obj is None:
         obj = _json_obj(text, path, line)
     if "audio_repr" in obj and "units" not in obj:

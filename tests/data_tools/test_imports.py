@@ -8,7 +8,7 @@ import sys
 
 from conftest import ROOT
 
-ALLOWED = {"numpy", "orjson", "sentencepiece", "tqdm", "matplotlib", "yaml", "data_tools", "megaslm.vocab",
+ALLOWED = {"numpy", "orjson", "pyarrow", "sentencepiece", "tqdm", "matplotlib", "yaml", "data_tools", "megaslm.vocab",
            "megaslm.fsutil", "megaslm.deps", "megatron.core.datasets", "kernels.bench.record"}
 # the data-build benchmark runs megatron-core's own per-item builder loop as its anchor, which takes tensors
 EXTRA = {"bench_build.py": {"torch"}}
