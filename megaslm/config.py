@@ -262,9 +262,32 @@ class LoggingConfig:
     interval: int = 1
     tensorboard: bool = False
     jsonl: bool = True
+    # Weights & Biases (megaslm/tracking.py; the optional extra: pip install -e ".[wandb]"), rank 0 only
+    wandb: bool = False
+    wandb_project: str = "megaslm"
+    wandb_entity: Optional[str] = None
+    wandb_name: Optional[str] = None   # the run's display name; default: the config's name
+    wandb_mode: str = "online"         # online | offline (files only, `wandb sync` later) | disabled
+    wandb_dir: Optional[str] = None    # wandb's own files; default: $WANDB_DIR, else output_dir
+    wandb_tags: List[str] = field(default_factory=list)
 
     def validate(self) -> None:
         _need(self.interval >= 1, "logging.interval", "an integer >= 1", self.interval)
+        _need(self.wandb_mode in ("online", "offline", "disabled"), "logging.wandb_mode",
+              "online, offline or disabled", self.wandb_mode)
+        if self.wandb and not _installed("wandb"):
+            raise ConfigError('logging.wandb: true needs the wandb package, the optional extra: '
+                              'pip install -e ".[wandb]"')
+
+
+def _installed(module: str) -> bool:
+    """Whether ``module`` can be imported, found without importing it (wandb takes seconds to import)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):   # a broken install, or sys.modules[module] set to None
+        return False
 
 
 @dataclass

@@ -127,11 +127,28 @@ def truncate_metrics(path: str, step: int) -> None:
     atomic_write_text(path, "".join(keep))
 
 
+def scalars(rec: Dict) -> Dict[str, float]:
+    """A step (or evaluation) record's numbers under the names TensorBoard and wandb show:
+    ``train/<key>`` for a top-level number, ``<key>/<subkey>`` for the numbers of a nested dict
+    (``eval/...``, ``source_tokens/...``); the step itself, flags and text are left out."""
+    out: Dict[str, float] = {}
+    for k, v in rec.items():
+        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"train/{k}"] = v
+        elif isinstance(v, dict):
+            for kk, vv in v.items():
+                if isinstance(vv, (int, float)):
+                    out[f"{k}/{kk}"] = vv
+    return out
+
+
 class MetricsSink:
-    """Plain JSONL (``<output_dir>/metrics.jsonl``) and TensorBoard events (``<output_dir>/tensorboard``)."""
+    """Plain JSONL (``<output_dir>/metrics.jsonl``), TensorBoard events (``<output_dir>/tensorboard``) and an
+    experiment tracker (``tracker``: ``write(rec)``, ``close()``; ``megaslm.tracking.WandbSink``)."""
 
     def __init__(self, output_dir: str, jsonl: bool = True, tensorboard: bool = False,
-                 resume_step: Optional[int] = None):
+                 resume_step: Optional[int] = None, tracker=None):
+        self.tracker = tracker
         path = os.path.join(output_dir, "metrics.jsonl")
         if jsonl and resume_step is not None:
             truncate_metrics(path, resume_step)
@@ -152,19 +169,19 @@ class MetricsSink:
             self.f.flush()
         if self.tb is not None:
             step = rec["step"]
-            for k, v in rec.items():
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None:
-                    self.tb.add_scalar(f"train/{k}", v, step)
-                elif isinstance(v, dict):
-                    for kk, vv in v.items():
-                        if isinstance(vv, (int, float)):
-                            self.tb.add_scalar(f"{k}/{kk}", vv, step)
+            for name, v in scalars(rec).items():
+                self.tb.add_scalar(name, v, step)
             self.tb.flush()
+        if self.tracker is not None:
+            self.tracker.write(rec)
 
     def close(self) -> None:
         if self.f is not None:
             self.f.close()
             self.f = None
+        if self.tracker is not None:
+            self.tracker.close()
+            self.tracker = None
         if self.tb is not None:
             self.tb.close()
             self.tb = None

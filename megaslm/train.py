@@ -27,7 +27,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from megaslm import checkpoint, ds_adapter, parallel, sharding, telemetry
+from megaslm import checkpoint, ds_adapter, parallel, sharding, telemetry, tracking
 from megaslm.config import ConfigError, DataSource, RunConfig, StageConfig, config_digest
 from megaslm.data import Batch, build_stage_dataset, collate, load_step, stage_plans, step_source_tokens
 from megaslm.model import build_model, num_parameters
@@ -499,8 +499,8 @@ class Trainer:
         record. Stops early, after a checkpoint, when the ranks agreed to (SIGTERM, launcher gone)."""
         cfg = self.cfg
         # on resume, metrics.jsonl is cut back to the checkpoint's step first: re-run steps appear once
-        sink = telemetry.MetricsSink(cfg.output_dir, cfg.logging.jsonl, cfg.logging.tensorboard,
-                                     resume_step=self.step) if self.is_logger() else None
+        sink = telemetry.MetricsSink(cfg.output_dir, cfg.logging.jsonl, cfg.logging.tensorboard, resume_step=self.step,
+                                     tracker=tracking.open_tracker(cfg)) if self.is_logger() else None
         self.log(f"model: {num_parameters(self.chunks):,} parameters on this rank; layout TP={self.layout.tensor} "
                  f"PP={self.layout.pipeline} DP={self.layout.data} ZeRO-{cfg.parallel.zero_stage}; "
                  f"{self.total_steps} steps x {cfg.tokens_per_step:,} tokens; stages: "
