@@ -169,7 +169,8 @@ def test_config_vocab_and_fsutil_are_torch_free():
     # vocab.py may also import xxhash (a small C extension, no torch): the dataset content hash that
     # data_tools writes and training verifies; fsutil (the one atomic write) is standard library only
     light = {"megaslm/config.py": {"yaml", "megaslm"}, "megaslm/config_io.py": {"yaml", "megaslm"},
-             "megaslm/vocab.py": {"yaml", "megaslm", "xxhash"}, "megaslm/fsutil.py": set()}
+             "megaslm/vocab.py": {"yaml", "megaslm", "xxhash"}, "megaslm/fsutil.py": set(),
+             "megaslm/figures.py": {"matplotlib", "megaslm"}}   # the eval and sweep figures: no torch
     for f, m, full in imports_of("megaslm"):
         if f in light:
             assert m in STDLIB | light[f], (f, full)
@@ -309,7 +310,7 @@ def test_deepspeed_private_finder_finds_accesses():
 # report's columns)
 SWEEPS_MAY_IMPORT = ("megaslm.config", "megaslm.config_io", "megaslm.telemetry", "megaslm.memory",
                      "megaslm.checkpoint.layout", "megaslm.checkpoint.lock", "megaslm.fsutil", "megaslm.ports",
-                     "evals.benchmarks")
+                     "evals.benchmarks", "megaslm.figures")
 
 
 def test_sweeps_sit_above_the_library():

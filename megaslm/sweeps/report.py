@@ -18,9 +18,9 @@ import math
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from evals.benchmarks import CROSSLINGUAL, MONOLINGUAL, SYNTAX_LEXICON  # the paper's column order (torch-free)
+from evals.benchmarks import CROSSLINGUAL, MONOLINGUAL, SYNTAX_LEXICON, chance_percent  # torch-free
+from megaslm import figures
 from megaslm.checkpoint.layout import newest_meta
-import megaslm.fsutil as fsutil
 from megaslm.sweeps.state import atomic_write
 
 PAPER_COLUMNS = MONOLINGUAL + CROSSLINGUAL + SYNTAX_LEXICON
@@ -65,11 +65,12 @@ def collect(sweep_dir: str) -> Tuple[Dict, List[Dict]]:
             tail = [h["loss"] for h in hist[-max(1, len(hist) // 10):]] if hist else []
             row["final_loss"] = sum(tail) / len(tail) if tail else None
         res_path = os.path.join(r["dir"], "evals", "results.json")
-        row["tasks"], row["alignment"], row["scoring"] = {}, {}, None
+        row["tasks"], row["alignment"], row["scoring"], row["chance"] = {}, {}, None, {}
         if os.path.exists(res_path):
             with open(res_path) as f:
                 res = json.load(f)["checkpoints"][-1]
             row["tasks"] = {k: v["accuracy"] * 100 for k, v in res.get("tasks", {}).items()}
+            row["chance"] = {k: chance_percent(v) for k, v in res.get("tasks", {}).items()}
             row["alignment"] = {k: v["cosine"] for k, v in res.get("alignment", {}).items()}
             row["scoring"] = res.get("scoring")
         rows.append(row)
@@ -91,7 +92,8 @@ def arms(rows: Sequence[Dict]) -> List[Dict]:
     for arm, rs in groups.items():
         a = {"arm": arm, "size": rs[0]["size"], "recipe": rs[0]["recipe"], "budget": rs[0]["budget"], "p": rs[0]["p"],
              "params": rs[0]["params"], "tokens": rs[0]["tokens"], "flops": rs[0]["flops"],
-             "seeds": [r["seed"] for r in rs], "runs": rs, "metrics": {}}
+             "seeds": [r["seed"] for r in rs], "runs": rs, "metrics": {},
+             "chance": {k: v for r in rs for k, v in r.get("chance", {}).items()}}
         keys = {k for r in rs for k in r["tasks"]} | {f"align {k}" for r in rs for k in r["alignment"]} | {"final_loss"}
         for k in keys:
             vals = []
@@ -197,27 +199,17 @@ def _smooth(ys: Sequence[float], k: int) -> List[float]:
 def write_plots(rows: Sequence[Dict], arm_rows: Sequence[Dict], plot_dir: str) -> Tuple[List[str], List[str]]:
     """loss_vs_tokens.png, loss_vs_flops.png (with the power-law fits, returned as lines) and
     accuracy_vs_flops.png (where a benchmark was scored)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    os.makedirs(plot_dir, exist_ok=True)
+    plt = figures.pyplot()
     paths: List[str] = []
 
-    def save(fig, name):
-        p = os.path.join(plot_dir, name)
-        fig.tight_layout()
-        with fsutil.atomic_path(p, suffix=".png", fsync=False) as tmp:   # a plot is rebuilt from the table
-            fig.savefig(tmp)
-        plt.close(fig)
-        paths.append(p)
+    def save(fig, name):   # fsync off: a plot is rebuilt from the table
+        paths.append(figures.save_png(fig, os.path.join(plot_dir, name), fsync=False))
 
     kind = loss_kind([r for a in arm_rows for r in a["runs"]])
     save(_plot_loss_vs_tokens(plt, arm_rows, kind), "loss_vs_tokens.png")
     fig, fits = _plot_loss_vs_flops(plt, arm_rows, kind)
     save(fig, "loss_vs_flops.png")
-    fig = _plot_accuracy_vs_flops(plt, arm_rows)
+    fig = accuracy_figure(arm_rows)
     if fig is not None:
         save(fig, "accuracy_vs_flops.png")
     return paths, fits
@@ -265,8 +257,15 @@ def _plot_loss_vs_flops(plt, arm_rows: Sequence[Dict], kind: str):
             fits.append(f"{rec}: loss = {a_:.4g} * FLOPs^({-b_:+.4f})")
         else:
             fits.append(f"{rec}: no power-law fit (fewer than 2 distinct FLOPs)")
+    if len({a["flops"] for a in arm_rows}) < 2:   # one compute point: no curve, no fit; the arms side by side
+        plt.close(fig)
+        return _loss_bars(plt, arm_rows, kind), fits
+    from matplotlib.ticker import FormatStrFormatter
+
     ax.set_xscale("log")
     ax.set_yscale("log")
+    for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+        axis(FormatStrFormatter("%.3g"))   # 0.94, not 9.4x10^-1
     ax.set_xlabel("training FLOPs (6N + 12LHS per token)")
     ax.set_ylabel("final validation loss" if kind == "validation" else "final loss")
     ax.set_title("final loss vs compute per recipe")
@@ -275,32 +274,91 @@ def _plot_loss_vs_flops(plt, arm_rows: Sequence[Dict], kind: str):
     return fig, fits
 
 
-def _plot_accuracy_vs_flops(plt, arm_rows: Sequence[Dict]):
-    """Each benchmark vs compute per recipe (one panel per task), error bars = spread over seeds; None
-    without any score."""
-    tasks = [t for t in PAPER_COLUMNS if any(t in a["metrics"] for a in arm_rows)]
-    tasks += sorted({k for a in arm_rows for k in a["metrics"]} - set(tasks) - {"final_loss"})
-    if not tasks:
+def _loss_bars(plt, arm_rows: Sequence[Dict], kind: str):
+    """Final loss per arm at the sweep's one compute point, from 0, error bar = std over seeds."""
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    done = [a for a in arm_rows if "final_loss" in a["metrics"]]
+    figures.grouped_bars(ax, ["final validation loss" if kind == "validation" else "final loss"],
+                         {a["arm"]: [a["metrics"]["final_loss"][0]] for a in done},
+                         {a["arm"]: [a["metrics"]["final_loss"][1]] for a in done})
+    ax.set_ylim(0, 1.35 * max((sum(a["metrics"]["final_loss"][:2]) for a in done), default=1.0))   # legend room
+    ax.tick_params(axis="x", labelrotation=0)
+    ax.get_xticklabels()[0].set_horizontalalignment("center")
+    ax.grid(alpha=0.3, axis="y")
+    ax.set_title(f"final loss per arm at one compute point ({arm_rows[0]['flops']:.3g} FLOPs): no power-law fit",
+                 fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    return fig
+
+
+def _scored(arm_rows: Sequence[Dict]) -> List[str]:
+    """The scored metrics in the paper's order, then the others (alignment cosines ``align <task>`` last)."""
+    keys = {k for a in arm_rows for k in a["metrics"]} - {"final_loss"}
+    return [t for t in PAPER_COLUMNS if t in keys] + sorted(keys - set(PAPER_COLUMNS), key=lambda k: (
+        k.startswith("align "), k))
+
+
+def accuracy_figure(arm_rows: Sequence[Dict]):
+    """Benchmarks per arm, error bars = spread over seeds, accuracies on one 0-100 % axis with chance marked,
+    alignment cosine on its own axis: grouped bars at one budget (a curve needs several), else each metric vs
+    compute per recipe. None without any score."""
+    keys = _scored(arm_rows)
+    if not keys:
         return None
+    chance = {k: v for a in arm_rows for k, v in a.get("chance", {}).items()}
+    if len({a["budget"] for a in arm_rows}) == 1:
+        return _accuracy_bars(arm_rows, keys, chance)
+    return _accuracy_curves(arm_rows, keys, chance)
+
+
+def _accuracy_bars(arm_rows: Sequence[Dict], keys: List[str], chance: Dict[str, float]):
+    acc = [k for k in keys if not k.startswith("align ")]
+    cos = [k for k in keys if k.startswith("align ")]
+    plt = figures.pyplot()
+    parts = [ks for ks in (acc, cos) if ks]
+    fig, axes = plt.subplots(1, len(parts), figsize=(2.0 + 0.45 * len(arm_rows) * len(keys), 4.4), dpi=100,
+                             squeeze=False, gridspec_kw={"width_ratios": [len(ks) for ks in parts]})
+    for ax, ks in zip(axes[0], parts):
+        mean = {a["arm"]: [a["metrics"][k][0] if k in a["metrics"] else None for k in ks] for a in arm_rows}
+        sd = {a["arm"]: [a["metrics"][k][1] if k in a["metrics"] else 0.0 for k in ks] for a in arm_rows}
+        figures.grouped_bars(ax, [figures.metric_title(k) for k in ks], mean, sd,
+                             None if ks is cos else [chance.get(k, 50.0) for k in ks])
+        if ks is cos:
+            figures.cosine_axis(ax, [m for ms in mean.values() for m in ms if m is not None])
+        else:
+            figures.accuracy_axis(ax)
+    handles = {l: h for ax in axes[0] for h, l in zip(*ax.get_legend_handles_labels())}
+    fig.legend(list(handles.values()), list(handles), loc="upper right", fontsize=7, ncol=min(4, len(handles)))
+    seeds = sorted({len(a["seeds"]) for a in arm_rows})
+    fig.suptitle(f"per arm at one budget ({arm_rows[0]['budget']:,g}): mean, error bar = std over "
+                 f"{'/'.join(map(str, seeds))} seeds", fontsize=9, x=0.01, ha="left")
+    return fig
+
+
+def _accuracy_curves(arm_rows: Sequence[Dict], keys: List[str], chance: Dict[str, float]):
+    plt = figures.pyplot()
     recipes = sorted({a["recipe"] for a in arm_rows})
-    ncol = min(4, len(tasks))
-    nrow = -(-len(tasks) // ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 2.6 * nrow), dpi=100, squeeze=False)
-    for i, t in enumerate(tasks):
-        ax = axes[i // ncol][i % ncol]
+    ncol = min(4, len(keys))
+    nrow = -(-len(keys) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 2.6 * nrow + 0.4), dpi=100, squeeze=False)
+    for ax, t in zip(axes.flat, keys):
         for rec in recipes:
             pts = sorted((a["flops"],) + a["metrics"][t][:2] for a in arm_rows if a["recipe"] == rec and t in a["metrics"])
             if pts:
                 ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
                             capsize=3, label=rec)
         ax.set_xscale("log")
-        ax.set_title(t, fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.set_xlabel("FLOPs", fontsize=8)
-        ax.set_ylabel("cosine" if t.startswith("align") else "accuracy (%)", fontsize=8)
-    for j in range(len(tasks), nrow * ncol):
-        axes[j // ncol][j % ncol].axis("off")
-    axes[0][0].legend(fontsize=7)
+        ax.set_title(figures.metric_title(t), fontsize=9)
+        ax.set_xlabel("training FLOPs", fontsize=8)
+        if t.startswith("align "):
+            figures.cosine_axis(ax, [a["metrics"][t][0] for a in arm_rows if t in a["metrics"]])
+        else:
+            figures.accuracy_axis(ax, chance.get(t, 50.0))
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    handles = {l: h for ax in axes.flat for h, l in zip(*ax.get_legend_handles_labels())}
+    fig.legend(list(handles.values()), list(handles), loc="upper right", fontsize=7, ncol=min(4, len(handles)))
+    fig.suptitle("each benchmark vs compute per recipe (error bar = std over seeds)", fontsize=9, x=0.01, ha="left")
     return fig
 
 
