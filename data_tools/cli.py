@@ -70,6 +70,7 @@ def make_parser() -> argparse.ArgumentParser:
     ap = OneLineArgumentParser(prog="python -m data_tools", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     _build_parser(sub)
+    _adopt_parser(sub)
     _bpe_parsers(sub)
     _budget_parser(sub)
     _inspect_and_demo_parsers(sub)
@@ -154,6 +155,23 @@ def _input_specs(a) -> list:
     table = TableOptions(unit=a.unit_column, id=a.id_column, lang=a.lang_column, duration=a.duration_column,
                          split=a.split)
     return [InputSpec.parse(s, table=table) for s in a.input]
+
+
+def _adopt_parser(sub) -> None:
+    d = sub.add_parser("adopt", help="make a megatron-core .bin/.idx (IndexedDatasetBuilder, Megatron-LM's "
+                                     "preprocess_data.py) trainable as it is: checks it, writes the manifest",
+                       description="Checks PREFIX.idx/.bin (layout, sizes, every token id against the vocabulary: "
+                                   "pad 0, bos 1, eod 2, [tags], [separator], units from the offset) and writes "
+                                   "PREFIX.manifest.json (and, with --language, PREFIX.lang.bin/.idx); refuses in "
+                                   "one line, writing nothing. Tokens are never rewritten.")
+    d.add_argument("prefix", metavar="PREFIX", help="the dataset: PREFIX.bin and PREFIX.idx")
+    d.add_argument("--offset", type=int, default=None, metavar="K",
+                   help="the id of unit 0 in the file; must be the vocabulary's (3, plus tags and separator)")
+    d.add_argument("--language", default=None, metavar="L",
+                   help="the one language of every unit: writes the language side channel")
+    d.add_argument("--source-type", default="mimi", help="frame-rate key for hours: mimi, hubert25, hubert50")
+    d.add_argument("--frame-rate", type=float, default=None, help="units per second (overrides --source-type)")
+    _vocab_args(d)
 
 
 def _bpe_parsers(sub) -> None:
@@ -246,6 +264,12 @@ def run(argv: Optional[List[str]] = None) -> int:
               f"({', '.join(f'{k} {v:,}' for k, v in t['per_language'].items())})"
               + (f"; {m['quarantine']['count']} bad records -> {m['quarantine']['report']}"
                  if m["quarantine"]["count"] else ""))
+    elif a.cmd == "adopt":
+        from data_tools.adopt import adopt
+        m = adopt(a.prefix, _vocab(a), a.offset, a.language, a.source_type, a.frame_rate)
+        print(f"adopted {a.prefix}: {m['documents']:,} documents, {m['tokens']['total']:,} tokens "
+              f"({m['adopted']['special_tokens']['eod']:,} eod); wrote {a.prefix}.manifest.json"
+              + (f" and {a.prefix}.lang.bin/.idx" if a.language else ""))
     elif a.cmd == "bpe-train":
         from data_tools.bpe import iter_training_sequences, train_bpe
         vocab = _vocab(a)
