@@ -240,14 +240,14 @@ def row_object(path: str, opts: Optional[TableOptions], line: int) -> Tuple[dict
     return obj, cols["unit"]
 
 
-def _int_list(col) -> Optional[Tuple[np.ndarray, np.ndarray]]:
-    """A list column of integers without nulls -> (flattened values, row counts) as NumPy arrays, or None."""
+def _list_parts(col, numeric: bool = False) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """A list column without nulls, of integers (``numeric``: or floats) -> (flattened values, row counts) as
+    NumPy arrays (the list offsets and the values buffer: no Python object per element), or None."""
     import pyarrow.types as pt
-    if pt.is_struct(col.type) and col.type.get_field_index("units") >= 0:
-        col = col.field("units")
-    if not (pt.is_list(col.type) or pt.is_large_list(col.type)) or not pt.is_integer(col.type.value_type):
+    if not (pt.is_list(col.type) or pt.is_large_list(col.type)) or col.null_count:
         return None
-    if col.null_count:
+    vt = col.type.value_type
+    if not (pt.is_integer(vt) or (numeric and pt.is_floating(vt))):
         return None
     offsets = np.asarray(col.offsets)
     values = col.values.slice(int(offsets[0]), int(offsets[-1] - offsets[0]))
@@ -258,23 +258,15 @@ def _int_list(col) -> Optional[Tuple[np.ndarray, np.ndarray]]:
 
 def _frames(col, counts: np.ndarray) -> Optional[np.ndarray]:
     """A duration column (frames per unit) -> each row's frames, as the JSONL path rounds them, or None."""
-    import pyarrow.types as pt
-    if not (pt.is_list(col.type) or pt.is_large_list(col.type)) or col.null_count:
+    got = _list_parts(col, numeric=True)
+    if got is None or not np.array_equal(got[1], counts):
         return None
-    vt = col.type.value_type
-    if not (pt.is_integer(vt) or pt.is_floating(vt)):
+    v = got[0]
+    if v.size and not np.all(v >= 0):
         return None
-    offsets = np.asarray(col.offsets)
-    if not np.array_equal(np.diff(offsets), counts):
-        return None
-    values = col.values.slice(int(offsets[0]), int(offsets[-1] - offsets[0]))
-    if values.null_count:
-        return None
-    v = np.asarray(values)
-    if v.size and (not np.all(v >= 0)):
-        return None
-    sums = np.add.reduceat(v, (offsets[:-1] - offsets[0]).astype(np.int64)) if v.size else np.zeros(counts.size)
-    return np.rint(sums).astype(np.int64)
+    starts = np.zeros(counts.size, np.int64)
+    np.cumsum(counts[:-1], out=starts[1:])
+    return np.rint(np.add.reduceat(v, starts)).astype(np.int64)
 
 
 def chunk_columns(path: str, opts: Optional[TableOptions], first: int, count: int, table: Dict[str, int],
@@ -288,7 +280,9 @@ def chunk_columns(path: str, opts: Optional[TableOptions], first: int, count: in
     rows = t.slice(first - 1, count)
     cols = t.columns
     unit_col = rows.column(cols["unit"]).combine_chunks()
-    got = _int_list(unit_col)
+    units_of = unit_col.field("units") if pt.is_struct(unit_col.type) and \
+        unit_col.type.get_field_index("units") >= 0 else unit_col
+    got = _list_parts(units_of)
     if got is None:
         return None
     units, counts = got

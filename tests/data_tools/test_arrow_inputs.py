@@ -153,6 +153,19 @@ def test_slamkit_audio_repr_column(tmp_path):
     _build(_jsonl(tmp_path / "s.jsonl", {"file_name": cols["file_name"], "audio_repr": reprs}), str(tmp_path / "a"))
     _build(str(tmp_path / "s.parquet"), str(tmp_path / "b"))
     assert _files(str(tmp_path / "a")) == _files(str(tmp_path / "b"))
+    # slamkit's extract_features {units, duration} struct (float frame counts): the JSONL utterances' hours
+    dur = [[0.5 + (j % 3) for j in range(len(u))] for u in cols["units"]]
+    struct = pa.array([{"units": u, "duration": d} for u, d in zip(cols["units"], dur)])
+    pq.write_table(pa.table({"file_name": cols["file_name"], "audio_repr": struct}), tmp_path / "x.parquet")
+    ref = _build(_jsonl(tmp_path / "x.jsonl", {"file_name": cols["file_name"], "units": cols["units"],
+                                               "duration": dur}), str(tmp_path / "c"))
+    for record_path in ("0", "1"):
+        os.environ["DATA_TOOLS_RECORD_PATH"] = record_path
+        try:
+            m = _build(str(tmp_path / "x.parquet"), str(tmp_path / f"d{record_path}"))
+        finally:
+            del os.environ["DATA_TOOLS_RECORD_PATH"]
+        assert _files(str(tmp_path / "c")) == _files(str(tmp_path / f"d{record_path}")) and m["hours"] == ref["hours"]
 
 
 @pytest.mark.parametrize("name,head", [("x.xyz", b"\x00\x01binary"), ("p.bin", None), ("folder", None)])
