@@ -45,6 +45,7 @@ def dataset_stats(prefix: str, histogram_png: Optional[str] = None, block_tokens
     counts = np.zeros(256, dtype=np.int64)
     switches = 0
     n = len(lengths)
+    doc_lang = np.empty(n, dtype=np.int16)   # per document: its one language, mixed or none (_document_languages)
     ends = np.cumsum(lengths)
     start_doc, start_tok = 0, 0
     while start_doc < n:   # blocks of whole documents: bounded memory
@@ -57,16 +58,20 @@ def dataset_stats(prefix: str, histogram_png: Optional[str] = None, block_tokens
         nz = np.flatnonzero(L)
         Ls, Ds = L[nz], docid[nz]
         switches += int(np.count_nonzero((Ls[1:] != Ls[:-1]) & (Ds[1:] == Ds[:-1])))
+        doc_lang[start_doc:end_doc] = _document_languages(L, docid, end_doc - start_doc, len(languages))
         start_doc, start_tok = end_doc, end_tok
     total = int(lengths.sum())
     per_lang = {l: int(counts[i + 1]) for i, l in enumerate(languages)}
     per_lang["none"] = int(counts[0])
+    classes = languages + ["mixed", "none"]
     bounds = man.get("sentence_boundaries")
     out = {
         "prefix": prefix,
         "documents": n,
         "tokens": total,
         "per_language": per_lang,
+        "documents_by_language": {c: int(k) for c, k in zip(classes, np.bincount(doc_lang, minlength=len(classes)))
+                                  if k},
         "language_switches": switches,
         "switch_rate_per_token": switches / total if total else 0.0,
         "switch_rate_per_sentence_boundary": (switches / bounds) if bounds else None,
@@ -80,22 +85,45 @@ def dataset_stats(prefix: str, histogram_png: Optional[str] = None, block_tokens
         h = hash_files([prefix + ".bin", lang_prefix(prefix) + ".bin"], content_hash_algorithm(man))
         out["content_hash_ok"] = h == man.get("content_hash")
     if histogram_png:
-        out["histogram"] = _write_histogram(lengths, histogram_png, os.path.basename(prefix))
+        out["histogram"] = _write_histogram(lengths, doc_lang, classes, histogram_png, os.path.basename(prefix))
     return out
 
 
-def _write_histogram(lengths: np.ndarray, histogram_png: str, title: str) -> str:
-    """The document-length histogram as an image (its format from the name's extension), written whole or not
-    at all (a full disk leaves no truncated image); returns the name written."""
+def _document_languages(L: np.ndarray, docid: np.ndarray, ndocs: int, nlang: int) -> np.ndarray:
+    """Per document of a block: the index of its one language, ``nlang`` when it mixes several (interleaved),
+    ``nlang + 1`` when none (no language id on any token)."""
+    present = np.stack([np.bincount(docid[L == i + 1], minlength=ndocs) > 0 for i in range(nlang)]) \
+        if nlang else np.zeros((0, ndocs), dtype=bool)
+    k = present.sum(0)
+    return np.where(k == 1, present.argmax(0), np.where(k > 1, nlang, nlang + 1))
+
+
+def histogram_figure(lengths: np.ndarray, doc_lang: np.ndarray, classes, title: str):
+    """Document lengths split by language: one outlined histogram per class (a language, mixed, none) on shared
+    bins, each labelled with its document count; returns the Figure."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.hist(lengths, bins=min(50, max(1, len(np.unique(lengths)))))
+    bins = np.histogram_bin_edges(lengths, bins=min(50, max(1, len(np.unique(lengths)))))
+    for i, c in enumerate(classes):
+        sel = lengths[doc_lang == i]
+        if len(sel):
+            ax.hist(sel, bins=bins, histtype="step", linewidth=1.5, label=f"{c} ({len(sel):,} documents)")
     ax.set_xlabel("document length (tokens)")
     ax.set_ylabel("documents")
-    ax.set_title(title)
+    ax.set_title(f"{title}: document length by language", fontsize=10)
+    ax.legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def _write_histogram(lengths: np.ndarray, doc_lang: np.ndarray, classes, histogram_png: str, title: str) -> str:
+    """The document-length histogram by language as an image (its format from the name's extension), written
+    whole or not at all (a full disk leaves no truncated image); returns the name written."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+    fig = histogram_figure(lengths, doc_lang, classes, title)
     fmt = os.path.splitext(histogram_png)[1][1:].lower()
     if not fmt:                 # what savefig does with a name without an extension
         fmt = matplotlib.rcParams["savefig.format"]
@@ -115,6 +143,8 @@ def format_stats(s: Dict[str, Any]) -> str:
              f"documents {s['documents']:,}   tokens {s['tokens']:,}"]
     for l, c in s["per_language"].items():
         lines.append(f"  {l:<6} {c:>14,} tokens  {100.0 * c / max(1, s['tokens']):6.2f}%")
+    if s.get("documents_by_language"):
+        lines.append("documents by language: " + ", ".join(f"{k} {v:,}" for k, v in s["documents_by_language"].items()))
     sb = s["switch_rate_per_sentence_boundary"]
     lines.append(f"language switches {s['language_switches']:,}: {s['switch_rate_per_token']:.5f} per token"
                  + (f", {sb:.4f} per sentence boundary" if sb is not None else ""))
