@@ -135,7 +135,7 @@ class Table:
         target = _hf_split_dir(path, opts.split) if os.path.isdir(path) else path
         try:
             with open(target if os.path.isfile(target) else os.devnull, "rb") as f:
-                parquet = f.read(4) == b"PAR1"
+                parquet = f.read(4) == b"PAR1" or target.endswith(".parquet")
             if parquet:
                 self.parquet = pq.ParquetFile(target, memory_map=True)
                 schema = self.parquet.schema_arrow
@@ -182,13 +182,18 @@ class Table:
         """Rows [row, row + count) (0-based, within one piece) of the columns read, as a pyarrow Table."""
         if self.parquet is None:
             return self.table.slice(row, count)
+        import pyarrow as pa
         i = bisect.bisect_right(self.starts, row) - 1
         with self._lock:
             t = self._decoded.get(i)
             if t is None:
-                wanted = [c for c in self.columns.values() if c]
-                t = self.parquet.read_row_group(i, columns=wanted)
-                self._decoded = {i: t}              # one decoded row group at a time
+                try:
+                    t = self.parquet.read_row_group(i, columns=[c for c in self.columns.values() if c])
+                except (OSError, pa.ArrowException) as e:
+                    raise FileError(f"cannot read parquet row group {i} ({e})", path=self.path) from None
+                while len(self._decoded) >= 2:      # two decoded row groups at most (two converter threads)
+                    self._decoded.pop(next(iter(self._decoded)))
+                self._decoded[i] = t
         return t.slice(row - self.starts[i], count)
 
 

@@ -168,7 +168,8 @@ def test_slamkit_audio_repr_column(tmp_path):
         assert _files(str(tmp_path / "c")) == _files(str(tmp_path / f"d{record_path}")) and m["hours"] == ref["hours"]
 
 
-@pytest.mark.parametrize("name,head", [("x.xyz", b"\x00\x01binary"), ("p.bin", None), ("folder", None)])
+@pytest.mark.parametrize("name,head", [("x.xyz", b"\x00\x01binary"), ("p.bin", None), ("folder", None),
+                                       ("bad.parquet", b"PAR1 cut short"), ("bad.arrow", b"\xff\xff\xff\xffxx")])
 def test_unrecognised_format_is_one_line(tmp_path, capsys, name, head):
     path = tmp_path / name
     if name == "folder":
@@ -182,5 +183,7 @@ def test_unrecognised_format_is_one_line(tmp_path, capsys, name, head):
     assert err.count("\n") == 1 and err.startswith(f"error: {path}: ")
     if name == "p.bin":
         assert "no unit column" in err                    # recognised by content, refused for its columns
+    elif name.startswith("bad."):
+        assert f"cannot read as {'parquet' if name.endswith('parquet') else 'Arrow IPC'} (" in err
     else:
         assert "expected JSONL (.jsonl/.json), .npy (+ .bounds.jsonl), .npz, parquet (.parquet), Arrow IPC" in err
