@@ -1,4 +1,4 @@
-"""Command line: ``python -m data_tools {build,bpe-train,bpe-encode,budget,inspect,demo}``.
+"""Command line: ``python -m data_tools {build,adopt,bpe-train,bpe-encode,budget,inspect,demo}``.
 
 Bad input: one line ``error: FILE:LINE: field 'F': what`` on stderr and exit code 2 (no traceback).
 """
