@@ -148,3 +148,25 @@ def test_wandb_mode_is_checked():
     cfg.logging.wandb_mode = "onlin"
     with pytest.raises(ConfigError, match="logging.wandb_mode: expected online, offline or disabled"):
         cfg.logging.validate()
+
+
+def test_evaluation_records_reach_the_same_run(tmp_path, monkeypatch):
+    """What the trainer's sink writes at an evaluation (``{"step", "eval": {...}}``) is logged at that step beside
+    the step's own record, under TensorBoard's names (in-process: one wandb run, no trainer)."""
+    from megaslm import telemetry, tracking
+    from megaslm.config import RunConfig
+
+    for k, v in _env(tmp_path).items():
+        if k.startswith("WANDB_"):
+            monkeypatch.setenv(k, v)
+    cfg = RunConfig(output_dir=str(tmp_path / "run"))
+    cfg.logging.wandb, cfg.logging.wandb_mode = True, "offline"
+    sink = telemetry.MetricsSink(cfg.output_dir, tracker=tracking.open_tracker(cfg))
+    sink.write({"step": 2, "loss": 1.5, "skipped": False, "mfu": None, "source_tokens": {"en": 7}})
+    sink.write({"step": 2, "eval": {"sSC_en": 0.75, "tSC_fr": 0.5}})
+    sink.close()
+    (path,) = glob.glob(str(tmp_path / "wandb-home" / "wandb" / "offline-run-*" / "run-*.wandb"))
+    run_id, _, history = read_offline_run(path)
+    assert run_id == open(os.path.join(cfg.output_dir, "wandb_run_id")).read().strip()
+    row = {k: v for k, v in history[2].items() if not k.startswith("_")}
+    assert row == {"train/loss": 1.5, "source_tokens/en": 7, "eval/sSC_en": 0.75, "eval/tSC_fr": 0.5}, row
