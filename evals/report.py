@@ -133,8 +133,7 @@ def _curve_figure(series: Dict[str, Dict], steps) -> object:
         ax.set_xlabel("step", fontsize=8)
     for ax in list(axes.flat)[len(series):]:
         ax.axis("off")
-    handles = {l: h for ax in axes.flat for h, l in zip(*ax.get_legend_handles_labels())}
-    fig.legend(list(handles.values()), list(handles), loc="upper right", fontsize=7, ncol=3)
+    figures.figure_legend(fig, axes.flat, ncol=3)
     fig.suptitle(f"evaluation vs training step ({len(steps)} steps)", fontsize=10, x=0.02, ha="left")
     return fig
 
@@ -155,8 +154,7 @@ def _bar_figure(series: Dict[str, Dict], steps) -> object:
             figures.accuracy_axis(ax, label="accuracy / retrieval@1 (%)")
         else:
             figures.cosine_axis(ax, [v for vs in vals.values() for v in vs if v is not None])
-    handles = {l: h for ax in axes[0] for h, l in zip(*ax.get_legend_handles_labels())}
-    fig.legend(list(handles.values()), list(handles), loc="upper right", fontsize=7, ncol=len(handles))
+    figures.figure_legend(fig, axes[0])
     fig.suptitle(f"evaluation at step {next(iter(steps))} (one evaluated step)", fontsize=10, x=0.02, ha="left")
     return fig
 

@@ -61,6 +61,13 @@ def integer_steps(ax, steps: Sequence[int] = ()) -> None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=6))
 
 
+def figure_legend(fig, axes, ncol: int = 4) -> None:
+    """One legend for the whole figure (top right): every distinct label of ``axes`` once."""
+    handles = {l: h for ax in axes for h, l in zip(*ax.get_legend_handles_labels())}
+    fig.legend(list(handles.values()), list(handles), loc="upper right", fontsize=7,
+               ncol=max(1, min(ncol, len(handles))))
+
+
 def grouped_bars(ax, labels: Sequence[str], groups: Dict[str, Sequence[Optional[float]]],
                  spread: Optional[Dict[str, Sequence[float]]] = None,
                  chance: Optional[Sequence[Optional[float]]] = None) -> List:

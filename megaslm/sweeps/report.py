@@ -327,8 +327,7 @@ def _accuracy_bars(arm_rows: Sequence[Dict], keys: List[str], chance: Dict[str, 
             figures.cosine_axis(ax, [m for ms in mean.values() for m in ms if m is not None])
         else:
             figures.accuracy_axis(ax)
-    handles = {l: h for ax in axes[0] for h, l in zip(*ax.get_legend_handles_labels())}
-    fig.legend(list(handles.values()), list(handles), loc="upper right", fontsize=7, ncol=min(4, len(handles)))
+    figures.figure_legend(fig, axes[0])
     seeds = sorted({len(a["seeds"]) for a in arm_rows})
     fig.suptitle(f"per arm at one budget ({arm_rows[0]['budget']:,g}): mean, error bar = std over "
                  f"{'/'.join(map(str, seeds))} seeds", fontsize=9, x=0.01, ha="left")
@@ -356,8 +355,7 @@ def _accuracy_curves(arm_rows: Sequence[Dict], keys: List[str], chance: Dict[str
             figures.accuracy_axis(ax, chance.get(t, 50.0))
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
-    handles = {l: h for ax in axes.flat for h, l in zip(*ax.get_legend_handles_labels())}
-    fig.legend(list(handles.values()), list(handles), loc="upper right", fontsize=7, ncol=min(4, len(handles)))
+    figures.figure_legend(fig, axes.flat)
     fig.suptitle("each benchmark vs compute per recipe (error bar = std over seeds)", fontsize=9, x=0.01, ha="left")
     return fig
 
