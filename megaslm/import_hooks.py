@@ -1,15 +1,18 @@
-"""megatron-core's ``jit_fuser`` without its import-time cost (standard library only until megatron-core loads).
+"""megatron-core's and DeepSpeed's import-time ``torch.compile`` decorators without their cost (standard library
+only until one of them loads).
 
 ``megatron/core/jit.py`` binds ``jit_fuser = torch.compile`` and the fusion modules that ``import megatron.core``
 loads decorate a dozen functions with it. ``torch.compile(fn)`` compiles nothing until ``fn`` is first called,
 but merely calling it imports torch._dynamo and torch._inductor: measured on the 2-core CI machine, importing
 megatron-core and deepspeed with megaslm's trainer took 7.5-8.6 CPU-seconds, 4.1-4.2 with the decorator deferred.
 Every rank of every launch pays it (a CPU test run launches hundreds of ranks), and so does every
-``launchers/eval.py`` call, for functions the local layer spec never calls on CPU.
+``launchers/eval.py`` call, for functions the local layer spec never calls on CPU. DeepSpeed does the same later:
+``deepspeed.initialize`` checks the optimizer by importing its Muon module, whose two ``@compiler.compile()``
+decorators import them again (the largest single item in a profile of a 5-step tiny run).
 
-:func:`install` (called by ``megaslm/__init__.py``) adds a ``sys.meta_path`` finder that, while the
-``megatron.core`` package itself executes, replaces ``torch.compile`` by :func:`deferred_compile` and restores it
-when the package is loaded. So ``jit_fuser`` becomes a decorator that calls the real ``torch.compile`` with the
+:func:`install` (called by ``megaslm/__init__.py``) adds a ``sys.meta_path`` finder that, while a module of
+``megatron.core`` or ``deepspeed`` executes, replaces ``torch.compile`` by :func:`deferred_compile` and restores it
+when the module is loaded. So ``jit_fuser`` becomes a decorator that calls the real ``torch.compile`` with the
 same arguments on the function's first call: what compiles, when, and with which options is unchanged; only the
 imports move to where they are needed. Nothing else is touched: ``torch.compile`` is the real one before and
 after (tests/test_import_hooks.py), and a megatron-core already imported (before megaslm) is left as it is.
@@ -24,7 +27,7 @@ import importlib.machinery
 import inspect
 import sys
 
-PACKAGE = "megatron.core"
+PACKAGES = ("megatron.core", "deepspeed")
 
 
 def deferred_compile(real):
@@ -47,6 +50,7 @@ def deferred_compile(real):
         first_call_compiles.__megaslm_deferred_compile__ = options
         return first_call_compiles
 
+    compile_.__megaslm_deferred__ = True
     return compile_
 
 
@@ -66,6 +70,9 @@ class _Loader(importlib.abc.Loader):
         import torch
 
         real = torch.compile
+        if getattr(real, "__megaslm_deferred__", False):   # a submodule loaded while its package executes
+            self.inner.exec_module(module)
+            return
         torch.compile = deferred_compile(real)
         try:
             self.inner.exec_module(module)
@@ -75,7 +82,7 @@ class _Loader(importlib.abc.Loader):
 
 class _Finder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path, target=None):
-        if fullname != PACKAGE:
+        if not any(fullname == p or fullname.startswith(p + ".") for p in PACKAGES):
             return None
         spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
@@ -85,7 +92,7 @@ class _Finder(importlib.abc.MetaPathFinder):
 
 
 def install() -> None:
-    """Once per process, and only while megatron-core is not imported yet."""
-    if PACKAGE in sys.modules or any(isinstance(f, _Finder) for f in sys.meta_path):
+    """Once per process. A module already imported keeps what it has."""
+    if any(isinstance(f, _Finder) for f in sys.meta_path):
         return
     sys.meta_path.insert(0, _Finder())
