@@ -6,12 +6,12 @@ Tasks outside the paper's columns are appended after sWUGGY.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Dict, List, Sequence
 
 from megaslm import figures
 from megaslm.fsutil import atomic_write_json, atomic_write_text
+from megaslm.telemetry import read_step_records
 
 from evals.benchmarks import ALIGN, CROSSLINGUAL, MONOLINGUAL, SYNTAX_LEXICON, chance_percent
 
@@ -61,19 +61,7 @@ def training_results_path(checkpoint: str) -> str:
 def read_training_results(path: str) -> List[Dict]:
     """The evaluations during training (evals/hooks.py's ``results.jsonl``), one record per step: a resumed
     run re-evaluates a step, the last record wins; a line cut by a kill is skipped. [] without the file."""
-    by_step: Dict[int, Dict] = {}
-    try:
-        with open(path) as f:
-            for line in f:
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(r, dict) and r.get("step") is not None:
-                    by_step[r["step"]] = r
-    except OSError:
-        return []
-    return [by_step[k] for k in sorted(by_step)]
+    return read_step_records(path)
 
 
 TRAINING, CHECKPOINTS = "during training", "kept checkpoints"

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 from megaslm.fsutil import atomic_write_text
 
@@ -101,6 +101,25 @@ class GpuMonitor:
             except Exception:
                 pass
         return out
+
+
+def read_step_records(path: str, want=lambda rec: True) -> List[Dict]:
+    """The records of a step-logged JSONL (metrics.jsonl, evals/results.jsonl) that ``want``, in step order,
+    the last of each step (a resumed run logs the steps after its checkpoint again); a line torn by a kill is
+    skipped; [] without the file."""
+    by_step: Dict[int, Dict] = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(rec, dict) and rec.get("step") is not None and want(rec):
+                    by_step[rec["step"]] = rec
+    except OSError:
+        return []
+    return [by_step[k] for k in sorted(by_step)]
 
 
 def truncate_metrics(path: str, step: int) -> None:

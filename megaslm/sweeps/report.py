@@ -21,27 +21,15 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from evals.benchmarks import CROSSLINGUAL, MONOLINGUAL, SYNTAX_LEXICON, chance_percent  # torch-free
 from megaslm import figures
 from megaslm.checkpoint.layout import newest_meta
+from megaslm.telemetry import read_step_records
 from megaslm.sweeps.state import atomic_write
 
 PAPER_COLUMNS = MONOLINGUAL + CROSSLINGUAL + SYNTAX_LEXICON
 
 
 def _metrics(run_dir: str) -> List[Dict]:
-    out = []
-    try:
-        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-            for line in f:
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError:
-                    continue   # a line cut by a kill
-                if "loss" in r and "tokens_seen" in r:
-                    out.append(r)
-    except OSError:
-        pass
-    # a resumed run re-logs steps after its checkpoint: keep the last record of each step
-    by_step = {r["step"]: r for r in out}
-    return [by_step[k] for k in sorted(by_step)]
+    # a resumed run re-logs steps after its checkpoint: the last record of each step is kept
+    return read_step_records(os.path.join(run_dir, "metrics.jsonl"), lambda r: "loss" in r and "tokens_seen" in r)
 
 
 def collect(sweep_dir: str) -> Tuple[Dict, List[Dict]]:
