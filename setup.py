@@ -47,7 +47,7 @@ setup(
         "submitit>=1.5",
     ],
     extras_require={
-        # wandb in `test` too: CI installs .[test] and tests the tracking offline (tests/test_tracking.py)
+        # wandb in `test` too: CI installs .[test] and tests the tracking offline (tests/train/test_tracking.py)
         "test": ["pytest>=8", "pytest-xdist>=3.5", "wandb>=0.17"],
         # experiment tracking (logging.wandb: true; megaslm/tracking.py)
         "wandb": ["wandb>=0.17"],

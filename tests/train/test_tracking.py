@@ -10,9 +10,7 @@ import subprocess
 import sys
 
 import pytest
-import yaml
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _train_helpers import ROOT, launch_env, tiny_config
 
 
 def wandb_records(path):
@@ -59,9 +57,9 @@ def read_offline_run(path):
 
 
 def _env(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "LOCAL_RANK",
-                                                            "TRITON_INTERPRET") and not k.startswith("WANDB_")}
+    """A launch's environment: wandb offline, every wandb file under ``tmp_path``."""
     wb = str(tmp_path / "wandb-home")
+    env = {k: v for k, v in launch_env().items() if not k.startswith("WANDB_")}
     env.update(PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""), WANDB_MODE="offline", WANDB_DIR=wb,
                WANDB_CONFIG_DIR=wb, WANDB_CACHE_DIR=wb, WANDB_DATA_DIR=wb, WANDB_SILENT="true")
     return env
@@ -75,32 +73,16 @@ def _launch(tmp_path, cfg, out, *extra):
 
 
 def _config(tmp_path, corpus_en, stages=1):
-    cfg = {
-        "name": "wb", "seed": 7, "precision": "fp32",
-        "model": {"num_layers": 1, "hidden_size": 32, "ffn_hidden_size": 64, "num_attention_heads": 4,
-                  "num_query_groups": 2, "seq_length": 32, "attention_backend": "reference",
-                  "embedding_backend": "reference"},
-        "vocab": {"codebook_size": 128, "languages": ["en", "fr"]},
-        "parallel": {"tensor": 1, "pipeline": 1, "zero_stage": 0},
-        "optimizer": {"lr": 3e-3},
-        "schedule": {"micro_batch_size": 2, "global_batch_size": 4, "warmup_fraction": 0.1,
-                     "stages": [{"name": "en", "train_steps": 3, "data": [{"path": corpus_en, "weight": 1.0}]},
-                                {"name": "more", "train_steps": 2, "data": [{"path": corpus_en, "weight": 1.0}]}
-                                ][:stages]},
-        "checkpoint": {"interval": 0},
-        "logging": {"interval": 100, "wandb": True, "wandb_mode": "offline", "wandb_project": "megaslm-test",
-                    "wandb_tags": ["ci"]},
-    }
-    path = str(tmp_path / f"c{stages}.yaml")
-    with open(path, "w") as f:
-        yaml.safe_dump(cfg, f)
-    return path
+    """The tests' tiny run, 1 layer, 4 sequences per step: 3 steps, then (``stages=2``) a second stage of 2."""
+    stage_list = [{"name": "en", "train_steps": 3, "data": [{"path": corpus_en, "weight": 1.0}]},
+                  {"name": "more", "train_steps": 2, "data": [{"path": corpus_en, "weight": 1.0}]}][:stages]
+    return tiny_config(tmp_path / f"c{stages}.yaml", tmp_path / "run", None, stages=stage_list, name="wb",
+                       model={"num_layers": 1}, schedule={"global_batch_size": 4}, checkpoint={"interval": 0},
+                       logging={"interval": 100, "wandb": True, "wandb_mode": "offline",
+                                "wandb_project": "megaslm-test", "wandb_tags": ["ci"]})
 
 
-def test_offline_run_logs_metrics_config_and_resumes_the_same_run(tmp_path):
-    from data_tools.synthetic import write_demo_corpus
-
-    corpus = write_demo_corpus(str(tmp_path / "corpus"), seed=3, num_stories=12, codebook_size=128)
+def test_offline_run_logs_metrics_config_and_resumes_the_same_run(tmp_path, corpus):
     cfg, out = _config(tmp_path, corpus["en"]), str(tmp_path / "run")
     _launch(tmp_path, cfg, out)
     run_id = open(os.path.join(out, "wandb_run_id")).read().strip()
