@@ -21,6 +21,7 @@ BENCHMARKS = {
     "kernels/bench/bench_embedding.py": "bench_embedding",
     "kernels/bench/compile_all.py": "compile_all",
     "data_tools/bench_build.py": "bench_build",
+    "data_tools/bench_arrow.py": "bench_arrow",
     "data_tools/audio/throughput.py": "tokenize_throughput",
     "launchers/bench_train.py": "bench_train",
     "launchers/bench_trainer_cpu.py": "bench_trainer_cpu",
