@@ -269,14 +269,15 @@ class LoggingConfig:
     wandb_project: str = "megaslm"
     wandb_entity: Optional[str] = None
     wandb_name: Optional[str] = None   # the run's display name; default: the config's name
-    wandb_mode: str = "online"         # online | offline (files only, `wandb sync` later) | disabled
+    # online | offline (files only, `wandb sync` later) | disabled; default: $WANDB_MODE, else online
+    wandb_mode: Optional[str] = None
     wandb_dir: Optional[str] = None    # wandb's own files; default: $WANDB_DIR, else output_dir
     wandb_tags: List[str] = field(default_factory=list)
 
     def validate(self) -> None:
         _need(self.interval >= 1, "logging.interval", "an integer >= 1", self.interval)
-        _need(self.wandb_mode in ("online", "offline", "disabled"), "logging.wandb_mode",
-              "online, offline or disabled", self.wandb_mode)
+        _need(self.wandb_mode in (None, "online", "offline", "disabled"), "logging.wandb_mode",
+              "online, offline or disabled (or unset: $WANDB_MODE, else online)", self.wandb_mode)
         if self.wandb and not _installed("wandb"):
             raise ConfigError('logging.wandb: true needs the wandb package, the optional extra: '
                               'pip install -e ".[wandb]"')

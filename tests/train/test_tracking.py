@@ -130,6 +130,8 @@ def test_wandb_mode_is_checked():
     cfg.logging.wandb_mode = "onlin"
     with pytest.raises(ConfigError, match="logging.wandb_mode: expected online, offline or disabled"):
         cfg.logging.validate()
+    cfg.logging.wandb_mode = None   # unset: wandb's own choice ($WANDB_MODE, else online)
+    cfg.logging.validate()
 
 
 def test_evaluation_records_reach_the_same_run(tmp_path, monkeypatch):
@@ -142,7 +144,7 @@ def test_evaluation_records_reach_the_same_run(tmp_path, monkeypatch):
         if k.startswith("WANDB_"):
             monkeypatch.setenv(k, v)
     cfg = RunConfig(output_dir=str(tmp_path / "run"))
-    cfg.logging.wandb, cfg.logging.wandb_mode = True, "offline"
+    cfg.logging.wandb = True   # logging.wandb_mode unset: wandb's own choice, here $WANDB_MODE=offline
     sink = telemetry.MetricsSink(cfg.output_dir, tracker=tracking.open_tracker(cfg))
     sink.write({"step": 2, "loss": 1.5, "skipped": False, "mfu": None, "source_tokens": {"en": 7}})
     sink.write({"step": 2, "eval": {"sSC_en": 0.75, "tSC_fr": 0.5}})
