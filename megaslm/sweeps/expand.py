@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from megaslm.config import ConfigError, RunConfig
 from megaslm.config_io import _merge, _read_tree, apply_override, config_from_dict
 from megaslm.telemetry import flops_per_token  # torch-free at import: the telemetry's own 6N + 12LHS formula
+from megaslm.sweeps.recipes import apply_templates
 from megaslm.sweeps.spec import (BUILTIN_RECIPES, DATA_TOOLS_COMMANDS, PRESETS, DatasetSpec, SweepError, SweepSpec,
                                  build_words, check_spec, fmt_num, line_of, load_spec, need, repo_root, subst)
 
@@ -437,6 +438,7 @@ def expand(path: str, overrides: Sequence[str] = (), output_dir: Optional[str] =
     out_dir = os.path.abspath(output_dir or spec.output_dir)
     data_dir = os.path.join(out_dir, "data")
     base_tree = _base_tree(spec, src, spec_dir)
+    apply_templates(spec, src, base_tree)   # recipes over a language set -> their datasets and stages
     sizes = _sizes(spec, src, base_tree)
     ds = _Datasets(spec, src, spec_dir, data_dir, spec.executor.python or sys.executable)
     used_p = any(ds.uses_p(n) for n in spec.datasets)

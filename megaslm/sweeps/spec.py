@@ -121,7 +121,8 @@ class SweepSpec:
     output_dir: str = "runs/sweeps/sweep"
     base: str = "../tiny.yaml"                 # run config every run starts from (relative to the spec)
     sizes: List[Any] = field(default_factory=lambda: ["tiny"])
-    recipes: List[str] = field(default_factory=list)
+    # a name (built in, custom_recipes, a run config path) or a template over languages (megaslm/sweeps/recipes.py)
+    recipes: List[Any] = field(default_factory=list)
     budgets: List[float] = field(default_factory=list)
     matching: str = "tokens"                   # tokens | flops
     p: List[float] = field(default_factory=lambda: [0.5])
@@ -130,6 +131,12 @@ class SweepSpec:
     grid: Dict[str, List[Any]] = field(default_factory=dict)   # a.b.c -> values: extra axes
     datasets: Dict[str, DatasetSpec] = field(default_factory=dict)
     custom_recipes: Dict[str, RecipeSpec] = field(default_factory=dict)
+    # recipe templates ({name: interleaving, languages: [...]}): the languages they may name (and every run's
+    # vocab.languages; default: the base config's), the stories they build from (a dataset of kind files
+    # holding stories.jsonl, e.g. data_tools world, or a stories JSONL path) and arguments for their builds
+    languages: List[str] = field(default_factory=list)
+    stories: Optional[str] = None
+    build_args: List[str] = field(default_factory=list)
     benchmarks: List[str] = field(default_factory=list)        # dataset names (kind files) or paths
     # held-out loss for every run (eval.valid): dataset names or built prefixes, the same for every arm
     valid: List[str] = field(default_factory=list)
