@@ -167,7 +167,6 @@ def encode_dataset(in_prefix: str, out_prefix: str, model_path: str) -> dict:
     Runs of units of one language between special tokens are encoded separately (pieces never cross
     a language switch, a tag, a separator or a document end).
     """
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
     from megaslm.vocab import CONTENT_HASH, UnitVocab, hash_files, lang_prefix, manifest_path, read_manifest
 
     man = read_manifest(in_prefix)
@@ -175,6 +174,8 @@ def encode_dataset(in_prefix: str, out_prefix: str, model_path: str) -> dict:
         raise DataError("dataset is already BPE-encoded", path=manifest_path(in_prefix))
     vocab = UnitVocab.from_dict(man["vocab"])
     bpe = UnitBPE.load(model_path)
+    # megatron-core (it imports torch: ~7 s of CPU) after the manifest and the model are found
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
     ds, ls = IndexedDataset(in_prefix), IndexedDataset(lang_prefix(in_prefix))
     tok_size = vocab.offset + bpe.size
     dtype = token_dtype(tok_size)

@@ -13,6 +13,7 @@ manifest last (``common.commit_dataset``).
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import shutil
@@ -21,13 +22,14 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Union
 
 import numpy as np
 
+from megaslm.progress import Progress
 from megaslm.vocab import CONTENT_HASH, LANG_SUFFIX, MANIFEST_VERSION, content_hasher, lang_prefix
 
 from data_tools import arrow_inputs, fast
 from data_tools.common import commit_dataset, staging_dir, token_dtype, write_index_blocks, writing
 from data_tools.engine import CTX, Lengths, Quarantine, Writer, hash_file, run_chunks
 from data_tools.errors import DataError, FileError
-from data_tools.arrays import clear_caches, npy_units
+from data_tools.arrays import clear_caches, load_npz, npy_units
 from data_tools.formats import (BINARY_CHUNK_FACTOR, BoundsCursor, InputSpec, LineText, bounds_path, check_inputs,
                                 chunk_items, covers_to_end, follows, iter_chunk_ranges, parse_item)
 from data_tools.interleave import check_held, design_of, manifest_entry
@@ -204,26 +206,52 @@ def _check_ends(specs: Sequence[InputSpec], ends: Dict[int, tuple], opts: BuildO
             covers_to_end(bounds_path(spec.path), line, end, units, spec.path)
 
 
-class _NoProgress:
-    """What ``_progress`` returns when no bar is shown: tqdm's import and first bar cost ~35 ms, more than a
-    whole build of 4.5M units from .npz."""
+class _InputBytes:
+    """The build's progress in bytes of its inputs (their size on disk, known before the first chunk):
+    ``jobs`` passes the chunks through, noting where in the inputs each one ends (a line chunk: its byte
+    range's end in its file; rows of an .npz or a table: their share of its rows); ``advance`` gives the
+    bytes of the next chunk done (results come back in input order, however many run ahead)."""
 
-    def __enter__(self):
-        return self
+    def __init__(self, specs: Sequence[InputSpec]):
+        self.specs = specs
+        self.sizes = [_size_on_disk(s) for s in specs]
+        self.before = np.concatenate([[0], np.cumsum(self.sizes)]).tolist()
+        self.ends: "collections.deque[int]" = collections.deque()
+        self.done = 0
 
-    def __exit__(self, *exc):
-        return False
+    @property
+    def total(self) -> int:
+        return self.before[-1]
 
-    def update(self, n: int) -> None:
-        pass
+    def jobs(self, jobs):
+        for job in jobs:
+            fi, first, payload = job[1]
+            self.ends.append(self.before[fi] + int(self.sizes[fi] * self._fraction(fi, first, payload)))
+            yield job
+
+    def _fraction(self, fi: int, first: int, payload) -> float:
+        spec = self.specs[fi]
+        if isinstance(payload, tuple):       # (byte offset, byte count, lines) of the line file
+            lines = bounds_path(spec.path) if spec.kind == "npy" else spec.path
+            return (payload[0] + payload[1]) / max(1, os.path.getsize(lines))
+        if isinstance(payload, int):         # rows of an .npz or a table
+            rows = len(load_npz(spec.path)["offsets"]) - 1 if spec.kind == "npz" else \
+                arrow_inputs.load(spec.path, spec.table).rows
+            return (first - 1 + payload) / max(1, rows)
+        return 1.0
+
+    def advance(self) -> int:
+        end = self.ends.popleft()
+        n, self.done = end - self.done, end
+        return n
 
 
-def _progress(opts: BuildOptions, desc: str):
-    if not (opts.progress and sys.stderr.isatty()):
-        return _NoProgress()
-    from tqdm import tqdm
-    return tqdm(desc=desc, unit="rec", file=sys.stderr)
-
+def _size_on_disk(spec: InputSpec) -> int:
+    """Bytes of an input: the file (an .npy with its bounds sidecar), or every file of a save_to_disk folder."""
+    if os.path.isdir(spec.path):
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(spec.path) for f in fs)
+    extra = bounds_path(spec.path) if spec.kind == "npy" and os.path.isfile(bounds_path(spec.path)) else None
+    return os.path.getsize(spec.path) + (os.path.getsize(extra) if extra else 0)
 
 
 def uses_processes(specs: Sequence[InputSpec], opts: BuildOptions) -> bool:
@@ -347,9 +375,10 @@ def _convert_chunks(specs: Sequence[InputSpec], opts: BuildOptions, out: _Output
     processes = uses_processes(specs, opts)
     ctx = {"opts": opts, "inputs": specs, "dtype": out.dtype, "fast": _fast_enabled(), "outputs": out.paths,
            "convert": _process_chunk, "setup": _setup_converter}
-    jobs = enumerate(iter_chunk_ranges(specs, opts.chunk_size,
-                                       BINARY_CHUNK_FACTOR if processes else LOCAL_BINARY_CHUNK_FACTOR,
-                                       opts.max_line_bytes))
+    where = _InputBytes(specs)
+    jobs = where.jobs(enumerate(iter_chunk_ranges(specs, opts.chunk_size,
+                                                  BINARY_CHUNK_FACTOR if processes else LOCAL_BINARY_CHUNK_FACTOR,
+                                                  opts.max_line_bytes)))
     with writing(out.paths[0]):
         tf = open(out.paths[0], "wb")
     try:
@@ -362,10 +391,10 @@ def _convert_chunks(specs: Sequence[InputSpec], opts: BuildOptions, out: _Output
     try:
         results = run_chunks(jobs, opts.workers, ctx, processes)
         writer = None if processes else Writer(tf, lf, out.hash)
-        with _progress(opts, f"build {name}") as bar:
-            for res, n in results:
+        with Progress(f"build {name}", total=where.total, unit="B", enabled=opts.progress) as bar:
+            for res, _ in results:
                 out.add(res, specs, opts, writer)
-                bar.update(n)
+                bar.update(where.advance())
         if writer is not None:
             if out.total.documents:     # the .idx files while the thread writes the last chunk
                 _write_indexes(out.final, out.dtype, out.lengths)

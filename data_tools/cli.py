@@ -9,6 +9,7 @@ import json
 import sys
 from typing import List, Optional
 
+from megaslm.progress import add_progress_option, apply_progress_option
 from megaslm.vocab import VocabError
 
 from data_tools.errors import DataError
@@ -132,7 +133,8 @@ def _build_parser(sub) -> None:
                    help=".npy inputs: let the .bounds.jsonl ranges skip units (by default they must cover the "
                         "array from 0 to its end, each starting where the previous one ends; overlaps are "
                         "always refused)")
-    b.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    b.add_argument("--quiet", "-q", action="store_true", help="no progress (bar or lines)")
+    add_progress_option(b)
     _table_args(b)
     _vocab_args(b)
 
@@ -243,6 +245,7 @@ def _design(a) -> dict:
 
 def run(argv: Optional[List[str]] = None) -> int:
     a = make_parser().parse_args(argv)
+    apply_progress_option(getattr(a, "progress_every", None))
     if getattr(a, "audio_cmd", None):
         return a.audio_cmd(a)
     if a.cmd == "build":

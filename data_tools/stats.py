@@ -25,12 +25,13 @@ def read_document(prefix: str, i: int):
 
 def dataset_stats(prefix: str, histogram_png: Optional[str] = None, block_tokens: int = 1 << 24,
                   verify_hash: bool = False) -> Dict[str, Any]:
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
     for p in (prefix, lang_prefix(prefix)):
         for ext in (".bin", ".idx"):
             if not os.path.isfile(p + ext):
                 raise DataError("dataset file not found", path=p + ext)
+    # megatron-core (it imports torch: ~7 s of CPU) once the files are there: a missing one is said at once
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
     try:
         man = read_manifest(prefix)
     except ValueError as e:

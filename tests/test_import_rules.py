@@ -170,7 +170,8 @@ def test_config_vocab_and_fsutil_are_torch_free():
     # data_tools writes and training verifies; fsutil (the one atomic write) is standard library only
     light = {"megaslm/config.py": {"yaml", "megaslm"}, "megaslm/config_io.py": {"yaml", "megaslm"},
              "megaslm/vocab.py": {"yaml", "megaslm", "xxhash"}, "megaslm/fsutil.py": set(),
-             "megaslm/figures.py": {"matplotlib", "megaslm"}}   # the eval and sweep figures: no torch
+             "megaslm/figures.py": {"matplotlib", "megaslm"},   # the eval and sweep figures: no torch
+             "megaslm/progress.py": {"tqdm"}}   # every long command's progress (tqdm on a TTY only)
     for f, m, full in imports_of("megaslm"):
         if f in light:
             assert m in STDLIB | light[f], (f, full)
@@ -190,8 +191,9 @@ def test_data_tools_never_import_model_or_training():
     for f, m, full in imports_of("data_tools"):
         if m == "megaslm":
             # only the torch-free modules (unit vocabulary, manifest format, config, the atomic write, the
-            # environment check)
-            assert full in ("megaslm", "megaslm.vocab", "megaslm.config", "megaslm.fsutil", "megaslm.deps"), (f, full)
+            # environment check, the progress report)
+            assert full in ("megaslm", "megaslm.vocab", "megaslm.config", "megaslm.fsutil", "megaslm.deps",
+                            "megaslm.progress"), (f, full)
         assert m not in ("deepspeed", "evals", "launchers"), (f, full)
 
 

@@ -1,5 +1,6 @@
 """data_tools imports only numpy, megatron-core's dataset package, sentencepiece, tqdm, matplotlib,
-yaml (recipes), megaslm.vocab, megaslm.fsutil (the one atomic write), megaslm.deps (the environment check before
+yaml (recipes), megaslm.vocab, megaslm.fsutil (the one atomic write), megaslm.progress (the one progress
+report of every long command), megaslm.deps (the environment check before
 the audio tokenisers import transformers) and the torch-free benchmark record (kernels.bench.record, the one
 harness every benchmark writes through) (ARCHITECTURE.md dependency direction)."""
 import ast
@@ -9,7 +10,8 @@ import sys
 from conftest import ROOT
 
 ALLOWED = {"numpy", "orjson", "pyarrow", "sentencepiece", "tqdm", "matplotlib", "yaml", "data_tools", "megaslm.vocab",
-           "megaslm.fsutil", "megaslm.deps", "megatron.core.datasets", "kernels.bench.record"}
+           "megaslm.fsutil", "megaslm.deps", "megatron.core.datasets", "kernels.bench.record",
+           "megaslm.progress"}   # the one progress report of every long command (standard library; tqdm on a TTY)
 # the data-build benchmark runs megatron-core's own per-item builder loop as its anchor, which takes tensors
 EXTRA = {"bench_build.py": {"torch"}}
 # data_tools/audio (audio -> units, docs/audio.md) runs the speech models: these, and only there
