@@ -172,3 +172,29 @@ def test_bad_template_exits_2_in_one_line(tmp_path):
     r = sweep("plan", "--spec", path)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
     assert "recipes[4].pairs: fr-fr pairs a language with itself" in r.stderr
+
+
+def test_two_language_templates_have_the_paper_stages(tmp_path):
+    """interleaving_ft over en, fr: the built-in recipe's stage names and fractions; interleaving with pretrain:
+    its 75/85 + 10/85 split; the same stage tokens in one expansion."""
+    from megaslm.sweeps.spec import BUILTIN_RECIPES
+
+    def edit(t):
+        t = t.replace("languages: [en, fr, de]\n", "languages: [en, fr]\n").replace('"en,fr,de"', '"en,fr"')
+        head, _, tail = t.partition("recipes:\n")
+        return head + ("recipes:\n  - {name: interleaving_ft, languages: [en, fr]}\n"
+                       "  - {name: interleaving, languages: [en, fr], pretrain: en}\n"
+                       "budgets:" + tail.split("budgets:", 1)[1].split("custom_recipes:")[0].replace("[0.25, 0.5]", "[0.5]")
+                       + "throughput: {tokens_per_s: 20000, reference: xs}\n")
+    sw = expand(write_spec3(tmp_path, budget=256 * 200 + 3, edit=edit))
+    by = {r.recipe: r for r in sw.runs}
+    ft, il = by["interleaving_ft_en-fr"], by["interleaving_en-fr_pre-en"]
+    assert [(s.name, os.path.basename(s.data[0].path)) for s in ft.config.schedule.stages] == [
+        (n, {"en": "mono_en", "fr": "mono_fr", "interleaved": "interleaved_en-fr"}[d[0][0]])
+        for n, _, d in BUILTIN_RECIPES["interleaving_ft"]]
+    from megaslm.sweeps import recipes
+    assert [f for _, f, _ in BUILTIN_RECIPES["interleaving_ft"]] == [0.75, 0.10] + [recipes.PAPER_SPLIT[2] / 4] * 4
+    from megaslm.sweeps.expand import split_budget
+    assert ft.stage_tokens == split_budget(256 * 200 + 3, [f for _, f, _ in BUILTIN_RECIPES["interleaving_ft"]])
+    assert il.stage_tokens == split_budget(256 * 200 + 3, [f for _, f, _ in BUILTIN_RECIPES["interleaving"]])
+    assert [s.name for s in il.config.schedule.stages] == ["en_only", "interleaving"]
