@@ -116,7 +116,7 @@ class Progress:
             text += f"/{self._amount(self.total)} {self._noun()} ({100.0 * self.n / self.total:.1f}%)"
         else:
             text += f" {self._noun()}"
-        speed = f"{rate / 1e6:,.1f}" if self.unit == "B" else f"{rate:,.2f}" if rate < 10 else f"{rate:,.1f}"
+        speed = f"{rate / 1e6:,.1f}" if self.unit == "B" else f"{rate:,.3g}" if rate < 1000 else f"{rate:,.0f}"
         text += f", {speed} {self._noun()}/s, elapsed {clock_text(elapsed)}"
         if done:
             text += ", done"
@@ -134,7 +134,7 @@ class Progress:
     def _amount(self, x: float) -> str:
         if self.unit == "B":
             return f"{x / 1e6:,.1f}"
-        if float(x).is_integer() and (self.total is None or float(self.total).is_integer()):
+        if not isinstance(self.total, float) and isinstance(self.n, int):     # a count
             return f"{int(x):,}"
         return f"{x:,.3f}" if x < 100 else f"{x:,.1f}"
 

@@ -5,6 +5,8 @@ import argparse
 import json
 from typing import List
 
+from megaslm.progress import add_progress_option
+
 from data_tools.errors import DataError
 
 
@@ -95,7 +97,8 @@ def register_audio(sub) -> None:
     t.add_argument("--batch-size", type=int, default=16, help="files per forward pass")
     t.add_argument("--batch-seconds", type=float, default=600.0, help="padded audio seconds per forward pass")
     t.add_argument("--skip-bad", action="store_true", help="quarantine bad files (OUT.quarantine.jsonl)")
-    t.add_argument("--quiet", "-q", action="store_true")
+    t.add_argument("--quiet", "-q", action="store_true", help="no progress (bar or lines)")
+    add_progress_option(t)
     t.set_defaults(audio_cmd=cmd_tokenize)
 
     k = sub.add_parser("tokenize-kmeans-train", help="fit the HuBERT unit codebook (MiniBatchKMeans) -> .npy")

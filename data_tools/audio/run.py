@@ -216,10 +216,10 @@ def _progress_bar(opts: TokenizeOptions, rank: int, todo, seconds: Dict[int, flo
     total_h = 0.0
     for _, rest, _ in todo:
         total_h += sum(seconds.get(i, 0.0) for i in rest) / 3600
-    from tqdm import tqdm
-    return tqdm(total=round(total_h, 6), unit="h", position=rank, dynamic_ncols=True,
-                desc=f"rank {rank} audio hours", bar_format="{desc}: {percentage:3.0f}%|{bar}| "
-                "{n:.3f}/{total:.3f} h [{elapsed}<{remaining}, {rate_fmt}]")
+    from megaslm.progress import Progress   # a tqdm bar on a TTY, else a line every N seconds (a SLURM log)
+    return Progress(f"tokenize rank {rank} audio hours", total=round(total_h, 6), unit="h", position=rank,
+                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.3f}/{total:.3f} h [{elapsed}<{remaining}, "
+                    "{rate_fmt}]")
 
 
 class _ShardEncoder:
@@ -237,13 +237,15 @@ class _ShardEncoder:
     def run(self, todo: List[Tuple[int, List[int], List[dict]]]) -> None:
         self.bar = _progress_bar(self.opts, self.rank, todo, self.seconds)
         self.pool = ThreadPoolExecutor(max_workers=2)    # decode + resample the next batch while the model runs
+        ok = False
         try:
             for k, rest, part in todo:
                 self._shard(k, rest, part)
+            ok = True
         finally:
             self.pool.shutdown(wait=False, cancel_futures=True)
             if self.bar is not None:
-                self.bar.close()
+                self.bar.close(ok)
 
     def _load(self, batch: List[int]):
         return self.pool.submit(_load_batch, batch, self.entries, self.tok, self.opts.channel)

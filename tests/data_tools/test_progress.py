@@ -34,9 +34,9 @@ def test_plain_lines_every_n_seconds_with_total_and_eta():
             clock.t += 2
             p.update(10)
     lines = out.getvalue().splitlines()
-    assert lines[0] == "build x: 50/1,000 records (5.0%), 5.00 records/s, elapsed 0:00:10, ETA 0:03:10"
+    assert lines[0] == "build x: 50/1,000 records (5.0%), 5 records/s, elapsed 0:00:10, ETA 0:03:10"
     assert len(lines) == 7 and lines[-2].startswith("build x: 300/1,000 records (30.0%)")
-    assert lines[-1] == "build x: 300/1,000 records (30.0%), 5.00 records/s, elapsed 0:01:00, done"
+    assert lines[-1] == "build x: 300/1,000 records (30.0%), 5 records/s, elapsed 0:01:00, done"
 
 
 def test_bytes_in_mb_and_short_work_is_silent_and_zero_disables():
@@ -140,3 +140,17 @@ def test_a_missing_file_is_said_before_megatron_or_torch_is_imported(tmp_path):
                        env={**os.environ, "PYTHONPATH": ROOT})
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stderr.count("error:") == 3 and "not found" in r.stderr
+
+
+def test_tokenize_reports_audio_hours(monkeypatch, capsys):
+    """``tokenize``'s progress: this rank's audio hours, with their total."""
+    from data_tools.audio.run import TokenizeOptions, _progress_bar
+    monkeypatch.setenv(progress.ENV, "1e-9")
+    bar = _progress_bar(TokenizeOptions(output="o.jsonl"), 1, [(0, [0, 1], []), (3, [2], [])],
+                        {0: 3600.0, 1: 1800.0, 2: 1800.0})
+    bar.update(0.5)
+    bar.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("tokenize rank 1 audio hours: 0.500/2.000 h (25.0%), ") and "ETA" in lines[0]
+    assert lines[-1].endswith("done")
+    assert _progress_bar(TokenizeOptions(output="o.jsonl", progress=False), 0, [(0, [0], [])], {0: 1.0}) is None
