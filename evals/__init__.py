@@ -10,5 +10,6 @@ generate    sampling (temperature, top-k, top-p, seed) through the sharded model
 runner      evaluate(chunks, ...), evaluate_checkpoint, evaluate_path (launchers/eval.py)
 hooks       evaluate_chunks(chunks, cfg, step) for periodic evaluation during training
 report      results.json, results.md (the paper's table layout), evals.png
+xling       the N x N cross-lingual matrices (context x ending language, alignment per pair), torch-free
 synthetic   a tiny benchmark folder from a stories JSONL (tests, README example)
 """

@@ -1,4 +1,5 @@
-"""Reports: results.json, results.md (the paper's table layout) and evals.png (every metric vs step).
+"""Reports: results.json, results.md (the paper's table layout), evals.png (every metric vs step) and the newest
+checkpoint's N x N cross-lingual matrices (evals/xling.py: xling_<benchmark>.md/.png, align_matrix.md/.png).
 
 Table columns: sSC-EN / sSC-FR / sTC-EN / sTC-FR | sSC EN→FR / FR→EN / sTC EN→FR / FR→EN |
 sBLIMP / sWUGGY | alignment (mean cosine over layers; retrieval in the JSON). Accuracies in %.
@@ -14,6 +15,7 @@ from megaslm.fsutil import atomic_write_json, atomic_write_text
 from megaslm.telemetry import read_step_records
 
 from evals.benchmarks import ALIGN, CROSSLINGUAL, MONOLINGUAL, SYNTAX_LEXICON, chance_percent
+from evals.xling import write_matrix_files
 
 SCORING_TEXT = {"mean": "mean log-likelihood per token of the whole utterance, context included",
                 "sum_continuation": "summed log-likelihood of the ending given the context",
@@ -159,4 +161,6 @@ def write_reports(results: Sequence[Dict], out_dir: str, during_training: Sequen
     atomic_write_json(rj, {"checkpoints": list(results)}, indent=1, ensure_ascii=False)
     rm = os.path.join(out_dir, "results.md")
     atomic_write_text(rm, markdown_table(results))
-    return {"json": rj, "markdown": rm, "plots": write_plots(results, out_dir, during_training)}
+    newest = {(results[-1].get("tag") or f"step {results[-1].get('step')}"): results[-1:]} if results else {}
+    return {"json": rj, "markdown": rm, "plots": write_plots(results, out_dir, during_training),
+            "matrices": write_matrix_files(out_dir, newest)}   # xling_<benchmark>.md/.png, align_matrix.md/.png

@@ -6,7 +6,9 @@ order) or its checkpoints/ folder. Overrides apply to the checkpoint's saved con
 (parallel.tensor=2 parallel.pipeline=2; DP = the rest of the world) and eval.* (scoring, batch size,
 max_items, add_bos). Multi-process: torchrun --nproc-per-node 4 launchers/eval.py ... (or deepspeed).
 Writes results.json, results.md, evals.png (every benchmark vs step, with the run's evaluations during
-training; a bar chart for one evaluated step) and <tag>.items.jsonl to --out.
+training; a bar chart for one evaluated step), the newest checkpoint's N x N cross-lingual matrices
+(xling_sTC.md/.png, xling_sSC.md/.png: rows = context language, columns = ending language; align_matrix.md/.png;
+docs/evals.md) and <tag>.items.jsonl to --out.
 """
 from __future__ import annotations
 

@@ -92,3 +92,37 @@ def grouped_bars(ax, labels: Sequence[str], groups: Dict[str, Sequence[Optional[
     ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
     ax.set_xlim(-0.6, len(labels) - 0.4)
     return out
+
+
+def heatmap(ax, values: Sequence[Sequence[Optional[float]]], rows: Sequence[str], cols: Sequence[str],
+            text: Sequence[Sequence[str]], vmin: float, vmax: float, centre: Optional[float] = None,
+            centre_label: str = "chance", cbar_label: str = "", fontsize: float = 8):
+    """A matrix as coloured cells, each annotated with ``text``; None cells are grey and say ``–``. With
+    ``centre`` (e.g. the chance level) the colormap diverges from it (red below, white at it, blue above) and the
+    colorbar carries a tick ``<centre> <centre_label>``; without, one sequential colormap (e.g. cosine, which
+    has no chance level). Returns the colorbar."""
+    from matplotlib.colors import Normalize, TwoSlopeNorm
+
+    data = [[float("nan") if v is None else v for v in r] for r in values]   # NaN: masked, drawn in the bad colour
+    cmap = pyplot().get_cmap("RdBu" if centre is not None else "viridis").with_extremes(bad="0.85")
+    norm = TwoSlopeNorm(centre, vmin, vmax) if centre is not None and vmin < centre < vmax else Normalize(vmin, vmax)
+    im = ax.imshow(data, cmap=cmap, norm=norm, aspect="auto")
+    for i, r in enumerate(values):
+        for j, v in enumerate(r):
+            dark = v is not None and (abs(norm(v) - 0.5) > 0.3 if centre is not None else norm(v) < 0.5)
+            ax.text(j, i, text[i][j] if v is not None else "–", ha="center", va="center", fontsize=fontsize,
+                    color="white" if dark else "black")
+    ax.set_xticks(range(len(cols)))
+    ax.set_xticklabels(cols, fontsize=fontsize)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels(rows, fontsize=fontsize)
+    cbar = ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+    cbar.set_label(cbar_label, fontsize=fontsize)
+    if centre is not None:
+        ticks = sorted({centre} | {t for t in (vmin + k * (vmax - vmin) / 4 for k in range(5))
+                                   if abs(norm(t) - norm(centre)) > 0.08})   # apart on the bar, not in value
+        cbar.set_ticks(ticks)
+        cbar.set_ticklabels([f"{t:.3g} {centre_label}" if t == centre else f"{t:.3g}" for t in ticks])
+        cbar.ax.axhline(centre, **{**CHANCE_STYLE, "color": "black"})
+    cbar.ax.tick_params(labelsize=fontsize - 1)
+    return cbar

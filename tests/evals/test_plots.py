@@ -89,7 +89,9 @@ def test_exactly_one_figure_per_run(tmp_path):
     assert [r["step"] for r in training] == [50, 100]
     out = write_reports([_rec(100)], str(run / "evals"), training)
     assert out["plots"] == [str(run / "evals" / "evals.png")]
-    assert sorted(os.listdir(run / "evals")) == ["evals.png", "results.json", "results.jsonl", "results.md"]
+    assert sorted(os.listdir(run / "evals")) == ["align_matrix.md", "align_matrix.png", "evals.png", "results.json",
+                                                 "results.jsonl", "results.md", "xling_sSC.md", "xling_sSC.png",
+                                                 "xling_sTC.md", "xling_sTC.png"]   # the figure + evals/xling.py's
     assert read_training_results(str(tmp_path / "nope.jsonl")) == []
     assert write_reports([{"step": 1, "tasks": {}, "alignment": {}}], str(tmp_path / "empty"))["plots"] == []
 
