@@ -23,7 +23,7 @@ EXECUTORS = ("local", "slurm", "submitit-local")
 # the subcommands of `python -m data_tools` (pinned against data_tools/cli.py by tests/sweep/test_spec.py):
 # a dataset's build list that starts with one of them is data_tools arguments, any other list is a
 # command of its own (argv), and a string is a shell command
-DATA_TOOLS_COMMANDS = ("build", "bpe-train", "bpe-encode", "budget", "inspect", "demo", "world", "tokenize",
+DATA_TOOLS_COMMANDS = ("build", "adopt", "bpe-train", "bpe-encode", "budget", "inspect", "demo", "world", "tokenize",
                        "tokenize-kmeans-train", "tokenize-bench")
 # what a sweep needs from the repository besides the installed packages
 REPO_NEEDS = ("configs", os.path.join("launchers", "pretrain.py"), os.path.join("launchers", "eval.py"))
