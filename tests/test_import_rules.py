@@ -309,10 +309,11 @@ def test_deepspeed_private_finder_finds_accesses():
 # ------------------------------------------------------------------------------------------------
 # what megaslm.sweeps takes from below: the config, the FLOPs formula, the plan's memory column, the
 # checkpoint layout and the run directory's lock (run state) and evals' torch-free task names (the
-# report's columns)
+# report's columns) and cross-lingual matrices (evals.xling: results dicts -> N x N tables and heatmaps, the
+# same for one eval run and for a sweep's arms)
 SWEEPS_MAY_IMPORT = ("megaslm.config", "megaslm.config_io", "megaslm.telemetry", "megaslm.memory",
                      "megaslm.checkpoint.layout", "megaslm.checkpoint.lock", "megaslm.fsutil", "megaslm.ports",
-                     "evals.benchmarks", "megaslm.figures")
+                     "evals.benchmarks", "megaslm.figures", "evals.xling")
 
 
 def test_sweeps_sit_above_the_library():

@@ -1,4 +1,5 @@
-"""The report of a sweep: results.csv, results.md (the paper's table, one row per arm) and PNG plots.
+"""The report of a sweep: results.csv, results.md (the paper's table, one row per arm), PNG plots and the N x N
+cross-lingual matrices per arm (xling_<benchmark>.md/.png, align_matrix.md/.png; evals/xling.py).
 
 Reads only what the processes wrote: ``<sweep>/sweep.json`` (the expansion), each run's
 ``metrics.jsonl`` (training loss per step, tokens seen), its newest checkpoint ``meta.json`` (the token
@@ -19,6 +20,7 @@ import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from evals.benchmarks import CROSSLINGUAL, MONOLINGUAL, SYNTAX_LEXICON, chance_percent  # torch-free
+from evals.xling import cell_text, mean_spread, write_matrix_files  # torch-free
 from megaslm import figures
 from megaslm.checkpoint.layout import newest_meta
 from megaslm.telemetry import read_step_records
@@ -61,14 +63,9 @@ def collect(sweep_dir: str) -> Tuple[Dict, List[Dict]]:
             row["chance"] = {k: chance_percent(v) for k, v in res.get("tasks", {}).items()}
             row["alignment"] = {k: v["cosine"] for k, v in res.get("alignment", {}).items()}
             row["scoring"] = res.get("scoring")
+            row["evals"] = res    # the whole record: the cross-lingual matrices (evals/xling.py) read per-layer alignment
         rows.append(row)
     return sj, rows
-
-
-def _mean_sd(xs: Sequence[float]) -> Tuple[float, float]:
-    m = sum(xs) / len(xs)
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
-    return m, sd
 
 
 def arms(rows: Sequence[Dict]) -> List[Dict]:
@@ -91,7 +88,7 @@ def arms(rows: Sequence[Dict]) -> List[Dict]:
                 if v is not None:
                     vals.append(v)
             if vals:
-                a["metrics"][k] = _mean_sd(vals) + (len(vals),)
+                a["metrics"][k] = mean_spread(vals)   # (mean, sample sd, n): the matrices' cells too
         out.append(a)
     return out
 
@@ -126,13 +123,6 @@ LOSS_NOTE = {"validation": "held-out validation loss at the last step (the spec'
                       "of steps"}
 
 
-def _cell(m: Optional[Tuple], fmt: str) -> str:
-    if not m:
-        return "–"
-    mean, sd, n = m
-    return (fmt % mean) + (f" ± {fmt % sd}" if n > 1 else "")
-
-
 def markdown(sj: Dict, rows: Sequence[Dict], arm_rows: Sequence[Dict]) -> str:
     present = {k for r in rows for k in r["tasks"]}
     cols = [c for c in PAPER_COLUMNS if c in present] + sorted(present - set(PAPER_COLUMNS))
@@ -141,9 +131,9 @@ def markdown(sj: Dict, rows: Sequence[Dict], arm_rows: Sequence[Dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for a in arm_rows:
         cells = [a["arm"], f"{a['params']:,}", f"{a['tokens']:,}", str(len(a["seeds"])),
-                 _cell(a["metrics"].get("final_loss"), "%.3f")]
-        cells += [_cell(a["metrics"].get(c), "%.1f") for c in cols]
-        cells += [_cell(a["metrics"].get(f"align {x}"), "%.3f") for x in aligns]
+                 cell_text(a["metrics"].get("final_loss"), "%.3f")]
+        cells += [cell_text(a["metrics"].get(c), "%.1f") for c in cols]
+        cells += [cell_text(a["metrics"].get(f"align {x}"), "%.3f") for x in aligns]
         lines.append("| " + " | ".join(cells) + " |")
     budgets = sorted({(r["budget"]) for r in rows})
     scorings = sorted({r["scoring"] for r in rows if r["scoring"]})
@@ -358,5 +348,7 @@ def write_report(sweep_dir: str) -> Dict[str, object]:
     md = markdown(sj, rows, arm_rows)
     md += "\nPower-law fits of final loss vs FLOPs per recipe: " + "; ".join(fits) + ".\n"
     atomic_write(os.path.join(out, "results.md"), md)
+    matrices = write_matrix_files(out, {a["arm"]: [r["evals"] for r in a["runs"] if r.get("evals")] for a in arm_rows},
+                                  fsync=False)   # xling_<benchmark>.md/.png, align_matrix.md/.png: seeds averaged
     return {"csv": os.path.join(out, "results.csv"), "markdown": os.path.join(out, "results.md"), "plots": plots,
-            "fits": fits, "table": md, "arms": arm_rows, "rows": rows}
+            "fits": fits, "table": md, "arms": arm_rows, "rows": rows, "matrices": matrices}
