@@ -10,6 +10,7 @@ validated, expanded and planned in about a second.
 
 spec     the spec schema, its strict loading and the checks that need no expansion; the repository's layout
 expand   spec -> runs: sizes (presets, depth/width, the size ladder), recipes, matching by tokens or FLOPs
+recipes  recipe templates over a language set (mono, blend, story, interleaving, interleaving_ft) -> datasets, stages
 state    the sweep's files (resolved run configs, sweep.json) and each run's state read from its outputs
 plan     the plan table: parameters, tokens per stage, steps, FLOPs, device-hours, memory and whether it fits
 execute  data builds under a lock, one run's job (train, evaluate), the local / submitit / SLURM executors

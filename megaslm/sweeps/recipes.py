@@ -14,6 +14,7 @@ alternating over the set's languages, ``ft_rounds`` times). The paper's names as
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -170,7 +171,7 @@ def _check_template(t: RecipeTemplate, known: Sequence[str], world: Optional[Seq
 class _Maker:
     """Makes the templates' datasets (once per name; a dataset the spec defines under that name wins)."""
 
-    def __init__(self, spec: SweepSpec, base_tree: Dict, languages: Sequence[str], where: str):
+    def __init__(self, spec: SweepSpec, base_tree: Dict, languages: Sequence[str], spec_dir: str, where: str):
         self.spec, self.made = spec, {}
         if spec.stories is None:
             raise SweepError(f"{where}: a recipe template needs stories: (a dataset holding stories.jsonl, "
@@ -180,6 +181,8 @@ class _Maker:
             self.input, self.needs = d.prefix.rstrip("/") + "/stories.jsonl", [spec.stories]
         else:
             self.input, self.needs = spec.stories, []
+        if not self.input.startswith("{") and not os.path.isabs(self.input):   # builds run in the repository
+            self.input = os.path.join(spec_dir, self.input)
         v = base_tree.get("vocab", {})
         self.vocab_args = ["--codebook-size", str(v.get("codebook_size", 2048)), "--languages", ",".join(languages)]
         self.vocab_args += [f"--{k.replace('_', '-')}" for k in ("lang_tags", "sentence_sep", "dedup") if v.get(k)]
@@ -277,7 +280,7 @@ def apply_templates(spec: SweepSpec, src: str, base_tree: Dict) -> None:
             m = re.match(r"recipes\[\d+\]\.(\w+)", str(e))
             raise SweepError(f"{_loc(src, lines, i, m.group(1) if m else None)}: {e}") from None
         d = _check_template(t, known, world_languages(spec), where)
-        maker = maker or _Maker(spec, base_tree, known, where(None))
+        maker = maker or _Maker(spec, base_tree, known, os.path.dirname(os.path.abspath(src)), where(None))
         label = _label(d)
         if label in BUILTIN_RECIPES or label in spec.custom_recipes or label in labels:
             raise SweepError(f"{where('label')}: recipe name {label!r} is taken (a built-in recipe, a custom recipe "
