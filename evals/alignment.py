@@ -22,7 +22,7 @@ from megaslm.config import RunConfig
 from megaslm.vocab import LANG_NONE
 
 from evals.benchmarks import Item, token_languages
-from evals.engine import _ps, forward, gather_over_dp, my_buckets, pad_rows
+from evals.engine import _ps, forward, gather_over_dp, my_buckets, pad_rows, with_progress
 from evals.errors import EvalError
 
 
@@ -45,7 +45,7 @@ def pooled_hidden_states(chunks: List[torch.nn.Module], cfg: RunConfig, seqs: Se
             handles.append(layer.register_forward_hook(hook))
     local: Dict[int, Dict[int, torch.Tensor]] = {}
     try:
-        for idx in my_buckets([len(s) for s in seqs], batch_size):
+        for idx in with_progress("alignment", my_buckets([len(s) for s in seqs], batch_size)):
             rows = [seqs[i] for i in idx]
             toks = pad_rows(rows, cfg.vocab.pad_id)
             lang = pad_rows([langs[i] for i in idx], LANG_NONE, toks.shape[1]) if langs is not None else None

@@ -143,6 +143,13 @@ def buckets(lengths: Sequence[int], batch_size: int) -> List[List[int]]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def with_progress(what: str, mine: Sequence[List[int]]):
+    """This rank's buckets of a pass, one by one, their progress shown by global rank 0 (``megaslm.progress``)."""
+    from megaslm.progress import Progress
+    return Progress(f"eval {what}", total=sum(len(b) for b in mine), unit="sequences",
+                    enabled=not dist.is_initialized() or dist.get_rank() == 0).iterate(mine, len)
+
+
 def my_buckets(lengths: Sequence[int], batch_size: int) -> List[List[int]]:
     ps = _ps()
     dp, r = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -179,7 +186,7 @@ def sequence_logprobs(chunks: List[torch.nn.Module], cfg: RunConfig, seqs: Seque
         raise EvalError("language ids: one id per token of every sequence expected")
     pad = cfg.vocab.pad_id
     local: Dict[int, List[float]] = {}
-    for idx in my_buckets([len(s) for s in seqs], batch_size):
+    for idx in with_progress("scoring", my_buckets([len(s) for s in seqs], batch_size)):
         rows = [seqs[i] for i in idx]
         toks = pad_rows(rows, pad)
         labels = torch.full_like(toks, pad)

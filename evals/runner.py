@@ -18,6 +18,7 @@ from megaslm import parallel
 from megaslm.checkpoint.layout import checkpoint_step
 from megaslm.config import RunConfig
 from megaslm.fsutil import atomic_write_text
+from megaslm.progress import Progress
 
 from evals.alignment import align_items
 from evals.benchmarks import ALIGN, Benchmark, check_vocab, load_benchmark
@@ -98,7 +99,9 @@ def evaluate_path(path: str, bench_paths: Sequence[str], overrides: Sequence[str
     # every checkpoint's eval config and benchmarks checked before the first model is built
     checked = checked if checked is not None else preflight(path, bench_paths, overrides)
     results = []
-    for c, prep in checked:
+    # the checkpoints' progress (total, ETA) on rank 0: RANK, the process groups are not up yet
+    for c, prep in Progress("eval", total=len(checked), unit="checkpoints",
+                            enabled=os.environ.get("RANK", "0") == "0").iterate(checked):
         r = evaluate_checkpoint(c, bench_paths, overrides, out_dir, prep)
         if _is_writer():
             log(f"{r['tag']}: " + ", ".join(f"{k} {v['accuracy'] * 100:.2f}" for k, v in sorted(r["tasks"].items()))

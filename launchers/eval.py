@@ -17,15 +17,19 @@ import sys
 
 from _common import fail, parse
 
+from megaslm.progress import add_progress_option, apply_progress_option
+
 
 def _extra(p):
     p.add_argument("--checkpoint", required=True, help="checkpoint, checkpoints/ folder or run directory")
     p.add_argument("--benchmarks", nargs="+", default=[], help="benchmark folders or .jsonl files (default: eval.benchmarks)")
     p.add_argument("--out", default=None, help="report folder (default: <checkpoint or run>/evals)")
+    add_progress_option(p)
 
 
 def main(argv=None) -> int:
     args, overrides = parse(__doc__.splitlines()[1].strip(), None, argv, extra=_extra)
+    apply_progress_option(args.progress_every)
     from megaslm.config import ConfigError
     from megaslm.vocab import VocabError
 

@@ -17,7 +17,7 @@ import argparse
 import os
 import sys
 import time
-from typing import Callable, Optional, TextIO
+from typing import Any, Callable, Iterable, Iterator, Optional, TextIO
 
 ENV = "MEGASLM_PROGRESS_EVERY"
 DEFAULT_EVERY = 30.0
@@ -95,9 +95,21 @@ class Progress:
             self.bar.update(n)
             return
         now = self.clock()
-        if now - self.last >= self.every:
+        if now - self.last >= self.every and not (self.total and self.n >= self.total):   # the end: close's line
             self.last = now
             self._line(now)
+
+    def iterate(self, items: Iterable, size: Optional[Callable[[Any], float]] = None) -> Iterator:
+        """Each of ``items``, counted (as 1, or ``size(item)``) once the loop's body is done with it; closed at
+        the end (without its last line when the loop stopped early)."""
+        ok = False
+        try:
+            for item in items:
+                yield item
+                self.update(1 if size is None else size(item))
+            ok = True
+        finally:
+            self.close(ok)
 
     def close(self, ok: bool = True) -> None:
         if self.bar is not None:
