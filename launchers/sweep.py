@@ -18,6 +18,8 @@ import time
 
 from _common import ROOT, ArgumentParser, fail  # noqa: E402
 
+from megaslm.progress import add_progress_option, apply_progress_option  # noqa: E402
+
 DEFAULT_SPEC = os.path.join(ROOT, "configs", "sweeps", "demo.yaml")
 # the sweep runs this checkout's launchers and presets, whichever megaslm was imported (a non-editable install)
 os.environ.setdefault("MEGASLM_ROOT", ROOT)
@@ -33,12 +35,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="run: start at most this many unfinished runs, then stop (the rest on the next call)")
     p.add_argument("--dataset", action="append", default=None, metavar="NAME",
                    help="data: build this dataset (and what it needs) only; repeatable")
+    add_progress_option(p)    # the sweep's own runs-done lines, and its data builds' and evaluations' (their logs)
     p.add_argument("overrides", nargs="*", metavar="a.b.c=value", help="overrides of the sweep spec's keys")
     return p
 
 
 def main(argv=None) -> int:
     a = _parser().parse_intermixed_args(argv)
+    apply_progress_option(a.progress_every)
     cmd = a.command or "run"
     from megaslm.config import ConfigError
     from megaslm.sweeps.expand import expand

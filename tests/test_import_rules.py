@@ -313,7 +313,8 @@ def test_deepspeed_private_finder_finds_accesses():
 # same for one eval run and for a sweep's arms)
 SWEEPS_MAY_IMPORT = ("megaslm.config", "megaslm.config_io", "megaslm.telemetry", "megaslm.memory",
                      "megaslm.checkpoint.layout", "megaslm.checkpoint.lock", "megaslm.fsutil", "megaslm.ports",
-                     "evals.benchmarks", "megaslm.figures", "evals.xling")
+                     "evals.benchmarks", "megaslm.figures", "evals.xling",
+                     "megaslm.progress")   # the runs-done progress lines
 
 
 def test_sweeps_sit_above_the_library():

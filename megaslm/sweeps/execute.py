@@ -23,6 +23,7 @@ from megaslm.config import ConfigError
 from megaslm.sweeps.expand import Dataset, Run, Sweep, refresh_token_weights
 from megaslm.sweeps.spec import SweepError, repo_root
 from megaslm.ports import free_port
+from megaslm.progress import Progress
 from megaslm.sweeps.state import LOCK, Job, atomic_write, load_job, run_state, write_configs
 
 Log = Callable[[str], None]
@@ -270,13 +271,15 @@ def _guard(fn, *args) -> Optional[str]:
 
 def run_all(sw: Sweep, todo: Sequence[Run], log: Log) -> Dict[str, Optional[str]]:
     """Run ``todo`` with the spec's executor; returns {run name: error line or None}."""
-    ex = sw.spec.executor
-    if ex.kind == "local":
-        return _run_local(sw, todo, log)
-    return _run_submitit(sw, todo, log)
+    # the runs done so far of ``todo``, their total and an ETA (megaslm.progress: a line on stderr per run
+    # done once N seconds have passed, a bar on a TTY)
+    with Progress(f"sweep {sw.spec.name}", total=len(todo), unit="runs") as bar:
+        if sw.spec.executor.kind == "local":
+            return _run_local(sw, todo, log, bar.update)
+        return _run_submitit(sw, todo, log, bar.update)
 
 
-def _run_local(sw: Sweep, todo: Sequence[Run], log: Log) -> Dict[str, Optional[str]]:
+def _run_local(sw: Sweep, todo: Sequence[Run], log: Log, done: Callable[[], None]) -> Dict[str, Optional[str]]:
     """``parallel`` runs at once over the GPUs of this node: slot k owns devices [k*g, (k+1)*g)."""
     import queue
     import threading
@@ -295,6 +298,7 @@ def _run_local(sw: Sweep, todo: Sequence[Run], log: Log) -> Dict[str, Optional[s
                                               f"started (slot {k}, devices {devs})"))
             results[r.name] = _guard(execute_run, sj, r.name, sw.python, ex.gpus_per_run, 1, devs)
             log(f"[{_stamp()}] {r.name}: {results[r.name] or 'done'}")
+            done()
         finally:
             slots.put(k)
 
@@ -339,7 +343,7 @@ def _submitit_executor(sw: Sweep):
     return executor
 
 
-def _run_submitit(sw: Sweep, todo: Sequence[Run], log: Log) -> Dict[str, Optional[str]]:
+def _run_submitit(sw: Sweep, todo: Sequence[Run], log: Log, done: Callable[[], None]) -> Dict[str, Optional[str]]:
     ex, sj, py = sw.spec.executor, os.path.join(sw.dir, "sweep.json"), sw.python
     executor = _submitit_executor(sw)
     gpus = ex.gpus_per_node if ex.kind == "slurm" else ex.gpus_per_run
@@ -369,6 +373,7 @@ def _run_submitit(sw: Sweep, todo: Sequence[Run], log: Log) -> Dict[str, Optiona
             results[r.name] = next((l for l in reversed(msg) if "SweepError" in l or "error" in l.lower()),
                                    msg[-1] if msg else repr(e))
         log(f"[{_stamp()}] {r.name}: job {j.job_id} {results[r.name] or 'done'}")
+        done()
     return results
 
 
