@@ -197,7 +197,8 @@ class _Maker:
         return name
 
     def mono(self, lang: str) -> str:
-        return self.dataset(f"mono_{lang}", ["--mode", "mono", "--lang", lang])
+        # --pair L,L: a story is read in L only (without it, in en and fr: every story would need both)
+        return self.dataset(f"mono_{lang}", ["--mode", "mono", "--lang", lang, "--pair", f"{lang},{lang}"])
 
 
 def _stages(d: _Design, mk: _Maker) -> List[Tuple[str, float, List[Tuple[str, Any]]]]:

@@ -64,7 +64,7 @@ def test_three_languages_expand_into_builds_and_stages(tmp_path):
 
     def build(name, *mode):
         return ["build", "-i", world, "-o", os.path.join(sw.data_dir, name), *mode, *V]
-    assert builds["mono_de"] == build("mono_de", "--mode", "mono", "--lang", "de")
+    assert builds["mono_de"] == build("mono_de", "--mode", "mono", "--lang", "de", "--pair", "de,de")
     assert builds["story_en-fr-de"] == build("story_en-fr-de", "--mode", "story-random", "--langs", "en,fr,de")
     assert builds["interleaved_en-fr-de_w0.5-0.25-0.25"] == build(
         "interleaved_en-fr-de_w0.5-0.25-0.25", "--mode", "random", "--langs", "en,fr,de", "--probs", "0.5,0.25,0.25")
