@@ -43,7 +43,8 @@ def _device(a):
 
 
 def _load(a):
-    from data_tools.audio.tokenizers import load_tokenizer
+    from data_tools.audio.tokenizers import check_tokenizer, load_tokenizer
+    check_tokenizer(a.tokenizer, a.model_dir, a.layer, getattr(a, "kmeans", None))   # before torch's import (_device)
     return load_tokenizer(a.tokenizer, a.model_dir, a.layer, getattr(a, "kmeans", None), _device(a), a.dtype)
 
 
@@ -110,7 +111,8 @@ def register_audio(sub) -> None:
     k.add_argument("--max-frames", type=int, default=1_000_000)
     k.add_argument("--batch-size", type=int, default=8)
     k.add_argument("--seed", type=int, default=0)
-    k.add_argument("--quiet", "-q", action="store_true")
+    k.add_argument("--quiet", "-q", action="store_true", help="no progress (bar or lines)")
+    add_progress_option(k)
     k.set_defaults(audio_cmd=cmd_kmeans)
 
     b = sub.add_parser("tokenize-bench", help="spoken benchmark audio (sSC/sTC/sWUGGY/sBLIMP) -> evals JSONL")
@@ -123,7 +125,8 @@ def register_audio(sub) -> None:
                         "and is refused unless this tokeniser made that data")
     b.add_argument("--languages", default=None, help="languages to convert (default: all found)")
     b.add_argument("--batch-size", type=int, default=16)
-    b.add_argument("--quiet", "-q", action="store_true")
+    b.add_argument("--quiet", "-q", action="store_true", help="no progress (bar or lines)")
+    add_progress_option(b)
     b.set_defaults(audio_cmd=cmd_bench)
 
 

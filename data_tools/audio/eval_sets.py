@@ -166,9 +166,9 @@ def convert_benchmark(kind: str, root: str, out_dir: str, tok, like: str, langua
     order = sorted(paths, key=lambda p: -len(waves[p]))
     units: Dict[str, List[int]] = {}
     it_range = range(0, len(order), batch_size)
-    if progress:
-        from tqdm import tqdm
-        it_range = tqdm(it_range, desc=f"{bench} files", unit="batch")
+    if progress:     # a bar on a TTY, else a line every --progress-every seconds
+        from megaslm.progress import Progress
+        it_range = Progress(f"tokenize-bench {bench} files", total=len(it_range), unit="batches").iterate(it_range)
     for j in it_range:
         chunk = order[j:j + batch_size]
         for p, u in zip(chunk, tok.encode_batch([waves[p] for p in chunk])):

@@ -27,9 +27,9 @@ def train_kmeans(entries: List[AudioEntry], tok, clusters: int, out_path: str, m
         list(range(len(entries)))
     feats, n = [], 0
     it = range(0, len(pick), batch_size)
-    if progress:
-        from tqdm import tqdm
-        it = tqdm(it, desc="features", unit="batch")
+    if progress:     # a bar on a TTY, else a line every --progress-every seconds
+        from megaslm.progress import Progress
+        it = Progress("tokenize-kmeans-train features", total=len(it), unit="batches").iterate(it)
     for j in it:
         waves = [load_audio(entries[i].path, tok.sample_rate, channel, tok.min_samples) for i in pick[j:j + batch_size]]
         for f in tok.features_batch(waves):

@@ -249,16 +249,23 @@ class HubertUnits(UnitTokenizer):
         return [self.assign(f) for f in self.features_batch(waves)]
 
 
-def load_tokenizer(kind: str, model_dir: str, layer: Optional[int] = None, kmeans: Optional[str] = None,
-                   device: Optional[str] = None, dtype: str = "auto") -> UnitTokenizer:
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()  # "Loading weights" bars: noise next to our own progress
+def check_tokenizer(kind: str, model_dir: str, layer: Optional[int] = None, kmeans: Optional[str] = None) -> None:
+    """The tokeniser arguments' errors, said before torch and transformers are imported (seconds of CPU)."""
+    if kind not in TOKENIZERS:
+        raise DataError(f"--tokenizer {kind!r}: expected one of {list(TOKENIZERS)}")
     if not model_dir or not os.path.isdir(model_dir):
         raise DataError("model folder not found (a local directory: no hub downloads)", path=model_dir)
+    if kind == "hubert" and layer is None:
+        raise DataError("--layer is required for the HuBERT tokeniser (e.g. 6 for base, 11 for mHuBERT)")
+    if kind == "hubert" and kmeans is not None and not os.path.isfile(kmeans):
+        raise DataError("k-means codebook not found", path=kmeans)
+
+
+def load_tokenizer(kind: str, model_dir: str, layer: Optional[int] = None, kmeans: Optional[str] = None,
+                   device: Optional[str] = None, dtype: str = "auto") -> UnitTokenizer:
+    check_tokenizer(kind, model_dir, layer, kmeans)
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # "Loading weights" bars: noise next to our own progress
     if kind == "mimi":
         return MimiUnits(model_dir, device, dtype)
-    if kind == "hubert":
-        if layer is None:
-            raise DataError("--layer is required for the HuBERT tokeniser (e.g. 6 for base, 11 for mHuBERT)")
-        return HubertUnits(model_dir, layer, kmeans, device, dtype)
-    raise DataError(f"--tokenizer {kind!r}: expected one of {list(TOKENIZERS)}")
+    return HubertUnits(model_dir, layer, kmeans, device, dtype)

@@ -139,15 +139,19 @@ def test_build_never_imports_torch(tmp_path):
 
 
 def test_a_missing_file_is_said_before_megatron_or_torch_is_imported(tmp_path):
-    """``inspect``, ``build`` and ``bpe-encode`` of a missing file answer without importing megatron-core or
-    torch (that import is ~7 s of CPU: ``inspect no/such`` took 17 s on the 2-core machine, now 0.5 s)."""
+    """``inspect``, ``build`` and ``bpe-encode`` of a missing file, and ``tokenize`` / ``tokenize-kmeans-train``
+    without a HuBERT layer, answer without importing megatron-core, torch or transformers (that import is
+    seconds of CPU: ``inspect no/such`` took 17 s on the 2-core machine, now 0.5 s)."""
+    (tmp_path / "a.wav").touch()
+    hubert = "'--folder', '.', '--tokenizer', 'hubert', '--model-dir', '.', '-o'"
     code = ("import sys\n"
             "from data_tools.cli import main\n"
             "for argv in (['inspect', 'no/such'], ['build', '-i', 'missing.jsonl', '-o', 'x'],\n"
-            "             ['bpe-encode', '--input-prefix', 'no/such', '--output-prefix', 'o', '--model', 'm']):\n"
+            "             ['bpe-encode', '--input-prefix', 'no/such', '--output-prefix', 'o', '--model', 'm'],\n"
+            f"             ['tokenize', {hubert}, 'x.jsonl'], ['tokenize-kmeans-train', {hubert}, 'x.npy']):\n"
             "    assert main(argv) == 2, argv\n"
-            "heavy = [m for m in ('torch', 'megatron') if m in sys.modules]\n"
+            "heavy = [m for m in ('torch', 'megatron', 'transformers') if m in sys.modules]\n"
             "assert not heavy, heavy\n")
     r = _python(code, cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stderr.count("error:") == 3 and "not found" in r.stderr
+    assert r.stderr.count("not found") == 3 and r.stderr.count("--layer is required") == 2, r.stderr
