@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 import time
 from typing import Any, Callable, Iterable, Iterator, Optional, TextIO
 
@@ -74,7 +75,7 @@ class Progress:
         self.clock, self.n, self.lines = clock, 0, 0
         self.start = self.last = clock()
         self.on = enabled and self.every > 0
-        self.bar = None
+        self.bar, self.lock = None, threading.Lock()
         if self.on and _isatty(self.file):
             from tqdm import tqdm
             self.bar = tqdm(total=total, desc=what, unit=unit or "it", file=self.file, dynamic_ncols=True,
@@ -90,14 +91,15 @@ class Progress:
     def update(self, n: float = 1) -> None:
         if not self.on:
             return
-        self.n += n
-        if self.bar is not None:
-            self.bar.update(n)
-            return
-        now = self.clock()
-        if now - self.last >= self.every and not (self.total and self.n >= self.total):   # the end: close's line
-            self.last = now
-            self._line(now)
+        with self.lock:      # the sweep's runs end in threads
+            self.n += n
+            if self.bar is not None:
+                self.bar.update(n)
+                return
+            now = self.clock()
+            if now - self.last >= self.every and not (self.total and self.n >= self.total):  # the end: close's line
+                self.last = now
+                self._line(now)
 
     def iterate(self, items: Iterable, size: Optional[Callable[[Any], float]] = None) -> Iterator:
         """Each of ``items``, counted (as 1, or ``size(item)``) once the loop's body is done with it; closed at
