@@ -118,9 +118,17 @@ def test_build_bytes_cover_every_input_kind_once(tmp_path):
     _big_jsonl(a, 300, 10)
     z = tmp_path / "b.npz"
     np.savez(z, units=np.arange(500, dtype=np.int32) % 100, offsets=np.arange(0, 501, 5))
-    specs = [InputSpec.parse(str(a)), InputSpec.parse(str(z))]
+    y = tmp_path / "c.npy"
+    np.save(y, np.arange(400, dtype=np.int32) % 100)
+    (tmp_path / "c.bounds.jsonl").write_text("".join(json.dumps({"start": i, "end": i + 4}) + "\n"
+                                                     for i in range(0, 400, 4)))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    t = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"units": [[i, i + 1] for i in range(90)]}), t, row_group_size=20)
+    specs = [InputSpec.parse(str(p)) for p in (a, z, y, t)]
     where = _InputBytes(specs)
-    assert where.total == os.path.getsize(a) + os.path.getsize(z)
+    assert where.total == sum(os.path.getsize(p) for p in (a, z, y, t, tmp_path / "c.bounds.jsonl"))
     jobs = list(where.jobs(enumerate(iter_chunk_ranges(specs, 37, 1))))
     steps = [where.advance() for _ in jobs]
     assert len(jobs) > 4 and min(steps) > 0 and sum(steps) == where.total
