@@ -60,6 +60,10 @@ class BuildOptions:
                 raise DataError("interleaving needs two languages in the vocabulary")
             self.story_langs = tuple(self.vocab.languages[:2]) if len(self.vocab.languages) >= 2 \
                 else tuple(self.vocab.languages)
+            if self.mode == "mono" and self.lang is not None and self.lang not in self.story_langs:
+                # --mode mono --lang de on an N-language world: read that language alone (the default pair is
+                # kept otherwise, so existing builds and their manifests stay byte-identical)
+                self.story_langs = (self.lang,)
         self.story_langs = tuple(self.story_langs)
         if self.lang is None:
             self.lang = self.story_langs[0]

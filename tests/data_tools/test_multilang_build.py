@@ -186,9 +186,21 @@ BAD = {
                             ["--langs", "no story", "'de'"]),
     "pair_unknown_language": (None, ["--languages", "en,fr,de", "--pairs", "en-fr,en-xx"],
                               ["--pairs", "en-xx", "unknown language 'xx'"]),
-    "mono_lang_outside_pair": (None, ["--languages", "en,fr,de", "--mode", "mono", "--lang", "de"],
+    # --mode mono reads --lang alone when it is outside the default pair (below); a --pair without it is refused
+    "mono_lang_outside_pair": (None, ["--languages", "en,fr,de", "--mode", "mono", "--lang", "de", "--pair", "en,fr"],
                                ["in.jsonl:1:", "--lang de", "--pair"]),
 }
+
+
+def test_mono_language_outside_the_default_pair(tmp_path):
+    """--mode mono --lang de on en/fr/de stories (a sweep's monolingual stage over an N-language world) reads de
+    alone: the same .bin/.idx as reading it in a pair that names it, stories without fr included."""
+    src = stories(tmp_path / "in.jsonl", 60, ("en", "fr", "de"))
+    common = ["-i", src, "--codebook-size", "32", "-q", "--languages", "en,fr,de", "--mode", "mono", "--lang", "de"]
+    assert main(["build", "-o", str(tmp_path / "alone")] + common) == 0
+    assert main(["build", "-o", str(tmp_path / "paired"), "--pair", "de,en"] + common) == 0
+    assert same_bytes(str(tmp_path / "alone"), str(tmp_path / "paired"))
+    assert json.load(open(tmp_path / "alone.manifest.json"))["story_languages"] == ["de"]
 
 
 def test_bad_designs_and_stories_one_line_exit_2_nothing_written(tmp_path):
