@@ -1,4 +1,4 @@
-"""Command line: ``python -m data_tools {build,adopt,bpe-train,bpe-encode,budget,inspect,demo}``.
+"""Command line: ``python -m data_tools COMMAND ...``, the commands listed by ``--help``.
 
 Bad input: one line ``error: FILE:LINE: field 'F': what`` on stderr and exit code 2 (no traceback).
 """
@@ -68,7 +68,9 @@ def _vocab(a):
 
 
 def make_parser() -> argparse.ArgumentParser:
-    ap = OneLineArgumentParser(prog="python -m data_tools", description=__doc__.splitlines()[0])
+    ap = OneLineArgumentParser(prog="python -m data_tools",
+                               description="Unit datasets: build, adopt, inspect, BPE, budgets, synthetic worlds and "
+                                           "audio to units (python -m data_tools COMMAND --help for each).")
     sub = ap.add_subparsers(dest="cmd", required=True)
     _build_parser(sub)
     _adopt_parser(sub)

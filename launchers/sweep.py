@@ -27,7 +27,7 @@ os.environ.setdefault("MEGASLM_ROOT", ROOT)
 
 def _parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="launchers/sweep.py", description=__doc__.splitlines()[0],
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n".join(__doc__.splitlines()[3:]))
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n".join(__doc__.splitlines()[2:]))
     p.add_argument("command", nargs="?", default=None, choices=["plan", "run", "status", "report", "data"])
     p.add_argument("--spec", default=DEFAULT_SPEC, help="sweep spec YAML (default configs/sweeps/demo.yaml)")
     p.add_argument("--out", default=None, help="sweep directory (default: the spec's output_dir)")

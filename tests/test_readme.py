@@ -6,6 +6,8 @@ import shutil
 import subprocess
 import sys
 
+from megaslm.ports import free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -40,6 +42,9 @@ def test_readme_main_job(tmp_path):
     assert job.startswith(".venv/bin/deepspeed launchers/pretrain.py"), job
     bindir = os.path.dirname(sys.executable)
     job = job.replace(".venv/bin/", bindir + "/")
+    # the command as written uses DeepSpeed's default rendezvous port 29500; other tests run beside this one, so
+    # it gets a free port (the run refused "port 29500 already in use" when a launcher test held it)
+    job = job.replace("deepspeed launchers/pretrain.py", f"deepspeed --master_port {free_port()} launchers/pretrain.py")
     repo = tmp_path / "clone"
     fresh_copy(str(repo))
     env = dict(os.environ)
