@@ -28,12 +28,3 @@ def kernels_name_clash() -> Optional[str]:
             f"(transformers >= 5.25 requires it; setup.py pins transformers<5.25): run "
             f"`pip uninstall -y kernels && pip install 'transformers>=4.45,<5.25'` in this environment")
 
-
-class EnvironmentClash(RuntimeError):
-    """Raised by :func:`require_no_clash` (library entry points that are not command lines)."""
-
-
-def require_no_clash() -> None:
-    msg = kernels_name_clash()
-    if msg:
-        raise EnvironmentClash(msg)
