@@ -223,6 +223,34 @@ def collect(archs, ops, filt=("",)) -> List[Job]:
     return list(jobs.values())
 
 
+def _constexprs(job: Job) -> Dict[str, object]:
+    names = [p.name for p in job.launch.fn.params]
+    return {names[k[0]] if isinstance(k, tuple) and len(k) == 1 else str(k): v for k, v in job.spec[3]}
+
+
+def representative(jobs: List[Job]) -> List[Job]:
+    """One compile per code path: per kernel, arch, pointer dtypes and every non-integer constexpr (a flag or a
+    precision: PREC, ATOMIC_DQ, HAS_PAD, DO_LANG, ...), plus, for each size ``X`` with a tile ``BLOCK_X``, whether
+    the tile masks it (D=80 in BLOCK_D=128). Integer sizes and tiles alone do not change the code Triton's frontend
+    sees, only its shapes; of a path's jobs the one with the largest tiles (the nearest the shared-memory limit)
+    stays. The full check (every variant) stays the default: this is for a second Triton release."""
+    best: Dict[tuple, Tuple[int, Job]] = {}
+    for job in jobs:
+        ce = _constexprs(job)
+        flags = tuple(sorted((k, str(v)) for k, v in ce.items() if isinstance(v, bool) or not isinstance(v, int)))
+        masks = tuple(sorted((k, ce[k] != ce[f"BLOCK_{k}"]) for k in ce
+                             if f"BLOCK_{k}" in ce and not isinstance(ce[k], bool)))
+        ptrs = tuple(t for _, t in job.spec[2] if str(t).startswith("*"))
+        tiles = 1
+        for k, v in ce.items():
+            if k.startswith("BLOCK") and isinstance(v, int) and not isinstance(v, bool):
+                tiles *= v
+        key = (job.kernel, job.arch, ptrs, flags, masks)
+        if key not in best or tiles > best[key][0]:
+            best[key] = (tiles, job)
+    return [job for _, job in best.values()]
+
+
 # ----------------------------------------------------------------------------------------------
 # compile (worker processes; forked, so they inherit the captured launches)
 # ----------------------------------------------------------------------------------------------
@@ -335,7 +363,7 @@ def tables(rows: List[dict], meta: dict) -> Tuple[List[dict], str, str]:
     lines = [f"# Triton compile check: {meta['n_ok']}/{meta['n']} kernels compiled to cubin",
              "",
              f"`python -m kernels.bench.compile_all` -- triton {meta['triton']}, commit {meta['commit']}, "
-             f"{meta['date']}, {meta['variants']} launched variants deduplicated to {meta['n']} compiles, "
+             f"{meta['date']}, {meta['variants']} launched variants deduplicated to {meta['distinct']} compiles, "
              f"{meta['wall_s']:.0f} s wall with {meta['workers']} processes, {meta['cpu_s']:.0f} CPU-seconds of "
              f"compiling. Selection: {meta['selection']}.",
              "",
@@ -371,6 +399,11 @@ def main(argv=None) -> int:
     p.add_argument("--only", nargs="+", choices=list(OPS), default=list(OPS))
     p.add_argument("--filter", nargs="+", default=[""],
                    help="only variants whose name contains one of these texts (e.g. 'attention fwd bfloat16 D64')")
+    p.add_argument("--representative", action="store_true",
+                   help="compile one variant per code path (kernel, arch, dtypes, flags; the largest tiles) instead "
+                        "of every variant: the check for a second Triton release")
+    p.add_argument("--list", action="store_true",
+                   help="print the distinct compiles (kernel, arch, constexprs, variants), one per line, and stop")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
     p.add_argument("--out", type=Path, default=record.RESULTS_DIR,
                    help="results folder for compile_all-triton-<version>.{json,csv,md} (default docs/bench)")
@@ -401,16 +434,29 @@ def main(argv=None) -> int:
         print(f"compile_all: --filter {' '.join(args.filter)!r} selects no variant", file=sys.stderr)
         return 2
     n_variants = len({v for j in jobs for v in j.variants})
-    print(f"# {n_variants} variants -> {len(jobs)} distinct compiles over sm_{', sm_'.join(map(str, archs))}; "
+    n_all = len(jobs)
+    if args.representative:
+        jobs = representative(jobs)
+    if args.list:
+        for job in sorted(jobs, key=lambda j: (j.kernel, j.arch, str(j.spec))):
+            ce = " ".join(f"{k}={v}" for k, v in _constexprs(job).items())
+            ptrs = ",".join(str(t) for _, t in job.spec[2] if str(t).startswith("*"))
+            print(f"{job.kernel} sm_{job.arch} {ce} | {ptrs} | {'; '.join(job.variants)}")
+        return 0
+    print(f"# {n_variants} variants -> {n_all} distinct compiles"
+          + (f", {len(jobs)} of them representative (one per code path)" if args.representative else "")
+          + f" over sm_{', sm_'.join(map(str, archs))}; "
           f"{args.jobs} processes; cache {os.environ['TRITON_CACHE_DIR']}", flush=True)
     rows = compile_jobs(jobs, args.jobs)
     wall = time.perf_counter() - t0
     failed = [r for r in rows if r["status"] != "ok"]
-    meta = dict(n=len(rows), n_ok=len(rows) - len(failed), triton=triton.__version__, commit=run.commit,
+    meta = dict(n=len(rows), distinct=n_all, n_ok=len(rows) - len(failed), triton=triton.__version__, commit=run.commit,
                 date=run.date, variants=n_variants, archs=archs,
                 wall_s=wall, workers=args.jobs, cpu_s=sum(r["cpu_s"] for r in rows),
                 selection=f"archs {archs}, ops {args.only}" + (
-                    f", filter {args.filter}" if args.filter != [""] else " (everything)"))
+                    f", filter {args.filter}" if args.filter != [""] else " (everything)") + (
+                    f"; representative: {len(jobs)} of the {n_all} distinct compiles, one per code path "
+                    "(kernel, arch, dtypes, flags, masked sizes; the largest tiles)" if args.representative else ""))
     json_path = write_tables(rows, args.out, meta, run)
     spilling = [r for r in rows if r["status"] == "ok" and (r.get("spill_stores") or 0) > 0]
     print(f"# {meta['n_ok']}/{meta['n']} compiled in {wall:.0f} s wall, {meta['cpu_s']:.0f} CPU-s; "

@@ -86,3 +86,42 @@ def test_bad_arguments_exit_2(tmp_path):
                         str(tmp_path)], cwd=ROOT, env=_env(ROOT), capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "selects no variant" in r.stderr, r.stderr
     assert not list(tmp_path.glob("compile_all-*"))
+
+
+def _listed(*args):
+    r = subprocess.run([sys.executable, "-m", "kernels.bench.compile_all", "--list", *args], cwd=ROOT,
+                       env=_env(ROOT), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return [ln for ln in r.stdout.splitlines() if ln.strip()]
+
+
+def test_representative_keeps_one_compile_per_code_path():
+    """--representative (the old-Triton check) drops only compiles that differ from a kept one in integer sizes and
+    tiles: every kernel, dtype, flag (PREC, ATOMIC_DQ, HAS_PAD, DO_LANG, ...) and masked head dim stays, with
+    the largest tiles of its path."""
+    full, rep = _listed("--archs", "90"), _listed("--archs", "90", "--representative")
+    assert set(rep) < set(full) and len(rep) < len(full) // 2 + 10, (len(rep), len(full))
+
+    def path(line):
+        head, ptrs, _variants = line.split(" | ")
+        kernel, arch, *ce = head.split()
+        ce = dict(kv.split("=", 1) for kv in ce)
+        flags = tuple(sorted((k, v) for k, v in ce.items() if not v.isdigit()))
+        masks = tuple(sorted((k, ce[k] != ce[f"BLOCK_{k}"]) for k in ce if f"BLOCK_{k}" in ce))
+        tiles = 1
+        for k, v in ce.items():
+            if k.startswith("BLOCK") and v.isdigit():
+                tiles *= int(v)
+        return (kernel, arch, ptrs, flags, masks), tiles
+
+    paths_full, paths_rep = {}, {}
+    for line in full:
+        key, tiles = path(line)
+        paths_full[key] = max(paths_full.get(key, 0), tiles)
+    for line in rep:
+        key, tiles = path(line)
+        assert key not in paths_rep, f"two compiles kept for one code path: {key}"
+        paths_rep[key] = tiles
+    assert paths_rep == paths_full   # every path kept, each with its largest tiles
+    assert {k[3] for k in paths_rep if k[0] == "_attn_bwd_dkdv_kernel"} >= {
+        (("ATOMIC_DQ", "True"), ("PREC", "tf32")), (("ATOMIC_DQ", "False"), ("PREC", "ieee"))}
