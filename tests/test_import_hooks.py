@@ -23,6 +23,12 @@ assert "torch._inductor.compile_fx" not in sys.modules, "inductor imported by me
 assert jit.jit_fuser.__name__ == "compile_", jit.jit_fuser
 assert bias_gelu.__megaslm_deferred_compile__ == {}, "bias_gelu not deferred"
 assert megatron.core.__spec__.loader.is_package("megatron.core")   # the wrapped loader answers as the real one
+# megatron-core's `try: import wandb` (inference/contexts/dynamic_context.py) binds a module whose code has not run
+from megatron.core.inference.contexts import dynamic_context
+assert dynamic_context.HAVE_WANDB and "wandb.sdk" not in sys.modules, "wandb loaded by megatron-core's import"
+import wandb   # ... and runs on first use: the same module object, whole
+assert wandb is dynamic_context.wandb and isinstance(wandb.Settings, type) and "wandb.sdk" in sys.modules
+assert type(wandb).__name__ == "module", type(wandb)
 import deepspeed
 from deepspeed.runtime.zero.muon import original_muon   # what deepspeed.initialize imports to check the optimizer
 assert original_muon.zeropower_via_newtonschulz5.__megaslm_deferred_compile__ == {}, "muon not deferred"
