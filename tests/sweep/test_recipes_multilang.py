@@ -108,6 +108,21 @@ def test_multilingual_example_plans(tmp_path):
     assert {l.split(".")[1] for l in rows} == {"story_en-fr-de", "interleaving_en-fr-de", "interleaving_en-fr+en-de"}
 
 
+def test_staged_example_plans_the_paper_splits(tmp_path):
+    """configs/sweeps/staged.yaml: the built-in en_fr / interleaving / interleaving_ft with the paper's stage splits."""
+    sw = expand(os.path.join(ROOT, "configs", "sweeps", "staged.yaml"), output_dir=str(tmp_path))
+    assert sorted(r.name for r in sw.runs) == sorted(f"tiny.{a}.b2048000{p}.s{s}" for s in (1, 2) for a, p in (
+        ("en_fr", ""), ("interleaving", ".p0-5"), ("interleaving_ft", ".p0-5")))
+    for r in sw.runs:
+        stages = {st.name: st.train_tokens for st in r.config.schedule.stages}
+        assert sum(stages.values()) == 2048000, (r.name, stages)
+        if r.recipe == "interleaving_ft":
+            assert list(stages) == ["en_only", "interleaving", "ft_en_1", "ft_fr_1", "ft_en_2", "ft_fr_2"]
+            assert stages["en_only"] == 1536000 and stages["interleaving"] == 204800
+        elif r.recipe == "interleaving":
+            assert list(stages) == ["en_only", "interleaving"] and abs(stages["en_only"] / 2048000 - 75 / 85) < 1e-3
+
+
 def _recorded_form(sw, out):
     """What the recording kept: the sweep's expansion and, per run, what a recipe decides in its config."""
     rec = sweep_record(sw)
