@@ -40,8 +40,23 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def with_command(argv):
+    """``sweep.py a.b=c ...`` is ``sweep.py run a.b=c ...``: the command may be left out before overrides as well as
+    alone (argparse would take the first override for an invalid command)."""
+    takes_value = {"--spec", "--out", "--max-runs", "--dataset", "--progress-every"}
+    i = 0
+    while i < len(argv):
+        if argv[i] in takes_value:
+            i += 2
+        elif argv[i].startswith("-"):
+            i += 1
+        else:
+            return argv[:i] + ["run"] + argv[i:] if "=" in argv[i] else argv
+    return argv
+
+
 def main(argv=None) -> int:
-    a = _parser().parse_intermixed_args(argv)
+    a = _parser().parse_intermixed_args(with_command(list(sys.argv[1:] if argv is None else argv)))
     apply_progress_option(a.progress_every)
     cmd = a.command or "run"
     from megaslm.config import ConfigError

@@ -191,6 +191,22 @@ def test_overrides_after_options(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.count(f".b{BUDGET}") == 8
 
+def test_overrides_without_a_command_mean_run(monkeypatch):
+    """`sweep.py budgets=[...]` runs, as `sweep.py` alone does (the README's demo line with smaller sizes)."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "launchers"))    # as for a script: its folder first
+
+    spec = importlib.util.spec_from_file_location("sweep_launcher", os.path.join(ROOT, "launchers", "sweep.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.with_command(["budgets=[1]", "seeds=[1]"]) == ["run", "budgets=[1]", "seeds=[1]"]
+    assert mod.with_command(["--spec", "a=b.yaml", "seeds=[1]"]) == ["--spec", "a=b.yaml", "run", "seeds=[1]"]
+    assert mod.with_command(["plan", "seeds=[1]"]) == ["plan", "seeds=[1]"]
+    assert mod.with_command([]) == [] and mod.with_command(["--max-runs", "1"]) == ["--max-runs", "1"]
+    a = mod._parser().parse_intermixed_args(mod.with_command(["--out", "x", "seeds=[1]"]))
+    assert a.command == "run" and a.overrides == ["seeds=[1]"] and a.out == "x"
+
 
 def test_valid_reaches_every_run(tmp_path):
     sw = expand(tiny_spec(tmp_path))
