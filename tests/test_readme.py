@@ -136,3 +136,41 @@ def test_readme_runs_as_written(tmp_path):
                 losses = [json.loads(l)["loss"] for l in open(run_dir / "metrics.jsonl")]
                 assert losses[-1] < losses[0] - 1.0, (losses[0], losses[-1])
     assert ran >= 20, ran
+
+
+def readme_transcripts():
+    """[(line, command, expected exit status, expected output lines)] for every ``$ command`` of the README's
+    plain ``` blocks (a transcript: what a command prints, ``...`` for lines left out, ``# exit N`` when not 0)."""
+    lines, out, i, fence, plain = open(README).read().splitlines(), [], 0, False, False
+    while i < len(lines):
+        s = lines[i].strip()
+        if s.startswith("```"):
+            fence, plain = not fence, not fence and s == "```"
+            i += 1
+            continue
+        if plain and lines[i].startswith("$ "):
+            cmd, _, comment = lines[i][2:].partition("  #")
+            m = re.search(r"exit (\d+)", comment)
+            expected, j = [], i + 1
+            while j < len(lines) and not lines[j].startswith("$ ") and lines[j].strip() != "```":
+                if lines[j].strip() not in ("", "..."):
+                    expected.append(lines[j].strip())
+                j += 1
+            out.append((i + 1, cmd.strip(), int(m.group(1)) if m else 0, expected))
+            i = j
+            continue
+        i += 1
+    return out
+
+
+def test_readme_transcripts_print_what_they_show():
+    """The README's transcripts are true: each ``$`` command exits as shown and prints every line shown."""
+    ts = readme_transcripts()
+    assert len(ts) >= 2
+    for line, cmd, status, expected in ts:
+        r = subprocess.run(["bash", "-c", cmd.replace(".venv/bin/", os.path.dirname(sys.executable) + "/")],
+                           cwd=ROOT, capture_output=True, text=True, timeout=600)
+        got = [ln.strip() for ln in (r.stdout + r.stderr).splitlines()]
+        assert r.returncode == status, f"README.md:{line}: `{cmd}` exited {r.returncode}, the README says {status}"
+        missing = [e for e in expected if e not in got]
+        assert not missing, f"README.md:{line}: `{cmd}` did not print {missing[:3]}; it printed:\n" + "\n".join(got)
