@@ -7,7 +7,8 @@ What the test changes, and only this:
   * rendezvous ports: ``deepspeed`` gets ``--master_port N``, ``torchrun`` ``--master-port N`` and single
     processes ``MASTER_PORT=N`` with N free (other tests run beside this one);
   * a block preceded by ``<!-- readme-test: append ARGS -->`` gets ARGS at the end of each of its ``launchers/``
-    commands (the smaller sizes the README names there), ``<!-- readme-test: skip: REASON -->`` is not run (the
+    commands (the smaller sizes the README names there; a benchmark's ``--results`` inside the copy: megaslm is
+    imported from the checkout under test, whose docs/bench/ must stay as it is), ``<!-- readme-test: skip: REASON -->`` is not run (the
     test command itself, a second node, a GPU), the README saying why next to the block.
 """
 import json
@@ -114,6 +115,9 @@ def test_readme_runs_as_written(tmp_path):
     os.symlink(sys.prefix, repo / ".venv")          # the documented set-up, as CI has just run it
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
+    status = lambda: subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=ROOT,  # noqa: E731
+                                    capture_output=True, text=True, check=True).stdout
+    before = status()
     ran = 0
     for _, directives, cmds in readme_blocks():
         if any(d.startswith("skip: ") for d in directives):
@@ -136,6 +140,9 @@ def test_readme_runs_as_written(tmp_path):
                 losses = [json.loads(l)["loss"] for l in open(run_dir / "metrics.jsonl")]
                 assert losses[-1] < losses[0] - 1.0, (losses[0], losses[-1])
     assert ran >= 20, ran
+    # nothing was written into the checkout under test (megaslm is imported from it: a benchmark record defaults to
+    # its docs/bench/, which is why the README test gives bench_trainer_cpu a --results inside the copy)
+    assert status() == before, "README commands wrote into the checkout:\n" + status()
 
 
 def readme_transcripts():
