@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
 def with_command(argv):
     """``sweep.py a.b=c ...`` is ``sweep.py run a.b=c ...``: the command may be left out before overrides as well as
     alone (argparse would take the first override for an invalid command)."""
-    takes_value = {"--spec", "--out", "--max-runs", "--dataset", "--progress-every"}
+    takes_value = {o for a in _parser()._actions if a.option_strings and a.nargs != 0 for o in a.option_strings}
     i = 0
     while i < len(argv):
         if argv[i] in takes_value:

@@ -39,6 +39,7 @@ import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import csv  # noqa: E402
 import io  # noqa: E402
+import math  # noqa: E402
 import multiprocessing as mp  # noqa: E402
 import re  # noqa: E402
 import time  # noqa: E402
@@ -228,6 +229,10 @@ def _constexprs(job: Job) -> Dict[str, object]:
     return {names[k[0]] if isinstance(k, tuple) and len(k) == 1 else str(k): v for k, v in job.spec[3]}
 
 
+def _pointer_types(job: Job) -> Tuple[str, ...]:
+    return tuple(str(t) for _, t in job.spec[2] if str(t).startswith("*"))
+
+
 def representative(jobs: List[Job]) -> List[Job]:
     """One compile per code path: per kernel, arch, pointer dtypes and every non-integer constexpr (a flag or a
     precision: PREC, ATOMIC_DQ, HAS_PAD, DO_LANG, ...), plus, for each size ``X`` with a tile ``BLOCK_X``, whether
@@ -240,12 +245,9 @@ def representative(jobs: List[Job]) -> List[Job]:
         flags = tuple(sorted((k, str(v)) for k, v in ce.items() if isinstance(v, bool) or not isinstance(v, int)))
         masks = tuple(sorted((k, ce[k] != ce[f"BLOCK_{k}"]) for k in ce
                              if f"BLOCK_{k}" in ce and not isinstance(ce[k], bool)))
-        ptrs = tuple(t for _, t in job.spec[2] if str(t).startswith("*"))
-        tiles = 1
-        for k, v in ce.items():
-            if k.startswith("BLOCK") and isinstance(v, int) and not isinstance(v, bool):
-                tiles *= v
-        key = (job.kernel, job.arch, ptrs, flags, masks)
+        tiles = math.prod(v for k, v in ce.items()
+                          if k.startswith("BLOCK") and isinstance(v, int) and not isinstance(v, bool))
+        key = (job.kernel, job.arch, _pointer_types(job), flags, masks)
         if key not in best or tiles > best[key][0]:
             best[key] = (tiles, job)
     return [job for _, job in best.values()]
@@ -440,8 +442,7 @@ def main(argv=None) -> int:
     if args.list:
         for job in sorted(jobs, key=lambda j: (j.kernel, j.arch, str(j.spec))):
             ce = " ".join(f"{k}={v}" for k, v in _constexprs(job).items())
-            ptrs = ",".join(str(t) for _, t in job.spec[2] if str(t).startswith("*"))
-            print(f"{job.kernel} sm_{job.arch} {ce} | {ptrs} | {'; '.join(job.variants)}")
+            print(f"{job.kernel} sm_{job.arch} {ce} | {','.join(_pointer_types(job))} | {'; '.join(job.variants)}")
         return 0
     print(f"# {n_variants} variants -> {n_all} distinct compiles"
           + (f", {len(jobs)} of them representative (one per code path)" if args.representative else "")
